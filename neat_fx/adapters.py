@@ -1,0 +1,124 @@
+"""The NEAT adapter: the math of DESIGN.md §2 for one weight.
+
+    H  = σ(Wᵀ A)               A: (d_out, r)       H: (d_in, r)
+         (depth > 2: H goes through (depth-2)/2 encoders and as many decoders, r×r each,
+          with σ after each and the encoder inputs added back after the mirrored decoders)
+    y' = y + s·(x H) Bᵀ        B: (d_out, r), zero at init
+    ΔW = s·B Hᵀ                (d_out, d_in)
+
+The weight arrives in the layout its op uses: "out_in" (nn.Linear, `x @ W.T`) or "in_out"
+(GPT-2 Conv1D, `x @ W`); `delta_weight` returns ΔW in that same layout so fold can add it.
+The r×r layers follow PEFT's PEANuT layout (`h @ E.T`), so checkpoints map one to one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LAYOUTS = ("out_in", "in_out")
+
+
+def activation_fn(name: str):
+    if name == "relu":
+        return torch.relu
+    if name == "gelu":
+        return nn.functional.gelu
+    if name == "silu":
+        return nn.functional.silu
+    if name == "tanh":
+        return torch.tanh
+    if name == "sin":
+        return torch.sin
+    if name == "identity":
+        return lambda t: t
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class NeatAdapter(nn.Module):
+    """Trainable adapter of one weight. Called as `adapter(x, W, y) -> y + s·(x H) Bᵀ`."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        rank: int,
+        hidden_layers: int,
+        activation: str,
+        scale: float,
+        layout: str,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.d_in, self.d_out, self.rank = d_in, d_out, rank
+        self.layout = layout
+        self.activation = activation
+        self.scale = float(scale)
+        self.A = nn.Parameter(torch.empty(d_out, rank, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
+        self.encoders = nn.ParameterList(
+            [nn.Parameter(torch.empty(rank, rank, dtype=dtype, device=device)) for _ in range(hidden_layers)]
+        )
+        self.decoders = nn.ParameterList(
+            [nn.Parameter(torch.empty(rank, rank, dtype=dtype, device=device)) for _ in range(hidden_layers)]
+        )
+        self.reset_parameters(generator)
+
+    @property
+    def hidden_layers(self) -> int:
+        return len(self.encoders)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None):
+        # Kaiming-uniform with a=√5 on a (fan_out=r, fan_in) matrix, as nn.Linear and PEFT do:
+        # bound = 1/√fan_in, with fan_in = d_out for A and r for the r×r layers.
+        def uniform_(t: torch.Tensor, fan_in: int):
+            bound = 1.0 / math.sqrt(fan_in)
+            sample = torch.rand(t.shape, generator=generator, dtype=torch.float32, device="cpu")
+            t.copy_((sample * 2 - 1) * bound)
+
+        uniform_(self.A, self.d_out)
+        for p in list(self.encoders) + list(self.decoders):
+            uniform_(p, self.rank)
+        self.B.zero_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """H (d_in, r) from the frozen weight, computed in `dtype` (default: the adapter's)."""
+        dtype = dtype or self.A.dtype
+        w = weight.to(dtype)
+        w_in_out = w.t() if self.layout == "out_in" else w  # Wᵀ: (d_in, d_out)
+        act = activation_fn(self.activation)
+        h = act(w_in_out @ self.A.to(dtype))
+        residuals = []
+        for enc in self.encoders:
+            residuals.append(h)
+            h = act(h @ enc.to(dtype).t())
+        for dec, res in zip(self.decoders, reversed(residuals)):
+            h = act(h @ dec.to(dtype).t()) + res
+        return h
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(weight)
+        # Scale the thin (tokens, r) product, not the (tokens, d_out) one.
+        z = (x.to(h.dtype) @ h) * self.scale
+        return y + (z @ self.B.t()).to(y.dtype)
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """ΔW in float32, in the layout of `weight` (computed from `weight`, which must be W0)."""
+        h = self.hidden(weight, torch.float32)
+        delta = self.scale * (self.B.float() @ h.t())  # (d_out, d_in)
+        return delta if self.layout == "out_in" else delta.t()
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, hidden_layers={self.hidden_layers}, "
+            f"activation={self.activation}, scale={self.scale}, layout={self.layout}"
+        )

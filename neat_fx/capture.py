@@ -1,0 +1,210 @@
+"""Capture: a model and example inputs → one FX graph per mode ("train", "eval").
+
+Route "export" (default): `torch.export.export(strict=False)` with every tensor dimension left to
+`Dim.AUTO`, so batch and sequence stay dynamic where the model allows; then `ExportedProgram.module()`.
+Route "fx": `torch.fx.symbolic_trace`, with `nn.Linear` calls lowered to `F.linear` on `get_attr`
+weights so both routes present linear ops the same way to the matcher.
+
+Each mode gets its own graph because `ExportedProgram.module()` fixes dropout / batch-norm behaviour
+(and any `if self.training` branch) at capture time.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+
+@dataclass
+class Capture:
+    """The graph of one mode, and the module that owns the attributes it refers to."""
+
+    mode: str
+    graph: fx.Graph
+    owner: nn.Module  # resolves get_attr / call_module targets that are not the model's own
+
+
+def split_example_inputs(example_inputs) -> tuple[tuple, dict]:
+    """`example_inputs` is a tuple/list of positional arguments, a dict of keyword arguments,
+    a (args, kwargs) pair given as a tuple whose second item is a dict, or a single tensor."""
+    if example_inputs is None:
+        raise CaptureError(
+            "example_inputs is required: pass a tuple of positional arguments or a dict of keyword "
+            "arguments that the model accepts, e.g. example_inputs=dict(input_ids=ids, attention_mask=mask)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict) or (hasattr(example_inputs, "keys") and hasattr(example_inputs, "items")):
+        return (), dict(example_inputs.items())
+    if isinstance(example_inputs, (tuple, list)):
+        if (
+            len(example_inputs) == 2
+            and isinstance(example_inputs[0], (tuple, list))
+            and isinstance(example_inputs[1], dict)
+        ):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise CaptureError(
+        f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    from torch.export import Dim
+
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {i: Dim.AUTO for i in range(x.dim())} or None
+        return None
+
+    def specs_of(tree):
+        # None for non-tensor leaves, keeping the container structure torch.export expects.
+        return pytree.tree_map(spec, tree, is_leaf=lambda x: x is None)
+
+    if not kwargs:
+        return tuple(specs_of(a) for a in args)
+    if not args:
+        return {k: specs_of(v) for k, v in kwargs.items()}
+    # Mixed: name the positional arguments by the signature of forward.
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    return {k: specs_of(v) for k, v in bound.arguments.items()}
+
+
+def _first_lines(exc: BaseException, n: int = 6) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [l for l in text.splitlines() if l.strip()]
+    return "\n    ".join(lines[:n])
+
+
+def check_runs_eagerly(model: nn.Module, args: tuple, kwargs: dict):
+    """Run the model once on the example inputs (eval, no grad) so a bad input is reported as such,
+    not as an obscure tracing error. Returns the output, the reference for the capture check."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as exc:
+        raise CaptureError(
+            f"{type(model).__name__} does not run on the example inputs, so it cannot be captured:\n"
+            f"    {_first_lines(exc)}\n"
+            f"Pass example_inputs the model accepts: a tuple of positional arguments or a dict of keyword "
+            f"arguments (here: args of types {[type(a).__name__ for a in args]}, kwargs {sorted(kwargs)})."
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic) -> Capture:
+    if dynamic is True:
+        dynamic_shapes = _auto_dynamic_shapes(model, args, kwargs)
+    elif dynamic is False or dynamic is None:
+        dynamic_shapes = None
+    else:
+        dynamic_shapes = dynamic  # the caller's own torch.export dynamic_shapes
+    was_training = model.training
+    model.train(mode == "train")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+            gm = ep.module()
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {_first_lines(exc)}\n"
+            f"Fixes: make the failing op traceable (data-dependent Python control flow and unregistered "
+            f"output types are the usual causes; Hugging Face decoders need use_cache=False), pass "
+            f"dynamic=False if a dynamic dimension is the problem, or capture='fx' to use "
+            f"torch.fx.symbolic_trace instead."
+        ) from exc
+    finally:
+        model.train(was_training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deepcopy of the pytree spec warns about a deprecated API
+        graph = copy.deepcopy(gm.graph)
+    return Capture(mode, graph, gm)
+
+
+class _LinearLowering(fx.Tracer):
+    """symbolic_trace keeps nn.Linear as a leaf module call; we want the weight visible as get_attr."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m) is nn.Linear:
+            return False
+        return super().is_leaf_module(m, qualname)
+
+
+def _symbolic_trace(model: nn.Module, mode: str) -> Capture:
+    was_training = model.training
+    model.train(mode == "train")
+    try:
+        tracer = _LinearLowering()
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.fx.symbolic_trace could not capture {type(model).__name__} in {mode} mode:\n"
+            f"    {_first_lines(exc)}\n"
+            f"Use capture='export' (the default), which handles Python control flow on shapes and Hugging "
+            f"Face models."
+        ) from exc
+    finally:
+        model.train(was_training)
+    return Capture(mode, graph, model)
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict, *, method: str, modes, dynamic=True) -> dict[str, Capture]:
+    captures = {}
+    for mode in modes:
+        if method == "export":
+            captures[mode] = _export(model, args, kwargs, mode, dynamic)
+        else:
+            captures[mode] = _symbolic_trace(model, mode)
+    return captures
+
+
+def resolve_attr(root: Any, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def has_attr_path(root: Any, target: str) -> bool:
+    try:
+        resolve_attr(root, target)
+        return True
+    except AttributeError:
+        return False
+
+
+def flatten_output(out) -> list[torch.Tensor]:
+    leaves, _ = pytree.tree_flatten(out)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def compare_outputs(expected, actual, rtol: float = 1e-4, atol: float = 1e-5) -> float | None:
+    """Max abs difference if the outputs agree in structure and values within tolerance, else None."""
+    e, a = flatten_output(expected), flatten_output(actual)
+    if len(e) != len(a):
+        return None
+    worst = 0.0
+    for x, y in zip(e, a):
+        if x.shape != y.shape:
+            return None
+        if x.is_floating_point():
+            d = (x.float() - y.float()).abs()
+            if not torch.all(d <= atol + rtol * y.float().abs()):
+                return None
+            worst = max(worst, float(d.max()) if d.numel() else 0.0)
+        elif not torch.equal(x, y):
+            return None
+    return worst

@@ -1,0 +1,205 @@
+"""Fold: `W0 + ΔW` into constant weights — as a new plain module (`fold`) or into the user's model in
+place (`merge_into`). ΔW is always computed in float32 from W0, never from an already merged weight."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import fx, nn
+
+from . import capture as cap
+from .errors import MergeError
+from .graph_module import GraphContainer
+from .neat_module import NeatModule, SiteInfo
+
+
+class FoldedModule(GraphContainer):
+    """What `fold` returns: the captured graphs without adapter ops, weights `W0 + ΔW`.
+
+    Its state is a mirror of the model's attribute paths (`model.<name>`): unchanged tensors are shared
+    with the model, folded ones are new. `state_dict()` keys are the model's own, prefixed by `model.`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.extras = nn.Module()
+
+
+@torch.no_grad()
+def folded_weight(nm: NeatModule, site: SiteInfo) -> torch.Tensor:
+    w0 = nm.weight_of(site)
+    delta = nm.adapters[site.key].delta_weight(w0)
+    return (w0.float() + delta).to(w0.dtype)
+
+
+def _assign(root: nn.Module, path: str, value):
+    *prefix, field = path.split(".")
+    mod = root
+    for part in prefix:
+        nxt = mod._modules.get(part)
+        if nxt is None:
+            nxt = nn.Module()
+            mod.add_module(part, nxt)
+        mod = nxt
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(field, value)
+    elif isinstance(value, torch.Tensor):
+        mod.register_buffer(field, value)
+    elif isinstance(value, nn.Module):
+        mod.add_module(field, value)
+    else:
+        setattr(mod, field, value)
+
+
+def fold(nm: NeatModule) -> FoldedModule:
+    """A module computing what `nm` computes, with no adapter ops or parameters.
+
+    Its graphs have the op counts of a plain capture of the model. `nm` is left untouched.
+    """
+    if not isinstance(nm, NeatModule):
+        raise TypeError(f"fold expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
+    out = FoldedModule()
+    folded = {s.key: nn.Parameter(folded_weight(nm, s), requires_grad=False) for s in nm.site_infos}
+    site_by_key = {s.key: s for s in nm.site_infos}
+    values: dict[str, object] = {}  # new target -> object
+    for mode in nm.modes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = copy.deepcopy(nm.graph(mode))
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target.startswith("adapters."):
+                key = node.target[len("adapters."):]
+                x, weight, y = node.args
+                node.replace_all_uses_with(y)
+                graph.erase_node(node)
+                _fold_use(graph, y, weight, site_by_key[key], values, folded[key])
+        for node in list(graph.nodes):
+            if node.op in ("get_attr", "call_module") and not node.target.startswith("neat_folded:"):
+                if node.op == "get_attr" and not node.users:
+                    graph.erase_node(node)
+                    continue
+                old = node.target
+                new = _mirror_target(nm, old)
+                values.setdefault(new, cap.resolve_attr(nm, old))
+                node.target = new
+        for node in graph.nodes:
+            if node.op == "get_attr" and node.target.startswith("neat_folded:"):
+                node.target = node.target[len("neat_folded:"):]
+        graph.lint()
+        out_graph = graph
+        for target, value in values.items():
+            if not cap.has_attr_path(out, target):
+                if isinstance(value, nn.Parameter):
+                    value = nn.Parameter(value.detach(), requires_grad=False) if value.requires_grad else value
+                _assign(out, target, value)
+        out._set_graph(mode, out_graph)
+    ref = next((p for p in out.parameters() if p.is_floating_point()), None)
+    if ref is None:
+        ref = next((b for b in out.buffers() if b.is_floating_point()), None)
+    out._set_reference(ref)
+    out.train(nm.training)
+    return out
+
+
+def _mirror_target(nm: NeatModule, target: str) -> str:
+    if target.startswith("trainable."):
+        return "model." + nm.trainable_names[target[len("trainable."):]]
+    if target.startswith("base_weights."):
+        key = target[len("base_weights."):]
+        return "model." + next(s.name for s in nm.site_infos if s.key == key)
+    return target
+
+
+def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, values: dict, folded):
+    """Make `use` read the folded weight instead of `weight` (directly or through its transpose)."""
+    # A weight also read by non-linear ops (an embedding tied to a head) is untied: those ops keep W0.
+    target = f"folded.{site.key}" if site.shared_with_other_ops else "model." + site.name
+    values[target] = folded
+    with graph.inserting_before(use):
+        new_weight = graph.get_attr("neat_folded:" + target)
+    for i, a in enumerate(use.args):
+        if a is weight:
+            new_arg = new_weight
+            break
+        if isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and a.args and a.args[0] is weight:
+            with graph.inserting_before(use):
+                new_arg = graph.node_copy(a, lambda n: new_weight if n is weight else n)
+            break
+    else:
+        raise RuntimeError(f"fold: cannot find the weight operand of {use.format_node()}")
+    old_arg = use.args[i]
+    use.args = use.args[:i] + (new_arg,) + use.args[i + 1:]
+    if old_arg is not weight and not old_arg.users:
+        graph.erase_node(old_arg)
+
+
+@torch.no_grad()
+def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
+    """Write `W0 + ΔW` (and the fully trained parameters) into `model` in place; returns `model`.
+
+    Idempotent: ΔW is computed from W0, which `nm` keeps once it has merged into the model it shares
+    weights with, so merging again (after more training, or twice) never counts ΔW twice, and `nm`
+    goes on computing the same function. Every check runs before anything is written.
+    """
+    if not isinstance(nm, NeatModule):
+        raise TypeError(f"merge_into expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
+    plan = []
+    for site in nm.site_infos:
+        if site.shared_with_other_ops:
+            raise MergeError(
+                f"{site.name} is also read by ops that are not linear (e.g. an embedding tied to an output "
+                f"head); writing W0 + ΔW into it would change those ops too. Use neat_fx.fold(nm) (which unties "
+                f"it), or transform with exclude=[{site.name!r}]."
+            )
+        try:
+            target = model.get_parameter(site.name)
+        except AttributeError:
+            raise MergeError(f"{type(model).__name__} has no parameter {site.name}; merge into the model nm was built from") from None
+        w0 = nm.weight_of(site)
+        if tuple(target.shape) != tuple(w0.shape):
+            raise MergeError(f"{site.name} has shape {tuple(target.shape)} in the model, {tuple(w0.shape)} in nm")
+        new = folded_weight(nm, site)
+        if target is not w0:
+            shared_live = nm.model.get_parameter(site.name) is target
+            if not shared_live and not (torch.equal(target.cpu(), w0.cpu()) or torch.equal(target.cpu(), new.cpu())):
+                raise MergeError(
+                    f"{site.name} in {type(model).__name__} differs from the base weight nm was built on (and from "
+                    f"its merged value); merge into the model nm was transformed from, or a fresh copy of it."
+                )
+        plan.append((site, target, new))
+    train_plan = []
+    for key, name in nm.trainable_names.items():
+        try:
+            target = model.get_parameter(name)
+        except AttributeError:
+            raise MergeError(f"{type(model).__name__} has no parameter {name} (trained in full by nm)") from None
+        if target.shape != nm.trainable[key].shape:
+            raise MergeError(f"{name} has shape {tuple(target.shape)} in the model, {tuple(nm.trainable[key].shape)} in nm")
+        train_plan.append((target, nm.trainable[key]))
+
+    for site, target, new in plan:
+        if nm.model.get_parameter(site.name) is target and site.key not in nm.base_weights._buffers:
+            _keep_base_weight(nm, site, target)
+        target.data.copy_(new.to(target.device))
+    for target, value in train_plan:
+        target.data.copy_(value.detach().to(device=target.device, dtype=target.dtype))
+    return model
+
+
+def _keep_base_weight(nm: NeatModule, site: SiteInfo, weight: nn.Parameter):
+    """Before overwriting a weight nm shares, give nm its own copy of W0 and point its graphs at it."""
+    nm.base_weights.register_buffer(site.key, weight.detach().clone())
+    old = "model." + site.name
+    aliases = {"model." + a for a in site.aliases}
+    for mode in nm.modes:
+        gm = nm.graph_module(mode)
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and (node.target == old or node.target in aliases):
+                node.target = "base_weights." + site.key
+                changed = True
+        if changed:
+            gm._modules["base_weights"] = nm.base_weights
+            gm.recompile()

@@ -1,0 +1,261 @@
+"""`transform`: capture → match → insert. Returns a `NeatModule` whose only trainable parameters are
+the adapters (and the base parameters named by `trainable=`)."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import fx, nn
+
+from . import capture as cap
+from .adapters import NeatAdapter
+from .config import NeatConfig
+from .errors import CaptureError, ConfigError, PatternError
+from .match import Site, Use, describe_use, find_uses, matches, select, _list
+from .neat_module import NeatModule, SiteInfo, adapter_key
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transform(
+    model: nn.Module,
+    patterns=None,
+    example_inputs=None,
+    *,
+    rank: int = 8,
+    depth: int = 2,
+    activation: str = "relu",
+    scale: float = 1.0,
+    exclude=(),
+    trainable=(),
+    adapter_dtype: str | None = None,
+    capture: str = "export",
+    modes=("train", "eval"),
+    dynamic=True,
+    seed: int | None = None,
+    config: NeatConfig | None = None,
+    check: bool = True,
+) -> NeatModule:
+    """Insert a NEAT adapter at every linear-like op whose weight matches `patterns`.
+
+    model:          any nn.Module. Its parameters are frozen (requires_grad=False) and shared, not copied.
+    patterns:       globs on weight names (with or without '.weight'), 're:' regexes, or '*' for all.
+    example_inputs: a tuple of positional arguments or a dict of keyword arguments the model accepts.
+    rank, depth, activation, scale: the NEAT network (DESIGN.md §2); depth is even, ≥ 2.
+    exclude:        patterns removed from the selection.
+    trainable:      patterns of base parameters to train in full (a new head); copied, saved with the
+                    adapters, folded and merged like them.
+    capture:        "export" (torch.export, default) or "fx" (torch.fx.symbolic_trace).
+    modes:          graphs to capture; both by default so .train()/.eval() switch dropout like the model.
+    dynamic:        True: every dimension free where the model allows (batch, sequence); False: static
+                    shapes; or a torch.export `dynamic_shapes` spec.
+    seed:           seeds the adapters' initialisation.
+    check:          compare the captured graph with the eager model on the example inputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = NeatConfig(
+            patterns=patterns if patterns is not None else (),
+            rank=rank, depth=depth, activation=activation, scale=scale, exclude=exclude,
+            trainable=trainable, adapter_dtype=adapter_dtype, capture=capture, modes=modes, seed=seed,
+        )
+    elif patterns is not None:
+        raise ConfigError("pass patterns either directly or in config=, not both")
+    args, kwargs = cap.split_example_inputs(example_inputs)
+    _warn_static_batch(args, kwargs, dynamic)
+
+    reference = cap.check_runs_eagerly(model, args, kwargs) if check else None
+    captures = cap.capture(model, args, kwargs, method=config.capture, modes=config.modes, dynamic=dynamic)
+
+    nm = NeatModule(model, config)
+    graphs = {mode: _bind_targets(c, model, nm) for mode, c in captures.items()}
+
+    resolve = lambda target: cap.resolve_attr(nm, target)  # noqa: E731
+    aliases = _aliases(model)
+    sites, other_uses = _collect_sites(graphs, resolve, aliases)
+    param_names = dict(model.named_parameters(remove_duplicate=False))
+    chosen = select(sites, config.patterns, config.exclude, param_names, other_uses)
+    train_params = _select_trainable(config.trainable, param_names, chosen, aliases)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _make_trainable_copies(nm, train_params, graphs, resolve, aliases)
+    _insert_adapters(nm, chosen, config, other_uses)
+
+    for mode, graph in graphs.items():
+        graph.lint()
+        nm._set_graph(mode, graph)
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    nm._set_reference(ref)
+    nm.train(model.training)
+
+    if check and "eval" in graphs:
+        _check_capture(nm, model, args, kwargs, reference)
+    return nm
+
+
+def _warn_static_batch(args, kwargs, dynamic):
+    if dynamic is not True:
+        return
+    leaves = cap.flatten_output((args, kwargs))
+    if leaves and all(t.dim() >= 1 and t.shape[0] == 1 for t in leaves):
+        warnings.warn(
+            "example_inputs have batch size 1: torch.export specialises dimensions of size 1, so the "
+            "captured module will only accept batch size 1. Pass an example batch of 2 or more.",
+            stacklevel=3,
+        )
+
+
+def _aliases(model: nn.Module) -> dict[int, tuple[str, ...]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {k: tuple(v) for k, v in names.items()}
+
+
+def _bind_targets(c: cap.Capture, model: nn.Module, nm: NeatModule) -> fx.Graph:
+    """Point get_attr / call_module targets at `model.<name>` (shared state) or `extras.<name>`."""
+    graph = c.graph
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = node.target
+        if cap.has_attr_path(model, target):
+            node.target = "model." + target
+            continue
+        try:
+            obj = cap.resolve_attr(c.owner, target)
+        except AttributeError:
+            raise CaptureError(f"captured graph refers to {target!r}, which neither the model nor the capture holds") from None
+        name = f"{c.mode}__" + target.replace(".", "__")
+        if isinstance(obj, nn.Module):
+            nm.extras.add_module(name, obj)
+        elif isinstance(obj, torch.Tensor):
+            nm.extras.register_buffer(name, obj.detach(), persistent=False)
+        else:
+            setattr(nm.extras, name, obj)
+        node.target = "extras." + name
+    return graph
+
+
+def _collect_sites(graphs, resolve, aliases):
+    """Group the linear-like uses of all graphs by parameter (tied weights: one site)."""
+    by_param: dict[int, Site] = {}
+    other_uses: dict[str, list[str]] = {}
+    for graph in graphs.values():
+        uses, other = find_uses(graph, resolve)
+        for u in uses:
+            p = resolve(u.weight_node.target)
+            names = aliases.get(id(p), (u.weight_node.target.removeprefix("model."),))
+            site = by_param.get(id(p))
+            if site is None:
+                d_out, d_in = (p.shape if u.layout == "out_in" else p.shape[::-1])
+                site = Site(names[0], u.weight_node.target, tuple(p.shape), int(d_in), int(d_out), u.layout, [], names)
+                by_param[id(p)] = site
+            elif site.layout != u.layout:
+                raise PatternError(
+                    f"weight {site.name} is used both as x·Wᵀ and as x·W; one NEAT adapter cannot serve both. "
+                    f"Exclude it with exclude=[{site.name!r}]."
+                )
+            site.uses.append(u)
+        for target, users in other.items():
+            try:
+                p = resolve(target)
+            except AttributeError:
+                continue
+            if not isinstance(p, nn.Parameter):
+                continue
+            for name in aliases.get(id(p), ()):
+                other_uses.setdefault(name, []).extend(describe_use(n) for n in users)
+    return list(by_param.values()), other_uses
+
+
+def _select_trainable(patterns, param_names, chosen: list[Site], aliases) -> list[tuple[str, nn.Parameter]]:
+    if not patterns:
+        return []
+    picked: dict[int, tuple[str, nn.Parameter]] = {}
+    for pattern in patterns:
+        hit = [(n, p) for n, p in param_names.items() if matches(pattern, (n,))]
+        if not hit:
+            raise PatternError(
+                f"trainable pattern {pattern!r} matches no parameter; parameters: {_list(param_names)}"
+            )
+        for n, p in hit:
+            picked.setdefault(id(p), (aliases[id(p)][0], p))
+    adapted = {s.name for s in chosen}
+    both = sorted(n for n, _ in picked.values() if n in adapted)
+    if both:
+        raise PatternError(
+            f"{', '.join(both)} would be both adapted and trained in full; remove it from trainable= or "
+            f"add it to exclude="
+        )
+    return list(picked.values())
+
+
+def _make_trainable_copies(nm: NeatModule, params, graphs, resolve, aliases):
+    if not params:
+        return
+    key_of = {}
+    for name, p in params:
+        key = adapter_key(name)
+        copy = nn.Parameter(p.detach().clone(), requires_grad=True)
+        nm.trainable[key] = copy
+        nm.trainable_names[key] = name
+        key_of[id(p)] = key
+    for graph in graphs.values():
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                obj = resolve(node.target)
+                if id(obj) in key_of:
+                    node.target = "trainable." + key_of[id(obj)]
+
+
+def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, other_uses):
+    dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else torch.float32
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    keys = set()
+    for site in chosen:
+        key = adapter_key(site.name)
+        while key in keys:
+            key += "_"
+        keys.add(key)
+        weight = nm.model.get_parameter(site.name)
+        nm.adapters[key] = NeatAdapter(
+            site.d_in, site.d_out, config.rank, config.hidden_layers, config.activation, config.scale,
+            site.layout, dtype=dtype, device=weight.device, generator=generator,
+        )
+        for use in site.uses:
+            _insert_one(use, key)
+        nm.site_infos.append(
+            SiteInfo(
+                name=site.name, key=key, kinds=site.kinds, layout=site.layout, d_in=site.d_in, d_out=site.d_out,
+                uses=len(site.uses), aliases=site.aliases, shape=site.shape, dtype=str(weight.dtype).removeprefix("torch."),
+                shared_with_other_ops=any(a in other_uses for a in site.aliases),
+            )
+        )
+
+
+def _insert_one(use: Use, key: str):
+    graph = use.node.graph
+    x = use.node.args[use.x_index]
+    with graph.inserting_after(use.node):
+        new = graph.call_module("adapters." + key, (x, use.weight_node, use.node))
+    use.node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    new.meta["neat_site"] = key
+
+
+def _check_capture(nm: NeatModule, model: nn.Module, args, kwargs, reference):
+    was = nm.training
+    nm.eval()
+    try:
+        with torch.no_grad():
+            out = nm(*args, **kwargs)
+    finally:
+        nm.train(was)
+    worst = cap.compare_outputs(reference, out)
+    if worst is None:
+        raise CaptureError(
+            f"the captured graph of {type(model).__name__} does not reproduce the eager model on the example "
+            f"inputs (eval mode). Try capture='fx' or dynamic=False, and report the model to neat_fx."
+        )
