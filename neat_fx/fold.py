@@ -117,8 +117,11 @@ def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, va
     # A weight also read by non-linear ops (an embedding tied to a head) is untied: those ops keep W0.
     target = f"folded.{site.key}" if site.shared_with_other_ops else "model." + site.name
     values[target] = folded
-    with graph.inserting_before(use):
-        new_weight = graph.get_attr("neat_folded:" + target)
+    new_weight = next((n for n in graph.nodes if n.op == "get_attr" and n.target == "neat_folded:" + target), None)
+    if new_weight is None:
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first):
+            new_weight = graph.get_attr("neat_folded:" + target)
     for i, a in enumerate(use.args):
         if a is weight:
             new_arg = new_weight
