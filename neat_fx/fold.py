@@ -82,7 +82,10 @@ def fold(nm: NeatModule) -> FoldedModule:
                     continue
                 old = node.target
                 new = _mirror_target(nm, old)
-                values.setdefault(new, cap.resolve_attr(nm, old))
+                value = cap.resolve_attr(nm, old)
+                if old.startswith("trainable."):
+                    value = nn.Parameter(value.detach().clone(), requires_grad=False)  # a snapshot
+                values.setdefault(new, value)
                 node.target = new
         for node in graph.nodes:
             if node.op == "get_attr" and node.target.startswith("neat_folded:"):

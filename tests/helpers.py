@@ -75,3 +75,9 @@ def op_counts(graph, include_modules=False):
 
     ops = ("call_function", "call_module") if include_modules else ("call_function",)
     return Counter(str(n.target) for n in graph.nodes if n.op in ops)
+
+
+def rel_diff(a, b):
+    """max |a - b| / max(1, max |b|): differences relative to the output's scale."""
+    scale = max([1.0] + [float(t.abs().max()) for t in tensors(b) if t.is_floating_point() and t.numel()])
+    return max_diff(a, b) / scale
