@@ -79,10 +79,28 @@ def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
     return {k: specs_of(v) for k, v in bound.arguments.items()}
 
 
-def _first_lines(exc: BaseException, n: int = 6) -> str:
+def _first_lines(exc: BaseException, n: int = 3) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     lines = [l for l in text.splitlines() if l.strip()]
     return "\n    ".join(lines[:n])
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the user's own code in the traceback: where capture failed."""
+    import os
+    import traceback
+
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        f = frame.filename
+        if f.startswith(torch_dir) or f.startswith(here) or "site-packages/torch" in f or f.startswith("<"):
+            continue
+        found = frame
+    if found is None:
+        return ""
+    return f"\n    at {found.filename}:{found.lineno} in {found.name}: {(found.line or '').strip()}"
 
 
 def check_runs_eagerly(model: nn.Module, args: tuple, kwargs: dict):
@@ -120,7 +138,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic) -> 
             gm = ep.module()
     except Exception as exc:
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {_first_lines(exc)}\n"
+            f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {_first_lines(exc)}"
+            f"{_user_frame(exc)}\n"
             f"Fixes: make the failing op traceable (data-dependent Python control flow and unregistered "
             f"output types are the usual causes; Hugging Face decoders need use_cache=False), pass "
             f"dynamic=False if a dynamic dimension is the problem, or capture='fx' to use "
@@ -152,7 +171,7 @@ def _symbolic_trace(model: nn.Module, mode: str) -> Capture:
     except Exception as exc:
         raise CaptureError(
             f"torch.fx.symbolic_trace could not capture {type(model).__name__} in {mode} mode:\n"
-            f"    {_first_lines(exc)}\n"
+            f"    {_first_lines(exc)}{_user_frame(exc)}\n"
             f"Use capture='export' (the default), which handles Python control flow on shapes and Hugging "
             f"Face models."
         ) from exc

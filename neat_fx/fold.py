@@ -98,9 +98,9 @@ def fold(nm: NeatModule) -> FoldedModule:
                     value = nn.Parameter(value.detach(), requires_grad=False) if value.requires_grad else value
                 _assign(out, target, value)
         out._set_graph(mode, out_graph)
-    ref = next((p for p in out.parameters() if p.is_floating_point()), None)
+    ref = next((n for n, p in out.named_parameters() if p.is_floating_point()), None)
     if ref is None:
-        ref = next((b for b in out.buffers() if b.is_floating_point()), None)
+        ref = next((n for n, b in out.named_buffers() if b.is_floating_point()), None)
     out._set_reference(ref)
     out.train(nm.training)
     return out

@@ -54,7 +54,7 @@ class GraphContainer(nn.Module):
         # Plain attributes (not submodules): the graphs share the container's children.
         object.__setattr__(self, "_graphs", {})
         object.__setattr__(self, "_signatures", {})
-        object.__setattr__(self, "_reference", None)  # a base weight, to see device / dtype moves
+        object.__setattr__(self, "_reference_name", None)  # a base weight, to see device / dtype moves
         object.__setattr__(self, "_graph_device", None)
         object.__setattr__(self, "_graph_dtype", None)
 
@@ -69,8 +69,11 @@ class GraphContainer(nn.Module):
         self._signatures[mode] = inspect.signature(gm.forward)
         return gm
 
-    def _set_reference(self, tensor: torch.Tensor | None):
-        object.__setattr__(self, "_reference", tensor)
+    def _set_reference(self, name: str | None):
+        """Name (in this module) of a floating-point base tensor whose device/dtype the graphs follow.
+        Kept as a name: `.to()` may replace the tensor object (e.g. to or from "meta")."""
+        object.__setattr__(self, "_reference_name", name)
+        tensor = self._reference
         if tensor is not None:
             object.__setattr__(self, "_graph_device", tensor.device)
             object.__setattr__(self, "_graph_dtype", tensor.dtype)
@@ -95,6 +98,15 @@ class GraphContainer(nn.Module):
                 f"{type(self).__name__} holds graphs for modes {list(self._graphs)}, not {mode!r}; "
                 f"transform with modes=('train', 'eval') to switch between training and evaluation"
             ) from None
+
+    @property
+    def _reference(self) -> torch.Tensor | None:
+        name = self._reference_name
+        if name is None:
+            return None
+        mod_name, _, field = name.rpartition(".")
+        mod = self.get_submodule(mod_name) if mod_name else self
+        return getattr(mod, field)
 
     # -- running --------------------------------------------------------------------------------
     def _sync_device(self):
@@ -123,7 +135,9 @@ class GraphContainer(nn.Module):
                     f"the captured graph's casts were traced for {ref.dtype}. Convert the model first, then "
                     f"transform it. Moving between devices with .to(device) is supported."
                 )
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        self._sync_device()
+        return result
 
     def forward(self, *args, **kwargs):
         mode = "train" if self.training else "eval"

@@ -86,8 +86,8 @@ def transform(
     for mode, graph in graphs.items():
         graph.lint()
         nm._set_graph(mode, graph)
-    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-    nm._set_reference(ref)
+    ref = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
+    nm._set_reference("model." + ref if ref else None)
     nm.train(model.training)
 
     if check and "eval" in graphs:
