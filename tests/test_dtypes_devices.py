@@ -71,14 +71,19 @@ def test_device_constants_follow_the_module():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("capture_on", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_train_fold_merge(dtype):
+def test_cuda_train_fold_merge(dtype, capture_on):
     model, example, other, patterns = zoo.bert()
     model.to(dtype)
-    nm = neat_fx.transform(model, patterns, example, rank=4, trainable=["classifier*"])  # captured on CPU
+    if capture_on == "cuda":
+        model.cuda()
+        example = {k: v.cuda() for k, v in example.items()}
+    nm = neat_fx.transform(model, patterns, example, rank=4, trainable=["classifier*"])
     nm.to("cuda")
     assert all(p.is_cuda for p in nm.parameters())
     ex = {k: v.cuda() for k, v in example.items()}
+    assert all(p.is_cuda for p in nm.adapters.parameters())
     oth = {k: v.cuda() for k, v in other.items()}
     nm.train()
     opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=1e-2)

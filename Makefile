@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then fine-tune MiniLM on SST-2 with NEAT, fold, merge and verify (prints a table)
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# A CPU build of torch for this machine; the package itself only asks for torch>=2.6,
+# so GPU users keep their own build (set TORCH_SPEC= to skip this step).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup setup-test setup-demo test test-all demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q -e .
+
+setup-test: setup
+	$(BIN)/python -m pip install -q -e '.[test]'
+
+setup-demo: setup
+	$(BIN)/python -m pip install -q -e '.[demo]'
+
+test: setup-test
+	$(BIN)/python -m pytest
+
+test-all: setup-test
+	$(BIN)/python -m pytest -m "not gpu"
+
+demo: setup-demo
+	$(BIN)/python examples/quickstart.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

