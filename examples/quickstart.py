@@ -116,6 +116,7 @@ def main(argv=None):
     import transformers
     from tqdm.auto import tqdm
 
+    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     model_dir = args.model or default_model_dir()
