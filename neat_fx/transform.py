@@ -114,8 +114,27 @@ def _aliases(model: nn.Module) -> dict[int, tuple[str, ...]]:
     return {k: tuple(v) for k, v in names.items()}
 
 
-def _bind_targets(c: cap.Capture, model: nn.Module, nm: NeatModule) -> fx.Graph:
-    """Point get_attr / call_module targets at `model.<name>` (shared state) or `extras.<name>`."""
+def capture_plain(model: nn.Module, example_inputs, *, modes=("eval",), dynamic=True, method="export"):
+    """The model as a `FoldedModule` (graphs without adapters), sharing the model's weights: what the
+    ONNX exporter works on when it is given a plain (e.g. merged) model."""
+    from .fold import FoldedModule
+
+    args, kwargs = cap.split_example_inputs(example_inputs)
+    cap.check_runs_eagerly(model, args, kwargs)
+    captures = cap.capture(model, args, kwargs, method=method, modes=modes, dynamic=dynamic)
+    out = FoldedModule()
+    out.model = model
+    graphs = {mode: _bind_targets(c, model, out) for mode, c in captures.items()}
+    for mode, graph in graphs.items():
+        out._set_graph(mode, graph)
+    ref = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
+    out._set_reference("model." + ref if ref else None)
+    out.train(model.training)
+    return out
+
+
+def _bind_targets(c: cap.Capture, model: nn.Module, nm: nn.Module) -> fx.Graph:
+    """Point get_attr / call_module targets at `model.<name>` (shared state) or `nm.extras.<name>`."""
     graph = c.graph
     for node in graph.nodes:
         if node.op not in ("get_attr", "call_module"):

