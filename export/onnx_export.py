@@ -428,18 +428,19 @@ def _verify(tmp, device, module, args, kwargs, reference_out, verify_inputs, sec
     if len(batches) == 1:
         log.warning("to_onnx: no second input shape the model accepts was found; verified on the example only")
     parity = []
-    for (a, k), ref in batches:
+    for n_batch, ((a, k), ref) in enumerate(batches):
         leaves = [t for t in torch.utils._pytree.tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(onnx_inputs, leaves)}
+        feed = _feed(onnx_inputs, a, k)
         shapes = [tuple(t.shape) for t in leaves]
         try:
             got = sess.run(None, feed)
         except Exception as exc:
+            hint = ("The exporter fixed a size that the model keeps dynamic (e.g. adaptive pooling over image "
+                    "height/width). Pass dynamic= a torch.export dynamic_shapes spec that leaves only the axes that "
+                    "can vary (e.g. the batch), or dynamic=False." if n_batch else "")
             raise ExportError(
                 f"ONNX Runtime ({device}) fails on inputs of shapes {shapes}, which the PyTorch module accepts:\n"
-                f"    {cap._first_lines(exc, 2)}\nThe exporter fixed a size that the model keeps dynamic (e.g. adaptive "
-                f"pooling over image height/width). Pass dynamic= a torch.export dynamic_shapes spec that leaves only "
-                f"the axes that can vary (e.g. the batch), or dynamic=False. Nothing was written."
+                f"    {cap._first_lines(exc, 2)}\n{hint} Nothing was written."
             ) from exc
         result = ver.compare(ver.flat_tensors(ref), got)
         result["shapes"] = shapes
@@ -451,6 +452,19 @@ def _verify(tmp, device, module, args, kwargs, reference_out, verify_inputs, sec
                 f"{' (' + result['note'] + ')' if 'note' in result else ''}. Nothing was written."
             )
     return parity
+
+
+def _feed(onnx_inputs: list[str], args, kwargs) -> dict:
+    """ONNX Runtime inputs: keyword inputs by name (a missing token_type_ids as zeros, as BERT defaults to),
+    positional ones in order."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if kwargs and not args and all(n in kwargs or n == "token_type_ids" for n in onnx_inputs):
+        feed = {}
+        for n in onnx_inputs:
+            t = kwargs[n] if n in kwargs else torch.zeros_like(kwargs["input_ids"])
+            feed[n] = t.detach().cpu().numpy()
+        return feed
+    return {n: t.detach().cpu().numpy() for n, t in zip(onnx_inputs, leaves)}
 
 
 def _probe_second_batch(program, module, args, kwargs):

@@ -229,3 +229,22 @@ def test_via_optimum_says_why_not_when_unavailable(tmp_path):
     with pytest.raises(ExportError, match="transformers<4.58"):
         to_onnx(model, example, tmp_path / "o.onnx", via="optimum")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_via_optimum_exports_and_verifies(tmp_path):
+    """Runs where optimum-onnx is importable (transformers<4.58: `make bench-optimum-env`)."""
+    from neat_fx.export import optimum_route
+
+    ok, why = optimum_route.available()
+    if not ok:
+        pytest.skip(why)
+    model, example, other, patterns = zoo.bert()
+    nm = neat_fx.transform(model, patterns, example, rank=4, trainable=["classifier*"])
+    randomize_adapters(nm, std=0.2)
+    report = to_onnx(nm, example, tmp_path / "o.onnx", via="optimum", optimum_level="O2")
+    assert report.max_rel_diff <= 1e-4 and "ORTOptimizer O2" in report.optimizations
+    assert report.fused_ops.get("SkipLayerNormalization", 0) > 0
+    assert all(p.requires_grad is False for p in model.parameters())  # nm's model left unmerged
+    with torch.no_grad():
+        assert not any(torch.equal(model.get_parameter(s.name), neat_fx.fold(nm).get_parameter("model." + s.name))
+                       for s in nm.sites())
