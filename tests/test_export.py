@@ -184,7 +184,6 @@ def test_editable_install_maps_export_folder():
     assert Path(ex.__file__).resolve().parent.name == "export"
 
 
-@pytest.mark.slow
 def test_wheel_contains_neat_fx_export(tmp_path):
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(root)],
