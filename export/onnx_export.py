@@ -27,7 +27,8 @@ log = logging.getLogger("neat_fx.export")
 DTYPES = ("fp32", "fp16")
 OPTIMIZE = ("auto", "fusions", "exporter", "none")
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
-TWO_GB = 2 * 1024**3
+# Protobuf cannot hold a file over 2 GB: above this the weights go to `<path>.data` beside the model.
+EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 2**20
 # Fused ONNX Runtime contrib ops worth counting in the report.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
              "FastGelu", "Gelu", "FusedMatMul", "FusedGemm", "LayerNormalization", "SkipSimplifiedLayerNormalization",
@@ -141,6 +142,20 @@ def _dynamic_shapes(gm, bound: dict):
         return None
 
     return {k: torch.utils._pytree.tree_map(spec, v) for k, v in bound.items()}
+
+
+def _proto_bytes(proto) -> int:
+    """Size of the model with its weights, without serialising it (which fails over 2 GB)."""
+    import numpy as np
+
+    total = 0
+    for t in proto.graph.initializer:
+        if t.raw_data:
+            total += len(t.raw_data)
+        else:
+            n = int(np.prod(t.dims)) if len(t.dims) else 1
+            total += n * 4
+    return total
 
 
 def _count_ops(model_proto) -> dict[str, int]:
@@ -295,7 +310,9 @@ def _to_onnx(module, args, kwargs, path: Path, *, dtype, optimize, dynamic, opse
     }
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
-    external = proto.ByteSize() > TWO_GB - 64 * 2**20 if hasattr(proto, "ByteSize") else False
+    external = _proto_bytes(proto) > EXTERNAL_DATA_ABOVE
+    if external and quantize:
+        raise ExportError("quantize='int8' of a model over 2 GB is not supported here; export fp32 or fp16")
 
     tmp = _tmp_path(path, ".onnx")
     tmp_data = tmp.with_name(tmp.name + ".data")
@@ -334,6 +351,7 @@ def _to_onnx(module, args, kwargs, path: Path, *, dtype, optimize, dynamic, opse
         if verify:
             parity = _verify(tmp, device, module, args, kwargs, reference_out, verify_inputs, second, tol)
         if external:
+            _relocate_external(onnx, tmp, final_data.name)
             os.replace(tmp_data, final_data)
         os.replace(tmp, path)
     except BaseException:
@@ -391,6 +409,16 @@ def _name_axes(program) -> None:
         value.shape = ir.Shape(dims)
     if rename:
         program.rename_axes(rename)
+
+
+def _relocate_external(onnx, model_path: Path, location: str):
+    """Point the external tensors of the (verified) temporary model at the data file's final name."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for t in proto.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(proto, str(model_path))
 
 
 def _save(onnx, proto, tmp: Path, tmp_data: Path, external: bool):

@@ -247,3 +247,19 @@ def test_via_optimum_exports_and_verifies(tmp_path):
     with torch.no_grad():
         assert not any(torch.equal(model.get_parameter(s.name), neat_fx.fold(nm).get_parameter("model." + s.name))
                        for s in nm.sites())
+
+
+def test_external_data_for_large_models(tmp_path, monkeypatch):
+    """Models over 2 GB keep their weights in `<path>.data`: the mechanics, with the threshold lowered."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 1024)
+    model, example, other, patterns = zoo.bert()
+    model.eval()
+    report = to_onnx(model, example, tmp_path / "big.onnx")
+    assert report.external_data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    g = onnx.load(str(tmp_path / "big.onnx"), load_external_data=False)
+    locations = {e.value for t in g.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"big.onnx.data"}
+    with torch.no_grad():
+        want = model(**other)
+    assert rel(want, ort_outputs(report.path, other)) <= 1e-4
