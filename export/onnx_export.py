@@ -325,12 +325,7 @@ def _to_onnx(module, args, kwargs, path: Path, *, dtype, optimize, dynamic, opse
         if optimize in ("auto", "fusions") and not external:
             _ort_offline(tmp, device, list(disabled[device]))
             optimizations.append(f"ONNX Runtime graph optimisations saved offline ({device}, level EXTENDED)")
-            proto = onnx.load(str(tmp))
-            # ORT's saved copy keeps metadata; make sure ours is there.
-            keys = {p.key for p in proto.metadata_props}
-            for k, v in meta.items():
-                if k not in keys:
-                    proto.metadata_props.add(key=k, value=v)
+            proto = _with_metadata(onnx, tmp, meta)
             _save(onnx, proto, tmp, tmp_data, external)
         if quantize == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -343,11 +338,7 @@ def _to_onnx(module, args, kwargs, path: Path, *, dtype, optimize, dynamic, opse
             finally:
                 if q_tmp.exists():
                     q_tmp.unlink()
-            proto = onnx.load(str(tmp))
-            keys = {p.key for p in proto.metadata_props}
-            for k, v in meta.items():
-                if k not in keys:
-                    proto.metadata_props.add(key=k, value=v)
+            proto = _with_metadata(onnx, tmp, meta)
             _save(onnx, proto, tmp, tmp_data, external)
             optimizations.append("dynamic int8 quantization of MatMul weights")
         parity = []
@@ -414,6 +405,16 @@ def _name_axes(program) -> None:
         value.shape = ir.Shape(dims)
     if rename:
         program.rename_axes(rename)
+
+
+def _with_metadata(onnx, model_path: Path, meta: dict):
+    """The model at `model_path` (rewritten by ONNX Runtime or the quantizer) with our metadata entries."""
+    proto = onnx.load(str(model_path))
+    keys = {p.key for p in proto.metadata_props}
+    for k, v in meta.items():
+        if k not in keys:
+            proto.metadata_props.add(key=k, value=v)
+    return proto
 
 
 def _relocate_external(onnx, model_path: Path, location: str):
@@ -515,14 +516,8 @@ def _probe_second_batch(program, module, args, kwargs):
             if isinstance(d, ir.SymbolicDim) and d.value:
                 axes[(i, axis)] = d.value
 
-    def accepted(candidate) -> tuple | None:
-        a, k = ver.other_batch(args, kwargs, candidate)
-        try:
-            with torch.no_grad():
-                module(*a, **k)
-        except Exception:
-            return None
-        return a, k
+    def accepted(candidate):
+        return _resized_if_accepted(module, args, kwargs, candidate)
 
     good, bad = {}, set()
     for sym in dict.fromkeys(axes.values()):
@@ -554,6 +549,11 @@ def _simple_second_batch(module, args, kwargs):
             axes[(i, 0)] = "batch"
             if t.dim() >= 2 and not t.is_floating_point():
                 axes[(i, 1)] = "sequence"
+    return _resized_if_accepted(module, args, kwargs, axes)
+
+
+def _resized_if_accepted(module, args, kwargs, axes):
+    """The example resized along `axes` (see verify.other_batch) if the PyTorch module runs on it, else None."""
     a, k = ver.other_batch(args, kwargs, axes)
     try:
         with torch.no_grad():

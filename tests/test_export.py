@@ -263,3 +263,30 @@ def test_external_data_for_large_models(tmp_path, monkeypatch):
     with torch.no_grad():
         want = model(**other)
     assert rel(want, ort_outputs(report.path, other)) <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["bool", "bool_row_without_keys", "float", "causal", "gqa", "none"])
+def test_eager_attention_matches_sdpa(case):
+    from neat_fx.export.passes import eager_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    kw = {}
+    if case.startswith("bool"):
+        mask = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+        mask[..., 0] = True
+        if case == "bool_row_without_keys":
+            mask[1, 0, 2] = False  # sdpa returns zeros for this row
+        kw["attn_mask"] = mask
+    elif case == "float":
+        kw["attn_mask"] = torch.randn(2, 1, 5, 5, generator=g)
+    elif case == "causal":
+        kw["is_causal"] = True
+    elif case == "gqa":
+        k, v = k[:, :2], v[:, :2]
+        kw["enable_gqa"] = True
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    got = eager_attention(q, k, v, **kw)
+    assert torch.allclose(got, want, atol=1e-6)
+    if case == "bool_row_without_keys":
+        assert torch.count_nonzero(got[1, :, 2]) == 0
