@@ -218,7 +218,6 @@ def main():
             built[route] = json.loads(lines[-1]) if res.returncode == 0 and lines else {
                 "skipped": f"build in {a.optimum_python} failed: {res.stderr.strip().splitlines()[-1:]}"}
             if "path" in built[route]:
-                import transformers as _t
 
                 built[route]["environment"] = "optimum venv"
             continue

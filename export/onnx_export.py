@@ -212,7 +212,6 @@ def to_onnx(
     """
     t_start = time.perf_counter()
     _onnx_modules()
-    import onnx
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")

@@ -26,13 +26,17 @@ def _export(args) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     import transformers
 
     import neat_fx
     from neat_fx.export import to_onnx
 
     transformers.logging.set_verbosity_error()
+    for flag, folder, marker in (("--model", args.model, "config.json"), ("--adapters", args.adapters, None)):
+        if not Path(folder).is_dir() or (marker and not (Path(folder) / marker).is_file()):
+            what = "a Hugging Face model folder (with config.json)" if marker else "the folder save_adapters wrote"
+            print(f"neat-fx export: {flag} {folder} is not {what}", file=sys.stderr)
+            return 2
     meta_file = Path(args.adapters) / "neat_config.json"
     class_name, num_labels = None, args.num_labels
     if meta_file.exists():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import ConfigError
 
@@ -97,6 +96,3 @@ class NeatConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-
-def coerce_patterns(patterns: Sequence[str] | str | None) -> tuple[str, ...]:
-    return _as_tuple(patterns, "patterns")

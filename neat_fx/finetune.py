@@ -126,6 +126,14 @@ def run(args) -> int:
     transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    if args.model is not None and not (args.model / "config.json").is_file():
+        print(f"neat-fx finetune: --model {args.model} is not a Hugging Face model folder (no config.json); "
+              f"pass a folder saved with save_pretrained, or leave --model out for the bundled MiniLM", file=sys.stderr)
+        return 2
+    if args.data is not None and not args.data.is_dir():
+        print(f"neat-fx finetune: --data {args.data} does not exist; pass a folder with train.tsv and test.tsv "
+              f"(header sentence<TAB>label)", file=sys.stderr)
+        return 2
     model_dir = args.model or default_model_dir()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)

@@ -22,3 +22,14 @@ def test_version_and_help():
 def test_unknown_option_fails():
     r = _run("--frobnicate")
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_missing_folders_are_named(tmp_path):
+    r = _run("export", "--model", str(tmp_path / "none"), "--adapters", str(tmp_path / "ad"), "--out", str(tmp_path / "m.onnx"))
+    assert r.returncode == 2 and "--model" in r.stderr and "config.json" in r.stderr
+    assert not (tmp_path / "m.onnx").exists()
+    r = _run("finetune", "--model", str(tmp_path / "none"), "--no-onnx", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "not a Hugging Face model folder" in r.stderr
+    r = _run("finetune", "--data", str(tmp_path / "nodata"), "--no-onnx", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "train.tsv" in r.stderr
+    assert not (tmp_path / "run").exists()
