@@ -1,0 +1,171 @@
+"""Training step time and memory: neat_fx NEAT vs PEFT LoRA vs PEFT PEANuT at equal rank and targets (issue 4).
+
+Protocol: pre-trained MiniLM-L6 with a 2-class head, q/v targets at rank 8 (+ the head), AdamW; batches of 32
+real SST-2 sentences padded to 64 tokens (the quality protocol's max length, a fixed shape so every method
+sees the same work). One process holds the three models and interleaves them step by step (the order rotates
+every step), so machine drift hits all alike; median over --steps steps after --warmup.
+
+Memory, two ways: the bytes autograd saves for backward in one step (counted exactly with
+saved_tensors_hooks, each storage once), and the peak RSS of a fresh process per method that loads the model,
+builds the method and trains --rss-steps steps (VmHWM; the load is the same for all). Writes
+results/train_speed.{json,md}.
+
+    python benchmarks/train_speed.py [--steps 40 --warmup 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sst2_common import (DEFAULT_DATA, METHOD_LABELS, Trial, build_method, load_minilm, make_optimizer,  # noqa: E402
+                         read_tsv, train_step, trainable_parameters)
+
+RESULTS = Path(__file__).parent / "results"
+SPEED_METHODS = ("neat", "lora", "peanut")
+
+
+def fixed_batches(tok, n: int, batch: int, max_len: int):
+    rows = read_tsv(DEFAULT_DATA / "train.tsv", n * batch)
+    out = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        enc = tok([s for s, _ in chunk], padding="max_length", truncation=True, max_length=max_len,
+                  return_tensors="pt")
+        out.append((dict(enc), torch.tensor([l for _, l in chunk])))
+    return out
+
+
+def build(method: str, rank: int, tok, data):
+    torch.manual_seed(0)
+    _, model = load_minilm()
+    module = build_method(Trial(method, lr=1e-3, rank=rank), model, data[0][0])
+    module.train()
+    opt, _ = make_optimizer(module, 1e-3, 10_000)
+    return module, opt
+
+
+def saved_bytes(module, inputs, labels) -> int:
+    """Bytes autograd keeps for backward in one forward (distinct storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.nn.functional.cross_entropy(module(**inputs).logits, labels)
+    loss.backward()
+    module.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def proc_status_mb(field: str) -> float:
+    """VmHWM / VmRSS of this process in MB. (ru_maxrss would not do: Linux carries it across fork+exec, so a
+    child started by a 1.4 GB parent reports at least 1.4 GB.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_child(method: str, rank: int, steps: int, batch: int, max_len: int, threads: int) -> dict:
+    """Runs in a fresh process: peak RSS of load + build + `steps` training steps."""
+    torch.set_num_threads(threads)
+    tok, _ = load_minilm()
+    data = fixed_batches(tok, steps, batch, max_len)
+    before = proc_status_mb("VmRSS")
+    module, opt = build(method, rank, tok, data)
+    for inputs, labels in data:
+        train_step(module, opt, None, inputs, labels)
+    return dict(peak_rss_mb=proc_status_mb("VmHWM"), rss_before_build_mb=before)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rss-steps", type=int, default=10)
+    ap.add_argument("--methods", nargs="+", default=list(SPEED_METHODS), choices=list(SPEED_METHODS))
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="train_speed", help="result file stem in benchmarks/results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_child, args.rank, args.rss_steps, args.batch_size, args.max_len,
+                                   args.threads)))
+        return
+
+    from tqdm.auto import tqdm
+
+    tok, _ = load_minilm()
+    data = fixed_batches(tok, args.warmup + args.steps, args.batch_size, args.max_len)
+    models = {m: build(m, args.rank, tok, data) for m in args.methods}
+    result = {m: dict(trainable=sum(p.numel() for p in trainable_parameters(models[m][0])),
+                      saved_mb=saved_bytes(models[m][0], *data[0]) / 2**20, steps_ms=[]) for m in args.methods}
+    names = list(args.methods)
+    for i, (inputs, labels) in enumerate(tqdm(data, desc="interleaved steps", unit="round")):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for m in order:
+            module, opt = models[m]
+            t = time.perf_counter()
+            train_step(module, opt, None, inputs, labels)
+            if i >= args.warmup:
+                result[m]["steps_ms"].append(1e3 * (time.perf_counter() - t))
+    del models
+    for m in tqdm(names, desc="peak RSS, one process each"):
+        out = subprocess.run([sys.executable, __file__, "--rss-child", m, "--rank", str(args.rank),
+                              "--rss-steps", str(args.rss_steps), "--batch-size", str(args.batch_size),
+                              "--max-len", str(args.max_len), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        result[m].update(json.loads(out.stdout.strip().splitlines()[-1]))
+    for m in names:
+        result[m]["median_step_ms"] = statistics.median(result[m]["steps_ms"])
+    base = "lora" if "lora" in result else names[0]
+    meta = dict(command="python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                date=time.strftime("%Y-%m-%d"), torch=torch.__version__, machine=platform.machine(),
+                threads=args.threads, batch=args.batch_size, seq=args.max_len, rank=args.rank, steps=args.steps,
+                warmup=args.warmup)
+    try:
+        import peft
+        import transformers
+
+        meta.update(peft=peft.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    lines = [f"# Training step: {', '.join(METHOD_LABELS[m] for m in names)}", "",
+             f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, peft {meta.get('peft')}, "
+             f"transformers {meta.get('transformers')}, {args.threads} threads. MiniLM-L6, q/v r={args.rank} + head, "
+             f"batch {args.batch_size}×{args.max_len} tokens, AdamW; interleaved, median of {args.steps} steps after "
+             f"{args.warmup} warm-up.", "",
+             "| method | trainable params | median step (ms) | × LoRA | × PEANuT | saved for backward (MB) | × LoRA | "
+             "peak RSS (MB) | × LoRA |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in names:
+        r = result[m]
+        ratio = lambda key, ref: f"{r[key] / result[ref][key]:.3f}" if ref in result else "—"  # noqa: E731
+        lines.append(f"| {METHOD_LABELS[m]} | {r['trainable']:,} | {r['median_step_ms']:.1f} | "
+                     f"{ratio('median_step_ms', base)} | {ratio('median_step_ms', 'peanut')} | {r['saved_mb']:.1f} | "
+                     f"{ratio('saved_mb', base)} | {r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb', base)} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(dict(meta=meta, results=result), indent=1))
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
