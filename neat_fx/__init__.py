@@ -5,6 +5,7 @@
     neat_fx.save_adapters(nm, "adapters/")
     folded = neat_fx.fold(nm)          # plain graph, W0 + ΔW as constants
     neat_fx.merge_into(model, nm)      # or write W0 + ΔW into the model in place
+    torch.compile(nm, backend="neat")  # NEAT-aware lowering, then Inductor
 """
 from .config import ACTIVATIONS, NeatConfig
 from .errors import (
@@ -16,6 +17,7 @@ from .errors import (
     NeatError,
     PatternError,
 )
+from .compiler import backend
 from .fold import FoldedModule, fold, merge_into
 from .io import load_adapters, save_adapters
 from .neat_module import NeatModule, SiteInfo
@@ -31,6 +33,6 @@ def sites(nm: NeatModule) -> list[SiteInfo]:
 
 __all__ = [
     "ACTIVATIONS", "AdapterMismatchError", "CaptureError", "ConfigError", "FoldedModule", "InputMismatchError",
-    "MergeError", "NeatConfig", "NeatError", "NeatModule", "PatternError", "SiteInfo", "fold",
+    "MergeError", "NeatConfig", "backend", "NeatError", "NeatModule", "PatternError", "SiteInfo", "fold",
     "load_adapters", "merge_into", "save_adapters", "sites", "transform", "__version__",
 ]

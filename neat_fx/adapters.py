@@ -36,6 +36,48 @@ def activation_fn(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
+def neat_hidden(weight, A, encoders, decoders, activation: str, layout: str, dtype=None) -> torch.Tensor:
+    """H = σ(Wᵀ A) through the r×r encoder/decoder stack, (d_in, r), in `dtype` (default: A's)."""
+    dtype = dtype or A.dtype
+    w = weight.to(dtype)
+    w_in_out = w.t() if layout == "out_in" else w  # Wᵀ: (d_in, d_out)
+    act = activation_fn(activation)
+    h = act(w_in_out @ A.to(dtype))
+    residuals = []
+    for enc in encoders:
+        residuals.append(h)
+        h = act(h @ enc.to(dtype).t())
+    for dec, res in zip(decoders, reversed(residuals)):
+        h = act(h @ dec.to(dtype).t()) + res
+    return h
+
+
+def neat_apply(x, weight, y, A, B, encoders, decoders, activation: str, scale: float, layout: str) -> torch.Tensor:
+    """y + s·(x H) Bᵀ: the factorised form, ΔW never materialised."""
+    h = neat_hidden(weight, A, encoders, decoders, activation, layout)
+    # Scale the thin (tokens, r) product, not the (tokens, d_out) one.
+    z = (x.to(h.dtype) @ h) * scale
+    return y + (z @ B.t()).to(y.dtype)
+
+
+def neat_delta(weight, A, B, encoders, decoders, activation: str, scale: float, layout: str,
+               dtype=torch.float32) -> torch.Tensor:
+    """ΔW = s·B Hᵀ in `dtype`, in the layout of `weight` (which must be W0)."""
+    h = neat_hidden(weight, A, encoders, decoders, activation, layout, dtype)
+    delta = scale * (B.to(dtype) @ h.t())  # (d_out, d_in)
+    return delta if layout == "out_in" else delta.t()
+
+
+# The adapter as one operator, for torch.compile graphs (see NeatAdapter.forward). CompositeImplicitAutograd:
+# autograd, fake tensors and every backend other than "neat" see the decomposition above.
+_LIB = torch.library.Library("neat_fx", "DEF")
+_LIB.define(
+    "adapter(Tensor x, Tensor weight, Tensor y, Tensor A, Tensor B, Tensor[] encoders, Tensor[] decoders, "
+    "str activation, float scale, str layout) -> Tensor"
+)
+_LIB.impl("adapter", neat_apply, "CompositeImplicitAutograd")
+
+
 class NeatAdapter(nn.Module):
     """Trainable adapter of one weight. Called as `adapter(x, W, y) -> y + s·(x H) Bᵀ`."""
 
@@ -92,30 +134,22 @@ class NeatAdapter(nn.Module):
 
     def hidden(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """H (d_in, r) from the frozen weight, computed in `dtype` (default: the adapter's)."""
-        dtype = dtype or self.A.dtype
-        w = weight.to(dtype)
-        w_in_out = w.t() if self.layout == "out_in" else w  # Wᵀ: (d_in, d_out)
-        act = activation_fn(self.activation)
-        h = act(w_in_out @ self.A.to(dtype))
-        residuals = []
-        for enc in self.encoders:
-            residuals.append(h)
-            h = act(h @ enc.to(dtype).t())
-        for dec, res in zip(self.decoders, reversed(residuals)):
-            h = act(h @ dec.to(dtype).t()) + res
-        return h
+        return neat_hidden(weight, self.A, list(self.encoders), list(self.decoders), self.activation, self.layout,
+                           dtype)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.hidden(weight)
-        # Scale the thin (tokens, r) product, not the (tokens, d_out) one.
-        z = (x.to(h.dtype) @ h) * self.scale
-        return y + (z @ self.B.t()).to(y.dtype)
+        args = (x, weight, y, self.A, self.B, list(self.encoders), list(self.decoders), self.activation, self.scale,
+                self.layout)
+        if torch.compiler.is_compiling():
+            # One opaque node per site in the graph torch.compile hands its backend: the "neat" backend
+            # lowers it (fold, or the cheaper training form); any other backend decomposes it like eager.
+            return torch.ops.neat_fx.adapter(*args)
+        return neat_apply(*args)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW in float32, in the layout of `weight` (computed from `weight`, which must be W0)."""
-        h = self.hidden(weight, torch.float32)
-        delta = self.scale * (self.B.float() @ h.t())  # (d_out, d_in)
-        return delta if self.layout == "out_in" else delta.t()
+        return neat_delta(weight, self.A, self.B, list(self.encoders), list(self.decoders), self.activation,
+                          self.scale, self.layout)
 
     def extra_repr(self) -> str:
         return (

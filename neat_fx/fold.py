@@ -125,6 +125,14 @@ def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, va
         first = next(n for n in graph.nodes if n.op != "placeholder")
         with graph.inserting_before(first):
             new_weight = graph.get_attr("neat_folded:" + target)
+    if not replace_weight_operand(graph, use, weight, new_weight):
+        raise RuntimeError(f"fold: cannot find the weight operand of {use.format_node()}")
+
+
+def replace_weight_operand(graph: fx.Graph, use: fx.Node, weight: fx.Node, new_weight: fx.Node) -> bool:
+    """Make the op `use` read `new_weight` where it reads `weight`, directly or through one transpose-like
+    node of it (which is copied, so other readers of that transpose keep the old weight). False if `use`
+    reads `weight` in neither way."""
     for i, a in enumerate(use.args):
         if a is weight:
             new_arg = new_weight
@@ -134,11 +142,12 @@ def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, va
                 new_arg = graph.node_copy(a, lambda n: new_weight if n is weight else n)
             break
     else:
-        raise RuntimeError(f"fold: cannot find the weight operand of {use.format_node()}")
+        return False
     old_arg = use.args[i]
     use.args = use.args[:i] + (new_arg,) + use.args[i + 1:]
     if old_arg is not weight and not old_arg.users:
         graph.erase_node(old_arg)
+    return True
 
 
 @torch.no_grad()

@@ -1,0 +1,101 @@
+"""Inference after folding: the folded NEAT model vs the untouched base model (issue 4, item 3).
+
+A folded model must cost what the base model costs (W0 + ΔW are plain constants, no adapter op left) and
+compute what the unfolded NEAT model computes. Protocol: pre-trained MiniLM-L6 + 2-class head, NEAT on q/v
+at rank 8 with B drawn at random (a trained adapter's size; at init B = 0 would make ΔW = 0 and hide any
+error), eval mode, no_grad, 2 threads; batch 1 and 32 × 64 tokens (padded rows); the four models interleave
+call by call, median of --runs calls. Writes results/fold_inference.{json,md}.
+
+    python benchmarks/fold_inference.py [--runs 50]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sst2_common import DEFAULT_DATA, Trial, build_method, load_minilm, read_tsv  # noqa: E402
+
+import neat_fx  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+LABELS = {
+    "base": "base model, untouched (HF eager)",
+    "neat": "NEAT, unfolded (eval graph)",
+    "folded": "neat_fx.fold (captured graph, W0+ΔW constants)",
+    "merged": "merge_into the HF model (eager)",
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=64)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(0)
+    tok, model = load_minilm()
+    model.eval()
+    with torch.no_grad():  # a head of a trained model's size (logits ~ ±3), so the parity figure means something
+        model.classifier.weight.normal_(std=0.15)
+    base = copy.deepcopy(model)
+    rows = read_tsv(DEFAULT_DATA / "test.tsv", 32)
+    feeds = {b: dict(tok([s for s, _ in rows[:b]], padding="max_length", max_length=args.seq, truncation=True,
+                         return_tensors="pt")) for b in (1, 32)}
+    nm = build_method(Trial("neat", 1e-3), model, feeds[32])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter in nm.adapters.values():
+            adapter.B.copy_(torch.randn(adapter.B.shape, generator=g) * 0.05)
+    nm.eval()
+    folded = neat_fx.fold(nm)
+    neat_fx.merge_into(model, nm)  # model = the HF model with W0 + ΔW written in
+    models = dict(base=base, neat=nm, folded=folded, merged=model)
+    out = {}
+    with torch.no_grad():
+        for b, feed in feeds.items():
+            logits = {k: m(**feed).logits for k, m in models.items()}
+            scale = logits["neat"].abs().max().item()
+            times = {k: [] for k in models}
+            for i in tqdm(range(args.runs + 5), desc=f"batch {b}", unit="round"):
+                names = list(models)
+                names = names[i % 4:] + names[:i % 4]
+                for k in names:
+                    t = time.perf_counter()
+                    models[k](**feed)
+                    if i >= 5:
+                        times[k].append(1e3 * (time.perf_counter() - t))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            out[b] = dict(median_ms=med, ratio_to_base={k: med[k] / med["base"] for k in med},
+                          max_abs_vs_neat={k: (logits[k] - logits["neat"]).abs().max().item() for k in models},
+                          logit_scale=scale)
+    lines = ["# Folded inference vs the base model", "",
+             f"`python benchmarks/fold_inference.py --runs {args.runs}` — torch {torch.__version__}, {args.threads} "
+             f"threads, MiniLM-L6 + head, NEAT q/v r=8 with random B (std 0.05), eval, no_grad, {args.seq} tokens; "
+             f"interleaved, median of {args.runs} calls.", "",
+             "| model | batch 1 (ms) | × base | batch 32 (ms) | × base | max abs Δ logits vs unfolded NEAT (b=32) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for k in models:
+        delta = "—" if k == "neat" else f"{out[32]['max_abs_vs_neat'][k]:.1e}"
+        lines.append(f"| {LABELS[k]} | {out[1]['median_ms'][k]:.2f} | {out[1]['ratio_to_base'][k]:.3f} | "
+                     f"{out[32]['median_ms'][k]:.1f} | {out[32]['ratio_to_base'][k]:.3f} | "
+                     f"{delta} |")
+    lines += ["", f"Logit scale (max |logit|, batch 32): {out[32]['logit_scale']:.2f}. The base row's Δ is ΔW's effect."]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fold_inference.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / "fold_inference.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
