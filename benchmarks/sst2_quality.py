@@ -47,7 +47,7 @@ GRID = {
     "neat": [Trial("neat", lr, scale=s) for lr in (1e-3, 2e-3, 5e-3) for s in (1.0, 4.0)],
     "lora": [Trial("lora", lr, alpha=a) for lr in (1e-3, 2e-3, 5e-3) for a in (16.0, 64.0)],
     "peanut": [Trial("peanut", lr, scale=s) for lr in (1e-3, 2e-3, 5e-3) for s in (1.0, 4.0)],
-    "full": [Trial("full", lr) for lr in (2e-5, 5e-5, 1e-4)],
+    "full": [Trial("full", lr) for lr in (5e-5, 1e-4)],
     "head": [Trial("head", 1e-3)],
 }
 
@@ -71,7 +71,7 @@ def accuracy(module, rows, tok, max_len) -> float:
     return correct / len(rows)
 
 
-def run_trial(trial: Trial, data: dict, args) -> dict:
+def run_trial(trial: Trial, data: dict, args, with_dev: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     torch.manual_seed(trial.seed)  # the new head, PEFT's adapter init, dropout
@@ -95,7 +95,7 @@ def run_trial(trial: Trial, data: dict, args) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
     train_s = time.perf_counter() - t0
-    dev_acc = accuracy(module, data["dev"], tok, args.max_len)
+    dev_acc = accuracy(module, data["dev"], tok, args.max_len) if with_dev else None  # selection runs only
     test_acc = accuracy(module, data["test"], tok, args.max_len)
     return dict(trial=trial.to_json(), dev_acc=dev_acc, test_acc=test_acc, trainable=trainable,
                 build_s=build_s, train_s=train_s, median_step_ms=1e3 * statistics.median(step_times),
@@ -151,7 +151,7 @@ def report(runs: dict, args):
              "targets; selection on dev.tsv (6,735 rows), test = GLUE validation (872 rows).", ""]
     summary = {}
     lines += ["## Final: each method's dev-selected setting, seeds 0/1/2", "",
-              "| method | setting | trainable params | test acc seeds 0 / 1 / 2 | mean test acc | mean dev acc | median step (ms) |",
+              "| method | setting | trainable params | test acc seeds 0 / 1 / 2 | mean ± sd test acc | dev acc (seed 0) | median step (ms) |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in GRID:
         w = best_trial(runs, m)
@@ -161,10 +161,12 @@ def report(runs: dict, args):
         got = [r for r in seeds if r]
         mean = statistics.fmean(r["test_acc"] for r in got)
         summary[m] = dict(setting=w.to_json(), test=[r["test_acc"] for r in got], mean_test=mean,
-                          mean_dev=statistics.fmean(r["dev_acc"] for r in got), trainable=got[0]["trainable"])
+                          std_test=statistics.stdev(r["test_acc"] for r in got) if len(got) > 1 else 0.0,
+                          dev_selected=runs[w.key]["dev_acc"], trainable=got[0]["trainable"])
         lines.append(f"| {METHOD_LABELS[m]} | {setting(w)} | {got[0]['trainable']:,} | "
-                     f"{' / '.join(pct(r['test_acc']) if r else '…' for r in seeds)} | {pct(mean)}"
-                     f"{'' if len(got) == len(seeds) else ' (partial)'} | {pct(summary[m]['mean_dev'])} | "
+                     f"{' / '.join(pct(r['test_acc']) if r else '…' for r in seeds)} | {pct(mean)} ± "
+                     f"{100 * summary[m]['std_test']:.1f}{'' if len(got) == len(seeds) else ' (partial)'} | "
+                     f"{pct(summary[m]['dev_selected'])} | "
                      f"{statistics.median(r['median_step_ms'] for r in got):.0f} |")
     if "neat" in summary and "lora" in summary:
         d = 100 * (summary["neat"]["mean_test"] - summary["lora"]["mean_test"])
@@ -185,21 +187,21 @@ def report(runs: dict, args):
     w = best_trial(runs, "neat")
     if w is not None:
         lines += ["", "## NEAT variants at NEAT's selected setting (seed 0)", "",
-                  "| variant | trainable params | dev acc | test acc |", "| --- | --- | --- | --- |"]
+                  "| variant | trainable params | test acc |", "| --- | --- | --- |"]
         for label, t in (("depth 2, relu (selected)", w), ("depth 4, relu", with_(w, depth=4)),
                          ("depth 2, sin", with_(w, activation="sin"))):
             r = runs.get(t.key)
             if r:
-                lines.append(f"| {label} | {r['trainable']:,} | {pct(r['dev_acc'])} | {pct(r['test_acc'])} |")
+                lines.append(f"| {label} | {r['trainable']:,} | {pct(r['test_acc'])} |")
     sweep = {}
     lines += ["", "## Rank sweep (seed 0, each method at its selected setting)", "",
-              "| method | r | trainable params | dev acc | test acc |", "| --- | --- | --- | --- | --- |"]
+              "| method | r | trainable params | test acc |", "| --- | --- | --- | --- |"]
     for m in ADAPTER_METHODS:
         for t in planned(runs, "sweep"):
             r = runs.get(t.key)
             if t.method == m and r:
                 sweep.setdefault(m, []).append((r["trainable"], r["test_acc"], t.rank))
-                lines.append(f"| {METHOD_LABELS[m]} | {t.rank} | {r['trainable']:,} | {pct(r['dev_acc'])} | {pct(r['test_acc'])} |")
+                lines.append(f"| {METHOD_LABELS[m]} | {t.rank} | {r['trainable']:,} | {pct(r['test_acc'])} |")
     lines += ["", "Step times here are from runs with other work on the machine: indicative only; the speed "
               "targets are measured interleaved by `benchmarks/train_speed.py`."]
     (RESULTS / "sst2_quality.md").write_text("\n".join(lines) + "\n")
@@ -271,10 +273,10 @@ def main(argv=None):
             for trial in planned(runs, stage):
                 if trial.key in runs or trial.method not in args.methods:
                     continue
-                rec = run_trial(trial, data, args)
+                rec = run_trial(trial, data, args, with_dev=stage == "tune")
                 runs[trial.key] = rec
                 save_runs(runs)
-                print(f"[{stage}] {trial.key}: dev {pct(rec['dev_acc'])} test {pct(rec['test_acc'])} "
+                print(f"[{stage}] {trial.key}: dev {pct(rec['dev_acc']) if rec['dev_acc'] else '—'} test {pct(rec['test_acc'])} "
                       f"({rec['train_s']:.0f} s, step {rec['median_step_ms']:.0f} ms)", flush=True)
                 report(runs, args)
     report(runs, args)
