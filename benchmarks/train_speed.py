@@ -30,7 +30,7 @@ from sst2_common import (DEFAULT_DATA, METHOD_LABELS, Trial, build_method, load_
                          read_tsv, train_step, trainable_parameters)
 
 RESULTS = Path(__file__).parent / "results"
-SPEED_METHODS = ("neat", "lora", "peanut")
+SPEED_METHODS = ("neat", "lora", "peanut", "head")  # head only: the frozen model's own cost, the floor
 
 
 def fixed_batches(tok, n: int, batch: int, max_len: int):
@@ -137,6 +137,7 @@ def main(argv=None):
     for m in names:
         result[m]["median_step_ms"] = statistics.median(result[m]["steps_ms"])
     base = "lora" if "lora" in result else names[0]
+    floor = result.get("head", {}).get("median_step_ms")
     meta = dict(command="python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 date=time.strftime("%Y-%m-%d"), torch=torch.__version__, machine=platform.machine(),
                 threads=args.threads, batch=args.batch_size, seq=args.max_len, rank=args.rank, steps=args.steps,
@@ -161,6 +162,12 @@ def main(argv=None):
         lines.append(f"| {METHOD_LABELS[m]} | {r['trainable']:,} | {r['median_step_ms']:.1f} | "
                      f"{ratio('median_step_ms', base)} | {ratio('median_step_ms', 'peanut')} | {r['saved_mb']:.1f} | "
                      f"{ratio('saved_mb', base)} | {r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb', base)} |")
+    if floor is not None:
+        over = {m: result[m]["median_step_ms"] - floor for m in names if m != "head"}
+        lines += ["", "Adapter overhead = step time − the head-only step (the frozen model's own forward/backward): " +
+                  ", ".join(f"{METHOD_LABELS[m]} {v:+.1f} ms" for m, v in over.items()) +
+                  (f"; NEAT's overhead is {over['neat'] / over['peanut']:.2f}× PEANuT's"
+                   if "neat" in over and "peanut" in over and over["peanut"] > 0 else "") + "."]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(dict(meta=meta, results=result), indent=1))
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
