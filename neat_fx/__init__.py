@@ -17,6 +17,7 @@ from .errors import (
     NeatError,
     PatternError,
 )
+from .checkpoint import load_checkpoint, save_checkpoint
 from .compiler import backend
 from .fold import FoldedModule, fold, merge_into
 from .io import load_adapters, save_adapters
@@ -33,6 +34,6 @@ def sites(nm: NeatModule) -> list[SiteInfo]:
 
 __all__ = [
     "ACTIVATIONS", "AdapterMismatchError", "CaptureError", "ConfigError", "FoldedModule", "InputMismatchError",
-    "MergeError", "NeatConfig", "backend", "NeatError", "NeatModule", "PatternError", "SiteInfo", "fold",
+    "MergeError", "NeatConfig", "backend", "load_checkpoint", "save_checkpoint", "NeatError", "NeatModule", "PatternError", "SiteInfo", "fold",
     "load_adapters", "merge_into", "save_adapters", "sites", "transform", "__version__",
 ]

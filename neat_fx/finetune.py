@@ -114,6 +114,8 @@ def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=Path("runs") / "finetune", help="output folder (default runs/finetune)")
     ap.add_argument("--save-every", type=int, default=50, help="save the adapters every N steps (default 50)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint in OUT/checkpoint (adapters, optimizer, scheduler, RNG, step)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
 
 
@@ -152,13 +154,31 @@ def run(args) -> int:
     opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=args.lr)
     steps = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps)) * max(0.0, (steps - s) / steps))
+    adapters_dir, checkpoint_dir = args.out / "adapters", args.out / "checkpoint"
+    start = 0
+    if args.resume:
+        from .checkpoint import find_checkpoint, load_checkpoint
+
+        if find_checkpoint(checkpoint_dir) is None:
+            print(f"--resume: no checkpoint in {checkpoint_dir} yet; starting from step 0", file=sys.stderr)
+        else:
+            try:
+                state = load_checkpoint(checkpoint_dir, nm, opt, sched)  # also restores the RNGs
+            except neat_fx.AdapterMismatchError as exc:
+                print(f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run)",
+                      file=sys.stderr)
+                return 2
+            start = state["step"]
+            print(f"resuming from step {start}/{steps} ({state['path']})")
     nm.train()
     t0, seen, step = time.perf_counter(), 0, 0
-    adapters_dir = args.out / "adapters"
     try:
-        with tqdm(total=steps, desc="train", unit="step") as bar:
+        with tqdm(total=steps, initial=start, desc="train", unit="step") as bar:
             for epoch in range(args.epochs):
                 for inputs, labels in batches(train, tok, args.batch_size, args.max_len, shuffle_seed=args.seed + epoch):
+                    if step < start:  # done before the interruption: same order, skipped
+                        step += 1
+                        continue
                     loss = torch.nn.functional.cross_entropy(nm(**inputs).logits, labels)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -169,10 +189,14 @@ def run(args) -> int:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
                     if args.save_every and step % args.save_every == 0:
-                        neat_fx.save_adapters(nm, adapters_dir)  # atomic: an interrupt keeps the previous save
+                        # Both atomic: an interrupt or a kill keeps the previous save.
+                        neat_fx.save_adapters(nm, adapters_dir)
+                        from .checkpoint import save_checkpoint
+
+                        save_checkpoint(checkpoint_dir, nm, opt, sched, step=step)
     except KeyboardInterrupt:
-        last = f"the adapters saved at the last checkpoint are in {adapters_dir}" if adapters_dir.exists() else \
-            "no checkpoint had been saved yet"
+        last = f"the adapters saved at the last checkpoint are in {adapters_dir}; continue with --resume" \
+            if adapters_dir.exists() else "no checkpoint had been saved yet"
         print(f"\ninterrupted at step {step}/{steps}; {last}", file=sys.stderr)
         return 130
     train_s = time.perf_counter() - t0
@@ -219,7 +243,8 @@ def run(args) -> int:
     rows = [
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
         ("transform", f"{transform_s:.1f} s"),
-        ("training", f"{train_s:.0f} s, {steps} steps, {seen / train_s:.0f} sentences/s"),
+        ("training", f"{train_s:.0f} s, {steps - start} steps{f' (resumed at {start})' if start else ''}, "
+                     f"{seen / max(train_s, 1e-9):.0f} sentences/s"),
         ("test accuracy before → after", f"{100 * acc_before:.1f} % → {100 * acc:.1f} %"),
         ("accuracy folded / merged", f"{100 * acc_folded:.1f} % / {100 * acc_merged:.1f} %"),
         ("max |Δ logits| folded vs NEAT", f"{(logits_folded - logits_nm).abs().max():.2e}"),

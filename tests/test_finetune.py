@@ -101,3 +101,57 @@ def test_ctrl_c_keeps_the_last_saved_adapters(setup):
     nm = neat_fx.load_adapters(model, out / "adapters", example_inputs=example)
     assert len(nm.sites()) == 4
     assert not list((out / "adapters").glob(".*.tmp"))
+
+
+def _finetune(setup, out, *extra, data="data", rows="160", rank="4"):
+    return cli() + ["finetune", "--model", str(setup / "base"), "--data", str(setup / data), "--train-rows", rows,
+                    "--batch-size", "8", "--max-len", "16", "--rank", rank, "--lr", "5e-3", "--save-every", "2",
+                    "--no-onnx", "--out", str(out), *extra]
+
+
+def test_killed_run_resumes_to_the_same_adapters(setup):
+    """A run killed (SIGKILL, no cleanup) mid-way and resumed ends with the adapters of an uninterrupted run."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    write_data(setup / "mid", 160, 40)
+    full = subprocess.run(_finetune(setup, setup / "full", data="mid"), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = setup / "killed"
+    proc = subprocess.Popen(_finetune(setup, out, data="mid"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    state = out / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                if json.loads(state.read_text())["step"] >= 6:
+                    break
+            except (ValueError, OSError):  # being swapped in right now
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    step = json.loads(state.read_text())["step"]
+    assert 6 <= step < 20, f"killed at checkpoint step {step}: expected mid-way through 20 steps"
+
+    resumed = subprocess.run(_finetune(setup, out, "--resume", data="mid"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {step}/20" in resumed.stdout
+    a = load_file(str(setup / "full" / "adapters" / "adapters.safetensors"))
+    b = load_file(str(out / "adapters" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, f"resumed adapters differ from the uninterrupted run's by {worst}"
+    assert any(float(a[k].abs().max()) > 0 for k in a if k.endswith("neat_B"))  # training did move B
+
+    # Resuming with another configuration is refused, and the checkpoint is left as it was.
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").glob("trainer_state.*")}
+    bad = subprocess.run(_finetune(setup, out, "--resume", data="mid", rank="8"), capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and "another model or configuration" in bad.stderr and "rank" in bad.stderr, bad.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").glob("trainer_state.*")} == before
+    assert torch.equal(load_file(str(out / "adapters" / "adapters.safetensors"))[next(iter(b))], b[next(iter(b))])
