@@ -58,6 +58,7 @@ def fold(nm: NeatModule) -> FoldedModule:
 
     Its graphs have the op counts of a plain capture of the model. `nm` is left untouched.
     """
+    _refuse_sharded(nm, "fold")
     if not isinstance(nm, NeatModule):
         raise TypeError(f"fold expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
     out = FoldedModule()
@@ -104,6 +105,17 @@ def fold(nm: NeatModule) -> FoldedModule:
     out._set_reference(ref)
     out.train(nm.training)
     return out
+
+
+def _refuse_sharded(nm: NeatModule, what: str):
+    from .io import is_sharded
+
+    if any(is_sharded(p) for p in nm.parameters()):
+        raise MergeError(
+            f"{what}: nm's parameters are sharded (FSDP2); folding needs whole weights. Call "
+            f"neat_fx.save_adapters(nm, DIR) on every rank, then, in one process, load them onto a plain model "
+            f"(neat_fx.load_adapters(model, DIR, example_inputs)) and {what} that."
+        )
 
 
 def _mirror_target(nm: NeatModule, target: str) -> str:
@@ -160,6 +172,7 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
     """
     if not isinstance(nm, NeatModule):
         raise TypeError(f"merge_into expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
+    _refuse_sharded(nm, "merge_into")
     plan = []
     for site in nm.site_infos:
         if site.shared_with_other_ops:

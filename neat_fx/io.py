@@ -29,11 +29,34 @@ _TO_PEFT_ACT = {"relu": "relu", "gelu": "gelu", "silu": "silu", "tanh": "tanh", 
 _FROM_PEFT_ACT = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu", "tanh": "tanh", "linear": "identity"}
 
 
+# -- sharded parameters (FSDP2) -------------------------------------------------------------------------
+def is_sharded(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a parameter sharded by FSDP2 (a collective: every rank must call it), or `t`."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor):
+    if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(device=param.device_mesh.device_type, dtype=param.dtype),
+                                  param.device_mesh, param.placements)
+    param.copy_(value)
+
+
 # -- fingerprints -------------------------------------------------------------------------------------
 def fingerprint(weight: torch.Tensor, n: int = 16) -> dict:
     """A few values at fixed positions and the norm: tells a different base model from this one, while a
     bf16/fp16 copy of the same weights still matches (compared with a tolerance)."""
-    flat = weight.detach().reshape(-1)
+    flat = full_tensor(weight).detach().reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, steps=min(n, flat.numel())).round().long().to(flat.device)
     return {
         "shape": list(weight.shape),
@@ -70,9 +93,29 @@ def _tmp_in(folder: Path, name: str) -> Path:
 
 
 def _write_pair(folder: Path, weights_name: str, tensors: dict, config_name: str, make_config):
-    """Write weights, read them back, then the config; each under a temporary name, then renamed."""
+    """Write weights, read them back, then the config; each under a temporary name, then renamed.
+
+    Sharded (FSDP2) tensors are gathered first — a collective, so every rank calls this — and rank 0 alone
+    writes; the others return once the files are in place."""
+    sharded = any(is_sharded(v) for v in tensors.values())
+    tensors = {k: full_tensor(v).detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if sharded:
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            make_config("")  # the same collectives as rank 0's (fingerprints of sharded base weights)
+            dist.barrier()
+            return
+        try:
+            _write_pair_files(folder, weights_name, tensors, config_name, make_config)
+        finally:
+            dist.barrier()
+        return
+    _write_pair_files(folder, weights_name, tensors, config_name, make_config)
+
+
+def _write_pair_files(folder: Path, weights_name: str, tensors: dict, config_name: str, make_config):
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     w_tmp = _tmp_in(folder, weights_name)
     c_tmp = _tmp_in(folder, config_name)
     try:
@@ -405,12 +448,12 @@ def _check_and_copy(nm: NeatModule, loaded: _Loaded, path):
     with torch.no_grad():
         for s, name in matched.values():
             t, ad = loaded.sites[name], nm.adapters[s.key]
-            ad.A.copy_(t["A"])
-            ad.B.copy_(t["B"])
+            _copy_into(ad.A, t["A"])
+            _copy_into(ad.B, t["B"])
             for p, v in zip(list(ad.encoders) + list(ad.decoders), t["encoders"] + t["decoders"]):
-                p.copy_(v)
+                _copy_into(p, v)
             ad.activation = c.activation
             ad.scale = c.scale
         for name, v in loaded.trainable.items():
-            nm.trainable[inv[name]].copy_(v)
+            _copy_into(nm.trainable[inv[name]], v)
     nm.config.activation, nm.config.scale = c.activation, c.scale

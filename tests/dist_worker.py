@@ -1,0 +1,128 @@
+"""Run by tests/test_distributed.py under `torch.distributed.run` (CPU, gloo), or alone as the 1-process
+reference. Trains a tiny BERT with NEAT for a few steps and writes what the test compares.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py ddp OUT
+    python tests/dist_worker.py single OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py fsdp OUT
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import zoo  # noqa: E402
+
+import neat_fx  # noqa: E402
+
+STEPS = 3
+GLOBAL_BATCH = 8
+
+
+def batches():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(STEPS):
+        ids = torch.randint(0, 120, (GLOBAL_BATCH, 12), generator=g)
+        yield dict(input_ids=ids, attention_mask=torch.ones_like(ids)), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+
+
+def build():
+    model, ex, _, patterns = zoo.bert()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # ranks and the 1-process run must see the same function
+    nm = neat_fx.transform(model, patterns, ex, rank=4, seed=0, trainable=["classifier*"])
+    with torch.no_grad():  # B ≠ 0, so every adapter parameter gets a gradient from the first step
+        g = torch.Generator().manual_seed(3)
+        for ad in nm.adapters.values():
+            ad.B.copy_(torch.randn(ad.B.shape, generator=g) * 0.1)
+    return nm
+
+
+def adapter_state(nm) -> dict:
+    """The trained tensors as plain tensors (under FSDP2 state_dict() gives sharded DTensors: gather them)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in nm.state_dict().items():
+        if k.startswith("adapters.") or k.startswith("trainable."):
+            v = v.full_tensor() if isinstance(v, DTensor) else v
+            out[k] = v.detach().clone().contiguous()
+    return out
+
+
+def main():
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    if mode == "single":
+        rank, world = 0, 1
+    else:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    nm = build()
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        run = DDP(nm)
+    elif mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # One FSDP unit at the root: the captured graph reads parameters directly (get_attr), so the pre-forward
+        # hooks of per-layer units would never run; the root unit unshards all of them around nm's forward.
+        run = fully_shard(nm)
+    else:
+        run = nm
+    params = [p for p in nm.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    losses, agree = [], []
+    shard = GLOBAL_BATCH // world
+    for inputs, labels in batches():
+        part = {k: v[rank * shard:(rank + 1) * shard] for k, v in inputs.items()}
+        loss = torch.nn.functional.cross_entropy(run(**part).logits, labels[rank * shard:(rank + 1) * shard])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if mode == "ddp":
+            # every rank holds the same adapters after every step
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            gathered = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(gathered, flat)
+            agree.append(max(float((g - gathered[0]).abs().max()) for g in gathered))
+    probe = next(batches())[0]
+    state = adapter_state(nm)  # under FSDP2 a collective: every rank
+    if mode == "fsdp":
+        # Sharded: every rank calls save_adapters (it gathers, rank 0 writes) and load_adapters.
+        neat_fx.save_adapters(nm, out / "saved")
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        neat_fx.load_adapters(nm, out / "saved")
+        reloaded = adapter_state(nm)
+        reload_diff = max(float((reloaded[k] - state[k]).abs().max()) for k in state)
+    elif rank == 0:
+        neat_fx.save_adapters(nm, out / "saved")
+        reload_diff = 0.0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "adapters.safetensors"))
+        # fold after: the saved adapters onto a plain (unsharded) model in this one process
+        plain = neat_fx.load_adapters(build(), out / "saved")
+        plain.eval()
+        with torch.no_grad():
+            fold_diff = float((neat_fx.fold(plain)(**probe).logits - plain(**probe).logits).abs().max())
+        (out / "result.json").write_text(json.dumps(dict(losses=losses, agree=agree, world=world, fold_diff=fold_diff,
+                                                         reload_diff=reload_diff)))
+    if mode != "single":
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
