@@ -51,7 +51,7 @@ def one(layers: int, hidden: int, patterns: list[str], rank: int, seq: int, warm
     after = rss_mb()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in model.parameters())
-    trainable, _ = nm.num_parameters()
+    trainable, _ = nm.parameter_counts()
     return {
         "warm": warm, "layers": layers, "hidden": hidden, "patterns": patterns, "rank": rank, "seq": seq,
         "sites": len(nm.sites()), "model_params": params, "model_mb_fp32": params * 4 / 2**20,

@@ -270,7 +270,7 @@ def run(args) -> int:
             sess.run(None, feed)
             times.append(time.perf_counter() - t)
         lat_onnx.append(statistics.median(times) * 1e3)
-    trainable, total = nm.num_parameters()
+    trainable, total = nm.parameter_counts()
     rows = [
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
         ("transform", f"{transform_s:.1f} s"),

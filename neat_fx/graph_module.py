@@ -49,6 +49,10 @@ def retarget_devices(graph: fx.Graph, old: torch.device, new: torch.device) -> i
 class GraphContainer(nn.Module):
     """Runs `self._graphs[mode]` for the current mode. Subclasses register the state the graphs use."""
 
+    # transformers.Trainer passes `num_items_in_batch` to any forward with **kwargs unless told otherwise;
+    # a captured graph takes exactly the example inputs' arguments.
+    accepts_loss_kwargs = False
+
     def __init__(self):
         super().__init__()
         # Plain attributes (not submodules): the graphs share the container's children.

@@ -61,7 +61,17 @@ class NeatModule(GraphContainer):
             return self.base_weights._buffers[site.key]
         return self.model.get_parameter(site.name)
 
-    def num_parameters(self) -> tuple[int, int]:
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Hugging Face's `PreTrainedModel.num_parameters` contract (the Trainer calls it): an int. Embeddings
+        are the weights of nn.Embedding modules of the model."""
+        trainable, total = self.parameter_counts()
+        if only_trainable:
+            return trainable
+        if exclude_embeddings:
+            total -= sum(m.weight.numel() for m in self.model.modules() if isinstance(m, nn.Embedding))
+        return total
+
+    def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total): total = the model's parameters + the adapters' (a trained-in-full copy
         replaces its original, so it is not counted twice)."""
         model_total = sum(p.numel() for p in self.model.parameters())
@@ -84,7 +94,7 @@ class NeatModule(GraphContainer):
             lines.append("  ".join(c.ljust(w) if j == 0 or j == 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
-        trainable, total = self.num_parameters()
+        trainable, total = self.parameter_counts()
         c = self.config
         lines.append("")
         lines.append(
@@ -95,5 +105,5 @@ class NeatModule(GraphContainer):
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
-        t, n = self.num_parameters()
+        t, n = self.parameter_counts()
         return f"sites={len(self.site_infos)}, trainable={t:,}, total={n:,}"

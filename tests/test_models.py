@@ -179,7 +179,7 @@ def test_summary_and_counts():
     nm = neat_fx.transform(model, patterns, example, rank=8, trainable=["classifier*"])
     text = nm.summary()
     assert "bert.encoder.layer.0.attention.self.query.weight" in text and "trained in full" in text
-    trainable, total = nm.num_parameters()
+    trainable, total = nm.parameter_counts()
     # 4 sites of d_out 32: 2·r·d_out each, plus the classifier (32·3 + 3)
     assert trainable == 4 * 2 * 8 * 32 + 32 * 3 + 3
     assert total == sum(p.numel() for p in model.parameters()) + 4 * 2 * 8 * 32
