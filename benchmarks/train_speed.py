@@ -164,9 +164,10 @@ def main(argv=None):
                      f"{ratio('saved_mb', base)} | {r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb', base)} |")
     if floor is not None:
         over = {m: result[m]["median_step_ms"] - floor for m in names if m != "head"}
-        lines += ["", "Adapter overhead = step time − the head-only step (the frozen model's own forward/backward): " +
+        lines += ["", "Step time − the head-only step (which runs no backward through the encoder, so this is the "
+                  "backward through the frozen encoder plus the adapters' own work): " +
                   ", ".join(f"{METHOD_LABELS[m]} {v:+.1f} ms" for m, v in over.items()) +
-                  (f"; NEAT's overhead is {over['neat'] / over['peanut']:.2f}× PEANuT's"
+                  (f"; NEAT's is {over['neat'] / over['peanut']:.2f}× PEANuT's"
                    if "neat" in over and "peanut" in over and over["peanut"] > 0 else "") + "."]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(dict(meta=meta, results=result), indent=1))
