@@ -60,6 +60,13 @@ def _signature(nm: NeatModule) -> dict:
 def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, step: int,
                     extra: dict | None = None) -> Path:
     """Write a resumable checkpoint of a training run to `folder` (replaced atomically); returns it."""
+    from .io import is_sharded
+
+    if any(is_sharded(p) for p in nm.parameters()):
+        raise NotImplementedError(
+            "save_checkpoint: nm is sharded (FSDP2); its optimizer state is sharded too. Checkpoint a sharded run "
+            "with torch.distributed.checkpoint (dcp.save of model and optimizer state dicts), and save the adapters "
+            "with neat_fx.save_adapters on every rank.")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -75,18 +82,44 @@ def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, s
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta))
         _read(tmp)  # read back before it replaces anything
+        _fsync_tree(tmp)
         old = folder.with_name(folder.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
+        # At every instant a complete checkpoint exists at `folder` or (between the two renames) at `old`.
         if folder.exists():
+            if old.exists():
+                shutil.rmtree(old)  # safe: `folder` is complete
             os.replace(folder, old)
         os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
         if old.exists():
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _fsync_tree(root: Path):
+    """Flush the files of a new checkpoint to disk before the renames make it current (a power loss must not
+    leave a renamed folder of empty files)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported on this platform / file system
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _to_json(v):

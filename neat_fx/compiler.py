@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import weakref
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,7 @@ class NeatBackend:
         self.compiled_graphs = 0
         self.lowered: list[fx.GraphModule] = []  # the graphs handed to `inner`, latest last (for inspection)
         self._served: set[str] = set()
+        self._folding = weakref.WeakSet()  # compiled graphs holding folded weights, for invalidate()
         self.adapters = None
         if adapters is not None:
             from .io import _read
@@ -167,7 +169,17 @@ class NeatBackend:
 
     # -- the backend protocol ------------------------------------------------------------------------
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        return _Compiled(self, gm, list(example_inputs))
+        compiled = _Compiled(self, gm, list(example_inputs))
+        if compiled.folds:
+            self._folding.add(compiled)
+        return compiled
+
+    def invalidate(self):
+        """Recompute every folded weight at the next call. Needed only after writing into weights in a way
+        their version counters do not see (`param.data.copy_(…)`); optimizer steps, `load_adapters`,
+        `merge_into` and `with torch.no_grad(): p.copy_(…)` are seen."""
+        for compiled in list(self._folding):
+            compiled.invalidate()
 
     def served_sites(self) -> list[str]:
         return sorted(self._served)
@@ -196,6 +208,9 @@ class _Compiled:
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         self.index = {n: i for i, n in enumerate(placeholders)}
         grad = torch.is_grad_enabled()
+        # A graph that switches gradients on inside (torch.enable_grad() in the compiled code) is not folded.
+        toggles = any(n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes)
+        grad = grad or toggles
         plans = []
         for node in [n for n in graph.nodes if n.op == "call_function" and n.target in (ADAPTER_OP, ADAPTER_OP.default)]:
             plans.append(self._lower_site(graph, node, example_inputs, grad))
@@ -242,7 +257,9 @@ class _Compiled:
             return SitePlan(name, "factorised", tokens, d_in, d_out, rank, 0, 0, why)
         x_grad = bool(getattr(xm, "requires_grad", True))
         fact, mat = training_flops(tokens, d_in, d_out, rank, x_grad)
-        if mat < fact and producer is not None:
+        # Materialising rounds W + ΔW to the weight's dtype: only where that is exact enough (fp32/fp64).
+        if mat < fact and producer is not None and _meta(weight) is not None and \
+                _meta(weight).dtype in (torch.float32, torch.float64):
             with graph.inserting_before(producer):
                 w_eff = graph.call_function(_materialised_weight, (weight, A, B, list(enc), list(dec), activation,
                                                                    scale, layout))
@@ -267,14 +284,16 @@ class _Compiled:
             if n is not None:
                 by_name[n] = ph
         for site, t in loaded.sites.items():
-            ph = _lookup(by_name, site)
+            meta = loaded.site_meta.get(site)
+            # Dynamo names a tied parameter by one of its aliases only: try them all.
+            ph = next((p for a in [site, *(meta or {}).get("aliases", [])] if (p := _lookup(by_name, a)) is not None),
+                      None)
             if ph is None:
                 continue
             value = example_inputs[self.index[ph]]
             uses = _linear_uses(ph)
             if not uses:
                 continue
-            meta = loaded.site_meta.get(site)
             layout = meta["layout"] if meta else uses[0][1]
             d_out = value.shape[0] if layout == "out_in" else value.shape[1]
             if tuple(t["A"].shape) != (d_out, cfg.rank) or t["B"].shape[0] != d_out:
@@ -347,7 +366,17 @@ class _Compiled:
         return out
 
     def _versions(self, args):
-        return [(id(args[i]), args[i]._version) for i in self.watched]
+        out = []
+        for i in self.watched:
+            t = args[i]
+            try:
+                out.append((id(t), t._version))
+            except RuntimeError:  # an inference tensor has no version counter: refold on every call
+                out.append((id(t), object()))
+        return out
+
+    def invalidate(self):
+        self.versions = None
 
     def __call__(self, *args):
         if self.folds:

@@ -144,7 +144,7 @@ def run(args) -> int:
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # this job trains on the CPU (gloo also serves CUDA builds' CPU tensors)
         rank = dist.get_rank()
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 reports; errors (stderr) come from any rank
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -218,7 +218,9 @@ def run(args) -> int:
                         neat_fx.save_adapters(nm, adapters_dir)
                         from .checkpoint import save_checkpoint
 
-                        save_checkpoint(checkpoint_dir, nm, opt, sched, step=step)
+                        save_checkpoint(checkpoint_dir, nm, opt, sched, step=step, extra=dict(
+                            world=world, batch_size=args.batch_size, train_rows=len(train), epochs=args.epochs,
+                            seed=args.seed, max_len=args.max_len))
     except KeyboardInterrupt:
         last = f"the adapters saved at the last checkpoint are in {adapters_dir}; continue with --resume" \
             if adapters_dir.exists() else "no checkpoint had been saved yet"

@@ -58,9 +58,9 @@ def fold(nm: NeatModule) -> FoldedModule:
 
     Its graphs have the op counts of a plain capture of the model. `nm` is left untouched.
     """
-    _refuse_sharded(nm, "fold")
     if not isinstance(nm, NeatModule):
         raise TypeError(f"fold expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
+    _refuse_sharded(nm, "fold")
     out = FoldedModule()
     folded = {s.key: nn.Parameter(folded_weight(nm, s), requires_grad=False) for s in nm.site_infos}
     site_by_key = {s.key: s for s in nm.site_infos}
@@ -210,9 +210,9 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
     for site, target, new in plan:
         if nm.model.get_parameter(site.name) is target and site.key not in nm.base_weights._buffers:
             _keep_base_weight(nm, site, target)
-        target.data.copy_(new.to(target.device))
+        target.copy_(new.to(target.device))  # (not .data: copy_ moves the version counter compiled folds watch)
     for target, value in train_plan:
-        target.data.copy_(value.detach().to(device=target.device, dtype=target.dtype))
+        target.copy_(value.detach().to(device=target.device, dtype=target.dtype))
     return model
 
 

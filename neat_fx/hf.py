@@ -26,7 +26,12 @@ class NeatAdaptersCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, **kwargs):
         nm = getattr(model, "module", model)  # unwrap DDP
-        if not isinstance(nm, NeatModule) or not state.is_world_process_zero:
+        if not isinstance(nm, NeatModule):
+            return control
+        from .io import is_sharded
+
+        # Sharded (FSDP2): save_adapters is a collective, every rank calls it (rank 0 writes); else rank 0 only.
+        if not state.is_world_process_zero and not any(is_sharded(p) for p in nm.parameters()):
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ADAPTERS_SUBFOLDER)
         save_adapters(nm, folder)

@@ -179,7 +179,8 @@ def _save_native(nm: NeatModule, folder: Path):
             "base_model": type(nm.model).__name__,
             "sites": [
                 {
-                    "name": s.name, "kinds": s.kinds, "layout": s.layout, "d_in": s.d_in, "d_out": s.d_out,
+                    "name": s.name, "aliases": list(s.aliases), "kinds": s.kinds, "layout": s.layout,
+                    "d_in": s.d_in, "d_out": s.d_out,
                     "dtype": s.dtype, "fingerprint": fingerprint(nm.weight_of(s)),
                     "activation": nm.adapters[s.key].activation, "scale": nm.adapters[s.key].scale,
                 }

@@ -160,6 +160,12 @@ def test_inference_folds_and_never_serves_stale_weights():
         assert rel_diff(compiled(**other).logits, nm(**other).logits) < 1e-5
     assert len(rec.graphs) >= n_graphs + 1  # one training graph; refolding needs no new eval graph
 
+    # Writes through .data move no version counter: backend.invalidate() is the way to say so.
+    with torch.no_grad():
+        next(iter(nm.adapters.values())).B.data.mul_(3.0)
+        backend.invalidate()
+        assert rel_diff(compiled(**ex).logits, nm(**ex).logits) < 1e-5
+
 
 @pytest.mark.parametrize("builder", ["bert", "with_break"])
 def test_serving_saved_adapters_on_an_untouched_base_model(tmp_path, builder):
