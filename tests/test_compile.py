@@ -4,6 +4,7 @@ breaks, bad input. Most tests hand the lowered graph to "aot_eager" (seconds); o
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 
@@ -216,6 +217,8 @@ def test_serving_refuses_adapters_of_another_model(tmp_path):
         neat_fx.backend(inner=3)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="Inductor's CPU backend needs a C++ compiler")
 def test_inductor_end_to_end():
     torch.manual_seed(0)
     model, ex = TwoLayer(), (torch.randn(3, 5, 16),)
