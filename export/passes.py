@@ -41,7 +41,9 @@ def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         probs = torch.nn.functional.dropout(probs, dropout_p)
     out = torch.matmul(probs, v)
     if valid is not None:
-        out = torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        # A Mul by the (batch, 1, L, 1) 0/1 row mask: out is finite (no -inf in the scores), so this equals the
+        # Where, and ONNX Runtime broadcasts a Mul faster.
+        out = out * valid.to(out.dtype)
     return out
 
 
