@@ -80,7 +80,9 @@ def test_ctrl_c_keeps_the_last_saved_adapters(setup):
     proc = subprocess.Popen(cli() + ["finetune", "--model", str(setup / "base"), "--data", str(setup / "big"),
                                      "--train-rows", "20000", "--batch-size", "8", "--max-len", "16", "--rank", "4",
                                      "--save-every", "3", "--no-onnx", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # A shell that started us in the background may have left SIGINT ignored (inherited).
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     config = out / "adapters" / "neat_config.json"
     deadline = time.time() + 300
     while not config.exists() and time.time() < deadline and proc.poll() is None:
