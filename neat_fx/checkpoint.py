@@ -62,6 +62,7 @@ def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, s
     """Write a resumable checkpoint of a training run to `folder` (replaced atomically); returns it."""
     from .io import is_sharded
 
+    _check_module(nm, "save_checkpoint")
     if any(is_sharded(p) for p in nm.parameters()):
         raise NotImplementedError(
             "save_checkpoint: nm is sharded (FSDP2); its optimizer state is sharded too. Checkpoint a sharded run "
@@ -97,6 +98,12 @@ def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _check_module(nm, what: str):
+    if not isinstance(nm, NeatModule):
+        raise TypeError(f"{what} expects the NeatModule being trained (from neat_fx.transform), got "
+                        f"{type(nm).__name__}; pass nm itself (for DDP: ddp.module), not the base model")
 
 
 def _fsync_tree(root: Path):
@@ -153,6 +160,7 @@ def find_checkpoint(folder) -> Path | None:
 def load_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict:
     """Restore a run saved by `save_checkpoint` into `nm`, `optimizer`, `scheduler` (and the RNGs).
     Returns {"step": …, "extra": …}. Every check runs before anything is changed."""
+    _check_module(nm, "load_checkpoint")
     found = find_checkpoint(folder)
     if found is None:
         raise FileNotFoundError(f"no neat_fx checkpoint in {folder} (expected {STATE_JSON}); start without resuming")

@@ -171,3 +171,15 @@ def test_finetune_under_torchrun(setup):
     training = next(l for l in r.stdout.splitlines() if l.startswith("training"))
     assert " 6 steps" in training  # 96 sentences = 12 batches of 8, 6 global steps of 2 × 8
     assert (out / "adapters" / "neat_config.json").exists() and (out / "checkpoint" / "trainer_state.json").exists()
+
+
+def test_checkpoint_bad_input(tmp_path):
+    import torch
+
+    with pytest.raises(TypeError, match="NeatModule"):
+        neat_fx.save_checkpoint(tmp_path / "c", torch.nn.Linear(2, 2), step=1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    nm = neat_fx.transform(model, ["0"], (torch.randn(2, 4),), rank=2)
+    with pytest.raises(FileNotFoundError, match="no neat_fx checkpoint"):
+        neat_fx.load_checkpoint(tmp_path / "missing", nm)
+    assert not list(tmp_path.iterdir())  # nothing written by the failed calls
