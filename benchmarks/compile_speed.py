@@ -21,24 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sst2_common import Trial, build_method, load_minilm, make_optimizer, train_step  # noqa: E402
+from sst2_common import Trial, build_method, interleave, load_minilm, make_optimizer, train_step  # noqa: E402
 from train_speed import fixed_batches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def interleave(fns: dict, n: int, warmup: int, desc: str) -> dict:
-    from tqdm.auto import tqdm
-
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for i in tqdm(range(warmup + n), desc=desc, unit="round"):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for k in order:
-            t = time.perf_counter()
-            fns[k](i)
-            if i >= warmup:
-                times[k].append(1e3 * (time.perf_counter() - t))
+def median_of(times: dict) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -71,8 +60,8 @@ def main(argv=None):
         run = torch.compile(m, backend="neat" if method == "neat" else "inductor") if compiled else m
         setups[label] = (run, opt)
     t0 = time.perf_counter()
-    train = interleave({k: (lambda i, r=r, o=o: train_step(r, o, None, *data[i])) for k, (r, o) in setups.items()},
-                       args.steps, args.warmup, "training steps")
+    train = median_of(interleave({k: (lambda i, r=r, o=o: train_step(r, o, None, *data[i]))
+                                  for k, (r, o) in setups.items()}, args.steps, args.warmup, "training steps"))
     train_wall = time.perf_counter() - t0
     plans = [p.__dict__ for p in neat_fx.compiler.neat.plans]
 
@@ -92,9 +81,9 @@ def main(argv=None):
         for b in (1, 32):
             feed = {k: v[:b] for k, v in data[0][0].items()}
             parity = float((neat_c(**feed).logits - nm(**feed).logits).abs().max())
-            med = interleave({"NEAT compiled (folded)": lambda i: neat_c(**feed),
+            med = median_of(interleave({"NEAT compiled (folded)": lambda i: neat_c(**feed),
                               "base model compiled (Inductor)": lambda i: base_c(**feed),
-                              "NEAT eager (unfolded)": lambda i: nm(**feed)}, args.runs, 3, f"inference b={b}")
+                              "NEAT eager (unfolded)": lambda i: nm(**feed)}, args.runs, 3, f"inference b={b}"))
             infer[b] = dict(median_ms=med, parity_vs_eager_neat=parity)
     lora_eager = train["PEFT LoRA eager"]
     lines = ["# torch.compile: backend 'neat' vs eager and PEFT LoRA", "",

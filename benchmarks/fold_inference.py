@@ -15,13 +15,12 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sst2_common import DEFAULT_DATA, Trial, build_method, load_minilm, read_tsv  # noqa: E402
+from sst2_common import DEFAULT_DATA, Trial, build_method, interleave, load_minilm, read_tsv  # noqa: E402
 
 import neat_fx  # noqa: E402
 
@@ -41,7 +40,6 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=64)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from tqdm.auto import tqdm
 
     torch.manual_seed(0)
     tok, model = load_minilm()
@@ -66,15 +64,8 @@ def main(argv=None):
         for b, feed in feeds.items():
             logits = {k: m(**feed).logits for k, m in models.items()}
             scale = logits["neat"].abs().max().item()
-            times = {k: [] for k in models}
-            for i in tqdm(range(args.runs + 5), desc=f"batch {b}", unit="round"):
-                names = list(models)
-                names = names[i % 4:] + names[:i % 4]
-                for k in names:
-                    t = time.perf_counter()
-                    models[k](**feed)
-                    if i >= 5:
-                        times[k].append(1e3 * (time.perf_counter() - t))
+            times = interleave({k: (lambda i, m=m: m(**feed)) for k, m in models.items()}, args.runs, 5,
+                               f"batch {b}")
             med = {k: statistics.median(v) for k, v in times.items()}
             out[b] = dict(median_ms=med, ratio_to_base={k: med[k] / med["base"] for k in med},
                           max_abs_vs_neat={k: (logits[k] - logits["neat"]).abs().max().item() for k in models},

@@ -121,3 +121,20 @@ def train_step(module, opt, sched, inputs: dict, labels: torch.Tensor) -> float:
         sched.step()
     return loss.item()
 
+
+def interleave(fns: dict, n: int, warmup: int, desc: str) -> dict[str, list[float]]:
+    """Call every `fns[k](i)` once per round, the order rotating each round, for `warmup + n` rounds; returns
+    the milliseconds of the last `n` calls of each. Interleaving makes machine drift hit all alike."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for i in tqdm(range(warmup + n), desc=desc, unit="round"):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t = time.perf_counter()
+            fns[k](i)
+            if i >= warmup:
+                times[k].append(1e3 * (time.perf_counter() - t))
+    return times

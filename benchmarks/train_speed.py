@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sst2_common import (DEFAULT_DATA, METHOD_LABELS, Trial, build_method, load_minilm, make_optimizer,  # noqa: E402
-                         read_tsv, train_step, trainable_parameters)
+from sst2_common import (DEFAULT_DATA, METHOD_LABELS, Trial, build_method, interleave, load_minilm,  # noqa: E402
+                         make_optimizer, read_tsv, train_step, trainable_parameters)
 
 RESULTS = Path(__file__).parent / "results"
 SPEED_METHODS = ("neat", "lora", "peanut", "head")  # head only: the frozen model's own cost, the floor
@@ -119,14 +119,10 @@ def main(argv=None):
     result = {m: dict(trainable=sum(p.numel() for p in trainable_parameters(models[m][0])),
                       saved_mb=saved_bytes(models[m][0], *data[0]) / 2**20, steps_ms=[]) for m in args.methods}
     names = list(args.methods)
-    for i, (inputs, labels) in enumerate(tqdm(data, desc="interleaved steps", unit="round")):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for m in order:
-            module, opt = models[m]
-            t = time.perf_counter()
-            train_step(module, opt, None, inputs, labels)
-            if i >= args.warmup:
-                result[m]["steps_ms"].append(1e3 * (time.perf_counter() - t))
+    times = interleave({m: (lambda i, m=m: train_step(*models[m], None, *data[i])) for m in names},
+                       args.steps, args.warmup, "interleaved steps")
+    for m in names:
+        result[m]["steps_ms"] = times[m]
     del models
     for m in tqdm(names, desc="peak RSS, one process each"):
         out = subprocess.run([sys.executable, __file__, "--rss-child", m, "--rank", str(args.rank),
