@@ -122,19 +122,23 @@ def train_step(module, opt, sched, inputs: dict, labels: torch.Tensor) -> float:
     return loss.item()
 
 
-def interleave(fns: dict, n: int, warmup: int, desc: str) -> dict[str, list[float]]:
+def interleave(fns: dict, n: int, warmup: int, desc: str, sync=None) -> dict[str, list[float]]:
     """Call every `fns[k](i)` once per round, the order rotating each round, for `warmup + n` rounds; returns
-    the milliseconds of the last `n` calls of each. Interleaving makes machine drift hit all alike."""
+    the milliseconds of the last `n` calls of each. Interleaving makes machine drift hit all alike.
+    sync: called before and after each timed call (torch.cuda.synchronize on a GPU: its work is asynchronous)."""
     import time
 
     from tqdm.auto import tqdm
 
+    sync = sync or (lambda: None)
     times = {k: [] for k in fns}
     names = list(fns)
     for i in tqdm(range(warmup + n), desc=desc, unit="round"):
         for k in names[i % len(names):] + names[:i % len(names)]:
+            sync()
             t = time.perf_counter()
             fns[k](i)
+            sync()
             if i >= warmup:
                 times[k].append(1e3 * (time.perf_counter() - t))
     return times
