@@ -116,6 +116,12 @@ def _export_container(src: GraphContainer, approximate: bool, rewrite_attention:
         graph = copy.deepcopy(src.graph("eval"))
     applied = []
     if rewrite_attention:
+        n = passes.prune_unread_positions(graph)
+        if n:
+            applied.append(f"positions no output reads left uncomputed ({n} ops narrowed to the selected row)")
+        n = passes.fold_attention_scale(graph)
+        if n:
+            applied.append(f"attention scale folded into the query projection ×{n}")
         n = passes.sdpa_to_eager_attention(graph)
         if n:
             applied.append(f"attention as MatMul/Softmax ×{n} (no per-score NaN guard)")

@@ -87,8 +87,10 @@ def test_optimisation_levels_and_fusion_counts(tmp_path):
     auto = to_onnx(model, example, tmp_path / "auto.onnx")
     fusions = to_onnx(model, example, tmp_path / "fusions.onnx", optimize="fusions")
     plain = to_onnx(model, example, tmp_path / "plain.onnx", optimize="none")
-    # auto: exact attention rewrite, GELU+bias and scaled-MatMul fusions, Add+LayerNorm left unfused on CPU
-    assert auto.fused_ops.get("BiasGelu", 0) == 2 and auto.fused_ops.get("FusedMatMul", 0) == 2
+    # auto: exact attention rewrite, GELU+bias fused, Add+LayerNorm left unfused on CPU, 1/√d folded into the
+    # query weights (constant-folded: no scaled FusedMatMul, no Mul but the 2 zeroing rows without keys)
+    assert auto.fused_ops.get("BiasGelu", 0) == 2 and auto.fused_ops.get("FusedMatMul", 0) == 0
+    assert auto.op_counts["Mul"] == 2 and auto.op_counts["MatMul"] == 2 * (6 + 2)
     assert "SkipLayerNormalization" not in auto.fused_ops
     assert "IsNaN" not in auto.op_counts
     assert onnx_export.CPU_DISABLED_OPTIMIZERS[0] in dict(
@@ -290,3 +292,114 @@ def test_eager_attention_matches_sdpa(case):
     assert torch.allclose(got, want, atol=1e-6)
     if case == "bool_row_without_keys":
         assert torch.count_nonzero(got[1, :, 2]) == 0
+
+
+class _RowsPerProduct(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the rows of every product with a weight that a graph runs: mm/addmm, and bmm against a weight
+    broadcast over the batch (what linear on a strided 3-D input becomes); attention's bmm are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+            self.rows.append(args[-2].shape[0])
+        elif func is torch.ops.aten.bmm.default and args[1].stride(0) == 0:
+            self.rows.append(args[0].shape[0] * args[0].shape[1])
+        return func(*args, **(kwargs or {}))
+
+
+def _pruned(model, example):
+    from neat_fx.transform import capture_plain
+
+    container = capture_plain(model, ((), example) if isinstance(example, dict) else (example, {}), modes=("eval",))
+    pruned, applied = onnx_export._export_container(container, approximate=False, rewrite_attention=True)
+    return container, pruned, applied
+
+
+def _rows(module, inputs):
+    with torch.no_grad(), _RowsPerProduct() as rec:
+        out = call(module, inputs)
+    return out, sorted(rec.rows)
+
+
+def test_unread_positions_pruned_for_a_cls_classifier(tmp_path):
+    """BERT reads only [CLS] of the last block: its query, attention output and FFN run on one row per
+    sequence, its keys/values on all; every output equal to PyTorch's, a sequence without any key included."""
+    model, example, _, _ = zoo.bert()
+    model.eval()
+    container, pruned, applied = _pruned(model, example)
+    assert any("positions no output reads" in a for a in applied)
+    assert "attention scale folded into the query projection ×2" in applied  # 1/√d now in W_q, b_q
+    g = torch.Generator().manual_seed(3)
+    inputs = dict(input_ids=torch.randint(0, 120, (3, 9), generator=g), attention_mask=torch.ones(3, 9, dtype=torch.long))
+    inputs["attention_mask"][1, 5:] = 0
+    inputs["attention_mask"][2] = 0
+    want, rows_before = _rows(container, inputs)
+    got, rows_after = _rows(pruned, inputs)
+    # 2 layers × 6 products on 27 rows + pooler and classifier on 3 → layer 1 keeps only k and v whole.
+    assert rows_before == [3] * 2 + [27] * 12
+    assert rows_after == [3] * 6 + [27] * 8
+    assert (tensors(got)[0] - want.logits).abs().max() <= 1e-6
+    with torch.no_grad():
+        assert (tensors(got)[0] - model(**inputs).logits).abs().max() <= 1e-6
+    report = to_onnx(model, example, tmp_path / "m.onnx")
+    assert any("positions no output reads" in o for o in report.optimizations)
+    assert rel(model(**inputs), ort_outputs(report.path, inputs)) <= 1e-4
+
+
+def test_unread_positions_kept_where_an_output_reads_them():
+    """A model that returns the whole last hidden state, or selects through ops the pass does not know,
+    is left as it was (0 ops narrowed) and still computes the same."""
+    import transformers
+
+    from neat_fx.export import passes
+
+    base = transformers.BertModel(zoo.bert()[0].config).eval()  # last_hidden_state and the pooled [CLS]
+    container, pruned, applied = _pruned(base, zoo.bert()[1])
+    assert not any("positions no output reads" in a for a in applied)
+    graph = container.graph("eval")
+    before = [(n.op, str(n.target), str(n.args)) for n in graph.nodes]
+    assert passes.prune_unread_positions(graph) == 0
+    assert [(n.op, str(n.target), str(n.args)) for n in graph.nodes] == before
+
+
+class _LastTokenEncoder(torch.nn.Module):
+    """Home-grown: sdpa with a float mask, x @ W on a bare parameter, residual + layer norm, then the last
+    position (a negative select) and a head."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.w = torch.nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, 3)
+
+    def forward(self, x, bias):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        h = self.norm(x + a.transpose(1, 2).reshape(b, s, d) @ self.w)
+        return self.head(torch.relu(h[:, -1]))
+
+
+def test_unread_positions_last_token_with_a_per_query_mask(tmp_path):
+    torch.manual_seed(0)
+    model = _LastTokenEncoder().eval()
+    g = torch.Generator().manual_seed(1)
+    example = (torch.randn(2, 6, 16, generator=g), torch.randn(2, 1, 6, 6, generator=g))
+    container, pruned, applied = _pruned(model, example)
+    assert any("positions no output reads" in a for a in applied)
+    assert not any("scale folded" in a for a in applied)  # q, k, v share one projection: nothing to fold into
+    inputs = (torch.randn(3, 5, 16, generator=g), torch.randn(3, 1, 5, 5, generator=g))
+    want, rows_before = _rows(container, inputs)
+    got, rows_after = _rows(pruned, inputs)
+    # qkv stays whole (keys/values need every position); x @ w and the head read one row per sequence.
+    assert rows_before == [3, 15, 15] and rows_after == [3, 3, 15]
+    assert (tensors(got)[0] - model(*inputs)).abs().max() <= 1e-6
+    with torch.no_grad():
+        assert (tensors(want)[0] - model(*inputs)).abs().max() <= 1e-6
+    report = to_onnx(model, example, tmp_path / "m.onnx", verify_inputs=[inputs])
+    assert rel(model(*inputs), ort_outputs(report.path, inputs)) <= 1e-4
