@@ -110,16 +110,20 @@ def _as_graph(module: nn.Module, args, kwargs) -> tuple[GraphContainer, bool]:
 
 
 def _export_container(src: GraphContainer, approximate: bool, rewrite_attention: bool):
-    """A copy of the eval graph, bound to the same state, with the pre-export FX passes applied."""
+    """A copy of the eval graph, bound to the same state (plus any constants the passes make), with the
+    pre-export FX passes applied."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = copy.deepcopy(src.graph("eval"))
+    out = GraphContainer()
+    for name, child in src._modules.items():
+        out.add_module(name, child)
     applied = []
     if rewrite_attention:
         n = passes.prune_unread_positions(graph)
         if n:
             applied.append(f"positions no output reads left uncomputed ({n} ops narrowed to the selected row)")
-        n = passes.fold_attention_scale(graph)
+        n = passes.fold_attention_scale(graph, out)
         if n:
             applied.append(f"attention scale folded into the query projection ×{n}")
         n = passes.sdpa_to_eager_attention(graph)
@@ -133,9 +137,6 @@ def _export_container(src: GraphContainer, approximate: bool, rewrite_attention:
                 n += 1
         if n:
             applied.append(f"GELU tanh approximation ×{n}")
-    out = GraphContainer()
-    for name, child in src._modules.items():
-        out.add_module(name, child)
     out._set_graph("eval", graph)
     out._set_reference(src._reference_name)
     out.eval()

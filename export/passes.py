@@ -206,12 +206,14 @@ _SCALE_COMMUTING = {_aten.view.default, _aten.reshape.default, _aten._unsafe_vie
                     _aten.clone.default}
 
 
-def fold_attention_scale(graph: fx.Graph) -> int:
+def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
     """Move attention's 1/√d from the scores into the query projection: sdpa(q, …, scale=s) with
-    q = views of linear(x, W, b) becomes sdpa(q', …, scale=1) with q' from linear(x, s·W, s·b). The product
-    s·W is a constant, so ONNX Runtime folds it, and the scores' MatMul needs no scale: a plain MatMul is
-    faster than ONNX Runtime's FusedMatMul with alpha (≈ 30 % on MiniLM's q·kᵀ, 2-core CPU). Equal up to
-    float rounding. Returns the number of attention calls changed."""
+    q = views of linear(x, W, b) becomes sdpa(q', …, scale=1) with q' from linear(x, s·W, s·b), s·W and s·b
+    new constants registered under `root.export_constants` (the originals are untouched: other graphs may use
+    them). The scores' MatMul then needs no scale: a plain MatMul is faster than ONNX Runtime's FusedMatMul
+    with alpha (≈ 30 % on MiniLM's q·kᵀ, 2-core CPU). Equal up to float rounding. Only where W and b are
+    constants (get_attr) and the views between the projection and the attention have no other reader.
+    Returns the number of attention calls changed."""
     n = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _aten.scaled_dot_product_attention.default:
@@ -225,6 +227,9 @@ def fold_attention_scale(graph: fx.Graph) -> int:
         qs = _shape(q)
         if not (isinstance(src, fx.Node) and src.target is _aten.linear.default and len(src.users) == 1) or not qs:
             continue
+        consts = [a for a in src.args[1:3] if a is not None]
+        if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in consts):
+            continue
         scale = kw.get("scale")
         if scale is None:
             if not isinstance(qs[-1], int):
@@ -232,9 +237,17 @@ def fold_attention_scale(graph: fx.Graph) -> int:
             scale = 1.0 / math.sqrt(qs[-1])
         if not isinstance(scale, float):
             continue
-        with graph.inserting_before(src):
-            scaled = [graph.call_function(_aten.mul.Tensor, (a, scale)) if isinstance(a, fx.Node) else a
-                      for a in src.args[1:3]]
+        if "export_constants" not in root._modules:
+            root.add_module("export_constants", torch.nn.Module())
+        holder = root.export_constants
+        scaled = list(src.args[1:3])
+        for i, a in enumerate(scaled):
+            if a is None:
+                continue
+            name = f"scaled_{len(holder._buffers)}"
+            holder.register_buffer(name, _get(root, a.target) * scale)
+            with graph.inserting_before(src):
+                scaled[i] = graph.get_attr(f"export_constants.{name}")
         src.args = (src.args[0], *scaled)
         if len(node.args) > 6:  # scale given by position
             node.args = node.args[:6] + (1.0,) + node.args[7:]
@@ -242,5 +255,15 @@ def fold_attention_scale(graph: fx.Graph) -> int:
             node.kwargs = {**node.kwargs, "scale": 1.0}
         n += 1
     if n:
+        for node in list(graph.nodes):
+            if node.op == "get_attr" and not node.users:
+                graph.erase_node(node)
         graph.lint()
     return n
+
+
+def _get(root: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj.detach()
