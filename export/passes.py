@@ -111,7 +111,7 @@ def _input_demands(node: fx.Node, demand):
         return None
     x = args[0]
     xs = _shape(x)
-    if t in _POINTWISE or (t is _aten.dropout.default and args[2] is False):
+    if t in _POINTWISE or (t is _aten.dropout.default and len(args) > 2 and args[2] is False):
         placed = {}
         for a in node.all_input_nodes:
             s = _shape(a)

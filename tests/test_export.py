@@ -403,3 +403,17 @@ def test_unread_positions_last_token_with_a_per_query_mask(tmp_path):
         assert (tensors(want)[0] - model(*inputs)).abs().max() <= 1e-6
     report = to_onnx(model, example, tmp_path / "m.onnx", verify_inputs=[inputs])
     assert rel(model(*inputs), ort_outputs(report.path, inputs)) <= 1e-4
+
+
+def test_cuda_sessions_keep_tf32_off_unless_asked(monkeypatch):
+    """ONNX Runtime's CUDA EP uses TF32 by default, which breaks fp32 parity with PyTorch (1e-3 vs 1e-4):
+    our sessions turn it off unless asked."""
+    import onnxruntime
+
+    from neat_fx.export import runtime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert runtime.resolve_device("cuda")[1][0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert runtime.resolve_device("auto", tf32=True)[1][0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+    assert runtime.resolve_device("cpu")[1] == ["CPUExecutionProvider"]
