@@ -66,7 +66,7 @@ def main(argv=None):
         with torch.no_grad():
             for b in (1, 32):
                 xc = {k: v.to(dev) for k, v in batch(b).items()}
-                fns[f"PyTorch eager|{b}"] = lambda i, xc=xc: model(**xc)
+                fns[f"PyTorch eager|{b}"] = lambda i, xc=xc, m=model: m(**xc)
             for optimize in ("auto", "exporter"):
                 t = time.perf_counter()
                 rep = to_onnx(model, {k: v.to(dev) for k, v in batch(2).items()}, folder / f"{dtype}-{optimize}.onnx",

@@ -202,8 +202,9 @@ def to_onnx(
 
     module:   a `fold(nm)` result, a NeatModule (folded first), or a plain model (e.g. after merge_into).
     dtype:    "fp32", or "fp16" (float32 inputs/outputs kept; LayerNorm, Softmax and reductions stay float32).
-    optimize: "auto" (exact rewrites + ONNX Runtime graph optimisations saved offline; transformer fusions on
-              CUDA), "fusions" (also attention / skip-LayerNorm / bias-GELU fusions on CPU), "exporter" (only
+    optimize: "auto" (exact FX rewrites — positions no output reads left uncomputed, attention's 1/√d in the
+              query weights, attention as MatMul/Softmax — + ONNX Runtime graph optimisations saved offline;
+              transformer fusions on CUDA), "fusions" (also attention / skip-LayerNorm / bias-GELU fusions on CPU), "exporter" (only
               the exporter's own optimiser) or "none".
     approximate: GELU with the tanh approximation (faster, drift reported).
     quantize: None, or "int8": dynamic int8 quantization of the MatMul weights (ONNX Runtime's

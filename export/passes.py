@@ -147,7 +147,6 @@ def _input_demands(node: fx.Node, demand):
             sizes[dim] = 1
         return placed, {1: sizes}
     if t is _aten.slice.Tensor:
-        d2 = _norm(args[1] if len(args) > 1 else 0, len(xs))
         start = args[2] if len(args) > 2 else None
         end = args[3] if len(args) > 3 else None
         step = args[4] if len(args) > 4 else 1
