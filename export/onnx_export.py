@@ -120,12 +120,13 @@ def _export_container(src: GraphContainer, approximate: bool, rewrite_attention:
         out.add_module(name, child)
     applied = []
     if rewrite_attention:
-        n = passes.prune_unread_positions(graph)
-        if n:
-            applied.append(f"positions no output reads left uncomputed ({n} ops narrowed to the selected row)")
+        # The scale first: it reads the query's head size from shapes that the pruning invalidates.
         n = passes.fold_attention_scale(graph, out)
         if n:
             applied.append(f"attention scale folded into the query projection ×{n}")
+        n = passes.prune_unread_positions(graph)
+        if n:
+            applied.append(f"positions no output reads left uncomputed ({n} ops narrowed to the selected row)")
         n = passes.sdpa_to_eager_attention(graph)
         if n:
             applied.append(f"attention as MatMul/Softmax ×{n} (no per-score NaN guard)")

@@ -97,9 +97,36 @@ def _is_one(size) -> bool:
     return isinstance(size, int) and size == 1
 
 
+def _uses(node: fx.Node, inp: fx.Node) -> int:
+    """How many argument slots of `node` hold `inp`."""
+    n = 0
+
+    def count(a):
+        nonlocal n
+        n += a is inp
+        return a
+
+    fx.node.map_arg((node.args, node.kwargs), count)
+    return n
+
+
 def _input_demands(node: fx.Node, demand):
     """{input: (dim, index)} that `node` places on its inputs when its own output is narrowed to `demand`
-    (None: the whole output is needed), and {arg position: value} of size arguments to rewrite."""
+    (None: the whole output is needed), and {arg position: value} of size arguments to rewrite; None where
+    the op cannot be narrowed. An input narrowed in one slot must not also fill a slot that needs it whole
+    (`sdpa(h, h, h)`: the keys and values need every row)."""
+    got = _raw_input_demands(node, demand)
+    if got is None or demand is None:
+        return got
+    pointwise = node.target in _POINTWISE or node.target is _aten.dropout.default
+    if node.kwargs and not pointwise and node.target is not _aten.scaled_dot_product_attention.default:
+        return None  # sizes or bounds given by keyword: not read here, so not narrowed
+    if not pointwise and any(_uses(node, a) != 1 for a in got[0]):
+        return None
+    return got
+
+
+def _raw_input_demands(node: fx.Node, demand):
     t, args = node.target, node.args
     out = _shape(node)
     if demand is None:
@@ -195,7 +222,9 @@ def prune_unread_positions(graph: fx.Graph) -> int:
             if demand[inp] is None:  # shared with users that need every row: narrow a view of it for this one
                 with graph.inserting_before(node):
                     cut = graph.call_function(_aten.slice.Tensor, (inp, d, i, i + 1 if i != -1 else _BIG))
+                # every slot of `inp` in `node` is a narrowed one (checked in _input_demands)
                 node.replace_input_with(inp, cut)
+        node.meta.pop("val", None)  # its shape changed: no later pass may trust the old one
     graph.lint()
     return len(narrowed)
 
@@ -208,23 +237,26 @@ _SCALE_COMMUTING = {_aten.view.default, _aten.reshape.default, _aten._unsafe_vie
 def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
     """Move attention's 1/√d from the scores into the query projection: sdpa(q, …, scale=s) with
     q = views of linear(x, W, b) becomes sdpa(q', …, scale=1) with q' from linear(x, s·W, s·b), s·W and s·b
-    new constants registered under `root.export_constants` (the originals are untouched: other graphs may use
+    new constants registered on a new child of `root` (the originals are untouched: other graphs may use
     them). The scores' MatMul then needs no scale: a plain MatMul is faster than ONNX Runtime's FusedMatMul
     with alpha (≈ 30 % on MiniLM's q·kᵀ, 2-core CPU). Equal up to float rounding. Only where W and b are
     constants (get_attr) and the views between the projection and the attention have no other reader.
     Returns the number of attention calls changed."""
-    n = 0
+    n, holder, holder_name, replaced = 0, None, None, []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not _aten.scaled_dot_product_attention.default:
             continue
         q = node.args[0]
         kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]), **node.kwargs)
+        if _uses(node, q) != 1:  # q is also the keys or values (sdpa(h, h, h)): scaling it would scale those
+            continue
         src = q
         while isinstance(src, fx.Node) and src.op == "call_function" and src.target in _SCALE_COMMUTING \
                 and len(src.users) == 1:
             src = src.args[0]
         qs = _shape(q)
-        if not (isinstance(src, fx.Node) and src.target is _aten.linear.default and len(src.users) == 1) or not qs:
+        if not (isinstance(src, fx.Node) and src.target is _aten.linear.default and len(src.users) == 1
+                and not src.kwargs) or not qs:
             continue
         consts = [a for a in src.args[1:3] if a is not None]
         if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in consts):
@@ -236,9 +268,11 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
             scale = 1.0 / math.sqrt(qs[-1])
         if not isinstance(scale, float):
             continue
-        if "export_constants" not in root._modules:
-            root.add_module("export_constants", torch.nn.Module())
-        holder = root.export_constants
+        if holder is None:  # a child of our own: never one the caller's model brought under that name
+            holder_name = next(f"export_constants{k or ''}" for k in range(1000) if f"export_constants{k or ''}"
+                               not in root._modules)
+            holder = torch.nn.Module()
+            root.add_module(holder_name, holder)
         scaled = list(src.args[1:3])
         for i, a in enumerate(scaled):
             if a is None:
@@ -246,7 +280,8 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
             name = f"scaled_{len(holder._buffers)}"
             holder.register_buffer(name, _get(root, a.target) * scale)
             with graph.inserting_before(src):
-                scaled[i] = graph.get_attr(f"export_constants.{name}")
+                scaled[i] = graph.get_attr(f"{holder_name}.{name}")
+            replaced.append(a)
         src.args = (src.args[0], *scaled)
         if len(node.args) > 6:  # scale given by position
             node.args = node.args[:6] + (1.0,) + node.args[7:]
@@ -254,8 +289,8 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
             node.kwargs = {**node.kwargs, "scale": 1.0}
         n += 1
     if n:
-        for node in list(graph.nodes):
-            if node.op == "get_attr" and not node.users:
+        for node in dict.fromkeys(replaced):
+            if not node.users:
                 graph.erase_node(node)
         graph.lint()
     return n

@@ -417,3 +417,42 @@ def test_cuda_sessions_keep_tf32_off_unless_asked(monkeypatch):
     assert runtime.resolve_device("cuda")[1][0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
     assert runtime.resolve_device("auto", tf32=True)[1][0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
     assert runtime.resolve_device("cpu")[1] == ["CPUExecutionProvider"]
+
+
+class _SharedAttention(torch.nn.Module):
+    """One tensor in several attention roles: sdpa(h, h, h) or sdpa(q, q, v), then the first position."""
+
+    def __init__(self, shared_qk_only: bool):
+        super().__init__()
+        self.shared_qk_only = shared_qk_only
+        self.lin = torch.nn.Linear(16, 16)
+        self.v = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        h = self.lin(x).view(b, n, 2, 8).transpose(1, 2)
+        v = self.v(x).view(b, n, 2, 8).transpose(1, 2) if self.shared_qk_only else h
+        return torch.nn.functional.scaled_dot_product_attention(h, h, v).transpose(1, 2).reshape(b, n, d)[:, 0]
+
+
+class _SquareOfSelf(torch.nn.Module):
+    def forward(self, a):
+        b = torch.tanh(a)
+        return (b @ b)[0]
+
+
+@pytest.mark.parametrize("case", ["qkv_one_tensor", "q_is_k", "matmul_with_itself"])
+def test_passes_keep_a_tensor_whole_where_another_slot_needs_it(case):
+    """A tensor narrowed for one argument slot must stay whole where the same call also reads it whole (keys,
+    values, the other matmul operand), and 1/√d must not be folded into a projection that is also the keys."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if case == "matmul_with_itself":
+        model, example, inputs = _SquareOfSelf(), (torch.randn(4, 4, generator=g),), (torch.randn(6, 6, generator=g),)
+    else:
+        model = _SharedAttention(shared_qk_only=case == "q_is_k").eval()
+        example, inputs = (torch.randn(2, 6, 16, generator=g),), (torch.randn(3, 5, 16, generator=g),)
+    _, pruned, applied = _pruned(model, example)
+    assert not any("scale folded" in a for a in applied)
+    with torch.no_grad():
+        assert (tensors(call(pruned, inputs))[0] - model(*inputs)).abs().max() <= 1e-6
