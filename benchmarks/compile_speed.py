@@ -71,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--random-init", action="store_true",
                     help="MiniLM-L6's shape with random weights and random tokens (no model package or data needed)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this torch sees no CUDA device (run it on a GPU machine, or leave --device out)")
     torch.set_num_threads(args.threads)
     import neat_fx
 
@@ -140,7 +142,8 @@ def main(argv=None):
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("device", args.device), ("dtype", args.dtype))
                     if v != ap.get_default(k)) + (" --random-init" if args.random_init else "")
     where = (f"{torch.cuda.get_device_name()}, {args.dtype}" if cuda else f"CPU, {args.threads} threads, {args.dtype}")
-    weights = "random weights of MiniLM-L6's shape, random tokens" if args.random_init else "pre-trained MiniLM-L6, SST-2"
+    weights = ("random weights of MiniLM-L6's shape, random tokens" if args.random_init
+               else "pre-trained MiniLM-L6, SST-2")
     lines = ["# torch.compile: backend 'neat' vs eager and PEFT LoRA", "",
              f"`python benchmarks/compile_speed.py --steps {args.steps} --runs {args.runs}{flags}` — torch "
              f"{torch.__version__}, {where}; {weights} + head, q/v r=8, batch 32×64, AdamW; interleaved medians "

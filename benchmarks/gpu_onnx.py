@@ -43,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = ap.parse_args(argv)
     dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        ap.error("this torch sees no CUDA device: run on a GPU machine, or --device cpu for a dry run")
     import onnxruntime as ort
 
     if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels that torch brought

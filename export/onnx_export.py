@@ -205,8 +205,8 @@ def to_onnx(
     dtype:    "fp32", or "fp16" (float32 inputs/outputs kept; LayerNorm, Softmax and reductions stay float32).
     optimize: "auto" (exact FX rewrites — positions no output reads left uncomputed, attention's 1/√d in the
               query weights, attention as MatMul/Softmax — + ONNX Runtime graph optimisations saved offline;
-              transformer fusions on CUDA), "fusions" (also attention / skip-LayerNorm / bias-GELU fusions on CPU), "exporter" (only
-              the exporter's own optimiser) or "none".
+              transformer fusions on CUDA), "fusions" (also attention / skip-LayerNorm / bias-GELU fusions on
+              CPU), "exporter" (only the exporter's own optimiser) or "none".
     approximate: GELU with the tanh approximation (faster, drift reported).
     quantize: None, or "int8": dynamic int8 quantization of the MatMul weights (ONNX Runtime's
               quantize_dynamic, per channel; CPU) — ≈ 2× faster on this project's CPU; the drift is reported

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import fx
 
+from neat_fx.capture import resolve_attr
+
 
 def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """`scaled_dot_product_attention` written as MatMul/Softmax/MatMul, with the same results.
@@ -60,7 +62,6 @@ def sdpa_to_eager_attention(graph: fx.Graph) -> int:
     return n
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Unread positions: a classifier that reads one position of the last hidden state (BERT's [CLS], a decoder's last
 # token) makes the whole last block run on every position, although only one row of its output is read. The pass
@@ -95,6 +96,12 @@ def _norm(dim, rank):
 
 def _is_one(size) -> bool:
     return isinstance(size, int) and size == 1
+
+
+def _sdpa_options(node: fx.Node) -> dict:
+    """scaled_dot_product_attention's arguments after q, k, v by name, however they were passed."""
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    return dict(zip(names, node.args[3:]), **node.kwargs)
 
 
 def _uses(node: fx.Node, inp: fx.Node) -> int:
@@ -180,7 +187,7 @@ def _raw_input_demands(node: fx.Node, demand):
         whole = start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= _BIG))
         return ({x: (dim, index)}, {}) if whole else None
     if t is _aten.scaled_dot_product_attention.default:
-        kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), args[3:]), **node.kwargs)
+        kw = _sdpa_options(node)
         if dim != len(out) - 2 or kw.get("is_causal") or kw.get("dropout_p", 0.0):
             return None
         placed = {x: (len(xs) - 2, index)}
@@ -247,7 +254,7 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
         if node.op != "call_function" or node.target is not _aten.scaled_dot_product_attention.default:
             continue
         q = node.args[0]
-        kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]), **node.kwargs)
+        kw = _sdpa_options(node)
         if _uses(node, q) != 1:  # q is also the keys or values (sdpa(h, h, h)): scaling it would scale those
             continue
         src = q
@@ -269,8 +276,9 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
         if not isinstance(scale, float):
             continue
         if holder is None:  # a child of our own: never one the caller's model brought under that name
-            holder_name = next(f"export_constants{k or ''}" for k in range(1000) if f"export_constants{k or ''}"
-                               not in root._modules)
+            holder_name = "export_constants"
+            while holder_name in root._modules:
+                holder_name += "_"
             holder = torch.nn.Module()
             root.add_module(holder_name, holder)
         scaled = list(src.args[1:3])
@@ -278,7 +286,7 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
             if a is None:
                 continue
             name = f"scaled_{len(holder._buffers)}"
-            holder.register_buffer(name, _get(root, a.target) * scale)
+            holder.register_buffer(name, resolve_attr(root, a.target).detach() * scale)
             with graph.inserting_before(src):
                 scaled[i] = graph.get_attr(f"{holder_name}.{name}")
             replaced.append(a)
@@ -295,9 +303,3 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
         graph.lint()
     return n
 
-
-def _get(root: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach()

@@ -23,6 +23,8 @@ def resolve_device(device: str, tf32: bool = False) -> tuple[str, list]:
     """(device, providers) for "cpu", "cuda" or "auto". On CUDA, TF32 matrix products stay off unless asked
     (ONNX Runtime turns them on by default; they round fp32 products to 10 bits of mantissa, as PyTorch's
     default does not, so fp32 parity with PyTorch would fail)."""
+    if not isinstance(tf32, bool):
+        raise TypeError(f"tf32 must be True or False, got {tf32!r}")
     ort = _ort()
     available = ort.get_available_providers()
     if device == "auto":

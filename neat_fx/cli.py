@@ -106,8 +106,9 @@ def main(argv=None) -> int:
     ex.add_argument("--fp16", action="store_true", help="fp16 weights and math, float32 inputs and outputs")
     ex.add_argument("--optimize", default="auto", choices=("auto", "fusions", "exporter", "none"),
                     help="auto: exact rewrites (unread positions skipped, attention scale in the query weights, "
-                         "attention as MatMul/Softmax) + ONNX Runtime optimisations saved offline (default); fusions: also "
-                         "attention/skip-LayerNorm/bias-GELU fusions; exporter: the exporter's optimiser only; none")
+                         "attention as MatMul/Softmax) + ONNX Runtime optimisations saved offline (default); "
+                         "fusions: also attention/skip-LayerNorm/bias-GELU fusions; exporter: the exporter's "
+                         "optimiser only; none")
     ex.add_argument("--approximate", action="store_true", help="GELU tanh approximation (faster; drift reported)")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where ONNX Runtime verifies the model")
     ex.add_argument("--num-labels", type=int, help="classification labels (default: from the saved head)")

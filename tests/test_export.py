@@ -417,6 +417,8 @@ def test_cuda_sessions_keep_tf32_off_unless_asked(monkeypatch):
     assert runtime.resolve_device("cuda")[1][0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
     assert runtime.resolve_device("auto", tf32=True)[1][0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
     assert runtime.resolve_device("cpu")[1] == ["CPUExecutionProvider"]
+    with pytest.raises(TypeError, match="tf32 must be True or False"):
+        runtime.resolve_device("cuda", tf32="yes")
 
 
 class _SharedAttention(torch.nn.Module):
