@@ -77,9 +77,12 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path(".ortgpu"))
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-                    a.python, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "-d", str(tmp),
-                    f"onnxruntime-gpu=={a.version}"], check=True)
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                          "--python-version", a.python, "--implementation", "cp", "--platform",
+                          "manylinux_2_28_x86_64", "-d", str(tmp), f"onnxruntime-gpu=={a.version}"])
+    if got.returncode:
+        sys.exit(f"pip could not download onnxruntime-gpu=={a.version} for Python {a.python} (manylinux_2_28 "
+                 "x86_64): check --version / --python against the package index")
     wheel = next(tmp.glob("onnxruntime_gpu-*.whl"))
     buf = io.BytesIO()
     with zipfile.ZipFile(wheel) as z, tarfile.open(fileobj=buf, mode="w") as tar:
