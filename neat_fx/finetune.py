@@ -229,6 +229,7 @@ def run(args) -> int:
     train_s = time.perf_counter() - t0
     if world > 1:
         seen *= world
+        run_module = None  # DDP holds the process group: release it so destroy_process_group tears gloo down now
         dist.barrier()
         if rank != 0:
             dist.destroy_process_group()
