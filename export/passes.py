@@ -246,8 +246,9 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
     q = views of linear(x, W, b) becomes sdpa(q', …, scale=1) with q' from linear(x, s·W, s·b), s·W and s·b
     new constants registered on a new child of `root` (the originals are untouched: other graphs may use
     them). The scores' MatMul then needs no scale (ONNX Runtime's FusedMatMul with alpha looked costlier in
-    MiniLM's CPU profile; an end-to-end A/B showed no effect beyond noise). Equal up to float rounding. Only where W and b are
-    constants (get_attr) and the views between the projection and the attention have no other reader.
+    MiniLM's CPU profile; an end-to-end A/B showed no effect beyond noise). Equal up to float rounding. Only
+    where W and b are constants (get_attr) and the views between the projection and the attention have no
+    other reader.
     Returns the number of attention calls changed."""
     n, holder, holder_name, replaced = 0, None, None, []
     for node in list(graph.nodes):

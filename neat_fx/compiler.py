@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import operator
-import weakref
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 

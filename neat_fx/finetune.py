@@ -301,4 +301,3 @@ def run(args) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
-
