@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import neat_fx
-from neat_fx.finetune import DEFAULT_DATA, batches, read_tsv  # noqa: F401  (re-exported for the scripts)
+from neat_fx.finetune import DEFAULT_DATA, batches, read_tsv, warmup_linear_schedule  # noqa: F401  (re-exported for the scripts)
 
 METHODS = ("neat", "lora", "peanut", "full", "head")
 METHOD_LABELS = {
@@ -107,8 +107,7 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 def make_optimizer(module: torch.nn.Module, lr: float, steps: int):
     """AdamW (torch defaults, weight decay 0.01) with 6 % linear warm-up and linear decay, as the main job."""
     opt = torch.optim.AdamW(trainable_parameters(module), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1.0, 0.06 * steps)) * max(0.0, (steps - s) / steps))
+    sched = warmup_linear_schedule(opt, steps)
     return opt, sched
 
 

@@ -97,6 +97,14 @@ def median_latency(module, inputs, runs=15):
     return statistics.median(times) * 1e3
 
 
+def warmup_linear_schedule(optimizer, total_steps: int, warmup: float = 0.06):
+    """Linear warm-up over the first `warmup` fraction of `total_steps`, then linear decay to zero: the
+    schedule of the main job and of the SST-2 benchmarks (one home, so they train alike)."""
+    warm = max(1.0, warmup * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total_steps - s) / total_steps))
+
+
 def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--model", type=Path, help="Hugging Face model folder (default: the MiniLM package)")
     ap.add_argument("--data", type=Path, help=f"folder with train.tsv / test.tsv (default: {DEFAULT_DATA})")
@@ -175,7 +183,7 @@ def run(args) -> int:
 
         run_module = DistributedDataParallel(nm)
         say(f"DDP over {world} processes: global batch {world} × {args.batch_size}")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.06 * steps)) * max(0.0, (steps - s) / steps))
+    sched = warmup_linear_schedule(opt, steps)
     adapters_dir, checkpoint_dir = args.out / "adapters", args.out / "checkpoint"
     start = 0
     if args.resume:
