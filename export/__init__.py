@@ -6,7 +6,8 @@
 
 Needs the extra `onnx` (CPU) or `gpu` (CUDA). Importing neat_fx never imports this package.
 """
+from .config import ExportConfig
 from .onnx_export import ExportError, ExportReport, to_onnx
-from .runtime import BoundRunner, feed_for, session
+from .runtime import BoundRunner, session
 
-__all__ = ["ExportError", "ExportReport", "to_onnx", "session", "feed_for", "BoundRunner"]
+__all__ = ["BoundRunner", "ExportConfig", "ExportError", "ExportReport", "session", "to_onnx"]

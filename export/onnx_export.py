@@ -6,7 +6,6 @@ import copy
 import inspect
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,16 +15,16 @@ import torch
 from torch import nn
 
 from neat_fx import capture as cap
+from neat_fx.atomic import Staging
+from neat_fx.containers import GraphContainer, NeatModule
 from neat_fx.errors import NeatError
-from neat_fx.graph_module import GraphContainer
-from neat_fx.neat_module import NeatModule
+from neat_fx.numerics import compare, flat_tensors
 
 from . import passes, runtime, verify as ver
+from .config import ExportConfig
 
 log = logging.getLogger("neat_fx.export")
 
-DTYPES = ("fp32", "fp16")
-OPTIMIZE = ("auto", "fusions", "exporter", "none")
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # int8 changes the numbers by design (a fine-tuned MiniLM: up to 0.2 of the logit scale, 98.7 % of argmax kept,
 # same SST-2 accuracy): the check only catches a broken model; judge int8 by task accuracy.
@@ -98,6 +97,7 @@ def _onnx_modules():
 
 
 def _as_graph(module: nn.Module, args, kwargs) -> tuple[GraphContainer, bool]:
+    """The module as a container of captured graphs without adapters, and whether it had to be folded."""
     from neat_fx.fold import fold
     from neat_fx.transform import capture_plain
 
@@ -109,50 +109,21 @@ def _as_graph(module: nn.Module, args, kwargs) -> tuple[GraphContainer, bool]:
     return capture_plain(module, (args, kwargs), modes=("eval",)), False
 
 
-def _export_container(src: GraphContainer, approximate: bool, rewrite_attention: bool):
-    """A copy of the eval graph, bound to the same state (plus any constants the passes make), with the
-    pre-export FX passes applied."""
+def _export_container(src: GraphContainer, opts: ExportConfig):
+    """A copy of `src`'s eval graph, bound to the same state, with the pre-export FX passes applied (their
+    constants live on the copy's GraphModule). Returns (container, what the passes that changed it did)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = copy.deepcopy(src.graph("eval"))
     out = GraphContainer()
     for name, child in src._modules.items():
         out.add_module(name, child)
-    applied = []
-    if rewrite_attention:
-        # The scale first: it reads the query's head size from shapes that the pruning invalidates.
-        n = passes.fold_attention_scale(graph, out)
-        if n:
-            applied.append(f"attention scale folded into the query projection ×{n}")
-        n = passes.prune_unread_positions(graph)
-        if n:
-            applied.append(f"positions no output reads left uncomputed ({n} ops narrowed to the selected row)")
-        n = passes.sdpa_to_eager_attention(graph)
-        if n:
-            applied.append(f"attention as MatMul/Softmax ×{n} (no per-score NaN guard)")
-    if approximate:
-        n = 0
-        for node in graph.nodes:
-            if node.op == "call_function" and node.target is torch.ops.aten.gelu.default:
-                node.kwargs = {**node.kwargs, "approximate": "tanh"}
-                n += 1
-        if n:
-            applied.append(f"GELU tanh approximation ×{n}")
-    out._set_graph("eval", graph)
+    gm = out._set_graph("eval", graph)
+    pm = passes.export_pass_manager(rewrite_attention=opts.rewrites_attention, approximate=opts.approximate)
+    pm(gm)
     out._set_reference(src._reference_name)
     out.eval()
-    return out, applied
-
-
-def _dynamic_shapes(gm, bound: dict):
-    from torch.export import Dim
-
-    def spec(x):
-        if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())} or None
-        return None
-
-    return {k: torch.utils._pytree.tree_map(spec, v) for k, v in bound.items()}
+    return out, passes.applied(pm)
 
 
 def _proto_bytes(proto) -> int:
@@ -173,12 +144,6 @@ def _count_ops(model_proto) -> dict[str, int]:
     from collections import Counter
 
     return dict(Counter(n.op_type for n in model_proto.graph.node))
-
-
-def _tmp_path(path: Path, suffix: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def to_onnx(
@@ -220,12 +185,10 @@ def to_onnx(
               nothing is written at `path`.
     """
     t_start = time.perf_counter()
+    opts = ExportConfig(dtype=dtype, optimize=optimize, dynamic=dynamic, opset=opset, verify=verify, device=device,
+                        approximate=approximate, verify_inputs=verify_inputs, quantize=quantize, via=via,
+                        optimum_level=optimum_level, task=task)
     _onnx_modules()
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if optimize not in OPTIMIZE:
-        raise ValueError(f"optimize must be one of {OPTIMIZE}, got {optimize!r}")
     if not isinstance(module, nn.Module):
         raise TypeError(f"to_onnx exports an nn.Module, got {type(module).__name__}")
     path = Path(path)
@@ -234,145 +197,154 @@ def to_onnx(
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; pass a file path such as {path / 'model.onnx'}")
     device, _ = runtime.resolve_device(device) if verify or device != "cpu" else ("cpu", None)
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    if quantize and dtype != "fp32":
-        raise ValueError("quantize='int8' applies to fp32 models; leave dtype='fp32'")
-    if via not in ("neat_fx", "optimum"):
-        raise ValueError(f"via must be 'neat_fx' or 'optimum', got {via!r}")
     if via == "optimum":
-        return _via_optimum(module, example_inputs, path, dtype=dtype, opset=opset, verify=verify, device=device,
-                            level=optimum_level, task=task, verify_inputs=verify_inputs, t_start=t_start)
-
+        return _via_optimum(module, example_inputs, path, opts, device, t_start)
     args, kwargs = cap.split_example_inputs(example_inputs)
-    was_training = module.training
-    module.eval()
-    try:
-        return _to_onnx(module, args, kwargs, path, dtype=dtype, optimize=optimize, dynamic=dynamic, opset=opset,
-                        verify=verify, device=device, approximate=approximate, quantize=quantize,
-                        verify_inputs=verify_inputs, t_start=t_start)
-    finally:
-        module.train(was_training)
+    with cap.train_mode(module, False):
+        return _to_onnx(module, args, kwargs, path, opts, device, t_start)
 
 
-def _to_onnx(module, args, kwargs, path: Path, *, dtype, optimize, dynamic, opset, verify, device, approximate,
-             quantize, verify_inputs, t_start) -> ExportReport:
+def _to_onnx(module, args, kwargs, path: Path, opts: ExportConfig, device: str, t_start: float) -> ExportReport:
     import onnx
 
-    if True:
-        container, folded_first = _as_graph(module, args, kwargs)
-        container.eval()
-        exp, applied = _export_container(container, approximate, rewrite_attention=optimize in ("auto", "fusions"))
-        gm = exp.graph_module("eval")
-        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        inputs = {k: v for k, v in bound.arguments.items()}
-        with torch.no_grad():
-            reference_out = module(*args, **kwargs)
-        names = ver.output_names(reference_out)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            try:
-                program = torch.onnx.export(
-                    gm, (), None, kwargs=inputs, dynamo=True, optimize=optimize != "none", opset_version=opset,
-                    dynamic_shapes=(_dynamic_shapes(gm, inputs) if dynamic is True else (dynamic or None)),
-                    output_names=names,
-                    verbose=False,
-                )
-            except Exception as exc:
-                raise ExportError(
-                    f"torch.onnx could not export {type(module).__name__}:\n    {cap._first_lines(exc)}{cap._user_frame(exc)}\n"
-                    f"The usual causes: an op without an ONNX translation (pass a custom translation via "
-                    f"torch.onnx.export directly) or data-dependent control flow."
-                ) from exc
-
+    with torch.no_grad():
+        reference_out = module(*args, **kwargs)
+    program, folded_first, optimizations = _torch_export(module, args, kwargs, opts, reference_out)
     _name_axes(program)
-    second = _probe_second_batch(program, module, args, kwargs) if verify and verify_inputs is None else None
-    optimizations = list(applied)
-    if optimize != "none":
-        optimizations.append("exporter optimiser (constant folding, dead code)")
+    second = _probe_second_batch(program, module, args, kwargs) if opts.verify and opts.verify_inputs is None else None
+    proto, fusions = _optimized_proto(program, opts, device)
+    optimizations += fusions
+    meta = _metadata(opts)
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    external = _proto_bytes(proto) > EXTERNAL_DATA_ABOVE
+    if external and opts.quantize:
+        raise ExportError("quantize='int8' of a model over 2 GB is not supported here; export fp32 or fp16")
+
+    tol = INT8_TOLERANCE if opts.quantize else TOLERANCE[opts.dtype] * (10 if opts.approximate else 1)
+    final_data = path.with_name(path.name + ".data")
+    with Staging() as st:
+        tmp = st.path(path, ".onnx")
+        tmp_data = tmp.with_name(tmp.name + ".data")
+        if external:
+            st.add(tmp_data, final_data)
+        _save(onnx, proto, tmp, tmp_data, external)
+        optimizations += _post_process(onnx, tmp, tmp_data, external, opts, device, meta)
+        parity = []
+        if opts.verify:
+            parity = _verify(tmp, device, module, args, kwargs, reference_out, opts.verify_inputs, second, tol)
+        if external:
+            _relocate_external(onnx, tmp, final_data.name)
+        st.commit()
+    return _report(onnx, path, final_data, external, opts, device, optimizations, parity, tol, proto, folded_first,
+                   t_start)
+
+
+def _torch_export(module, args, kwargs, opts: ExportConfig, reference_out):
+    """The module's eval graph, with the FX passes applied, exported by torch.onnx's dynamo exporter.
+    Returns (ONNX program, whether the module was folded first, what was done)."""
+    container, folded_first = _as_graph(module, args, kwargs)
+    container.eval()
+    exp, applied = _export_container(container, opts)
+    gm = exp.graph_module("eval")
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    inputs = dict(bound.arguments)
+    dynamic_shapes = cap.auto_dynamic_shapes(gm.forward, (), inputs) if opts.dynamic is True else (opts.dynamic or None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                gm, (), None, kwargs=inputs, dynamo=True, optimize=opts.optimize != "none", opset_version=opts.opset,
+                dynamic_shapes=dynamic_shapes, output_names=ver.output_names(reference_out), verbose=False,
+            )
+        except Exception as exc:
+            raise ExportError(
+                f"torch.onnx could not export {type(module).__name__}:\n    {cap.first_lines(exc)}{cap.user_frame(exc)}\n"
+                f"The usual causes: an op without an ONNX translation (pass a custom translation via "
+                f"torch.onnx.export directly) or data-dependent control flow."
+            ) from exc
+    done = list(applied)
+    if opts.optimize != "none":
+        done.append("exporter optimiser (constant folding, dead code)")
+    return program, folded_first, done
+
+
+def _optimized_proto(program, opts: ExportConfig, device: str):
+    """The ONNX model as a protobuf, with onnxscript's transformer fusions (where asked for) and in fp16 (where
+    asked for). Returns (proto, what was done)."""
+    import onnx_ir as ir
+
+    done = []
     model_ir = program.model
-    fused_by_rewriter = {}
-    if optimize == "fusions" or (optimize == "auto" and device == "cuda"):
+    if opts.optimize == "fusions" or (opts.optimize == "auto" and device == "cuda"):
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         result = optimize_for_ort(model_ir)
         model_ir, counts = result if isinstance(result, tuple) else (model_ir, {})
-        fused_by_rewriter = {k: v for k, v in counts.items() if v}
-        optimizations.append("transformer fusions (onnxscript ort_fusions: "
-                             + ", ".join(f"{k} ×{v}" for k, v in sorted(fused_by_rewriter.items())) + ")")
-
-    import onnx_ir as ir
-
+        fused = {k: v for k, v in counts.items() if v}
+        done.append("transformer fusions (onnxscript ort_fusions: "
+                    + ", ".join(f"{k} ×{v}" for k, v in sorted(fused.items())) + ")")
     proto = ir.serde.serialize_model(model_ir)
-    if dtype == "fp16":
+    if opts.dtype == "fp16":
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
         proto = convert_float_to_float16(proto, keep_io_types=True,
                                          op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32))
-        optimizations.append("fp16 weights and math (float32 inputs/outputs; norms, softmax, reductions in float32)")
-    disabled = {"cpu": CPU_DISABLED_OPTIMIZERS if optimize == "auto" else (), "cuda": ()}
-    meta = {
-        "neat_fx.export.dtype": dtype,
-        "neat_fx.export.optimize": optimize,
+        done.append("fp16 weights and math (float32 inputs/outputs; norms, softmax, reductions in float32)")
+    return proto, done
+
+
+def _disabled_optimizers(opts: ExportConfig) -> dict[str, tuple[str, ...]]:
+    return {"cpu": CPU_DISABLED_OPTIMIZERS if opts.optimize == "auto" else (), "cuda": ()}
+
+
+def _metadata(opts: ExportConfig) -> dict[str, str]:
+    """What the file records for the sessions that will run it (runtime.session reads it back)."""
+    disabled = _disabled_optimizers(opts)
+    return {
+        "neat_fx.export.dtype": opts.dtype,
+        "neat_fx.export.optimize": opts.optimize,
         runtime.META_DISABLED + ".cpu": ",".join(disabled["cpu"]),
         runtime.META_DISABLED + ".cuda": ",".join(disabled["cuda"]),
     }
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
-    external = _proto_bytes(proto) > EXTERNAL_DATA_ABOVE
-    if external and quantize:
-        raise ExportError("quantize='int8' of a model over 2 GB is not supported here; export fp32 or fp16")
 
-    tmp = _tmp_path(path, ".onnx")
-    tmp_data = tmp.with_name(tmp.name + ".data")
-    final_data = path.with_name(path.name + ".data")
-    try:
-        _save(onnx, proto, tmp, tmp_data, external)
-        if optimize in ("auto", "fusions") and not external:
-            _ort_offline(tmp, device, list(disabled[device]))
-            optimizations.append(f"ONNX Runtime graph optimisations saved offline ({device}, level EXTENDED)")
-            proto = _with_metadata(onnx, tmp, meta)
-            _save(onnx, proto, tmp, tmp_data, external)
-        if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            q_tmp = tmp.with_name(tmp.name + ".q.onnx")
-            try:
-                quantize_dynamic(str(tmp), str(q_tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                                 per_channel=True)  # per output channel: 3× less drift than per tensor
-                os.replace(q_tmp, tmp)
-            finally:
-                if q_tmp.exists():
-                    q_tmp.unlink()
-            proto = _with_metadata(onnx, tmp, meta)
-            _save(onnx, proto, tmp, tmp_data, external)
-            optimizations.append("dynamic int8 quantization of MatMul weights")
-        parity = []
-        tol = INT8_TOLERANCE if quantize else TOLERANCE[dtype] * (10 if approximate else 1)
-        if verify:
-            parity = _verify(tmp, device, module, args, kwargs, reference_out, verify_inputs, second, tol)
-        if external:
-            _relocate_external(onnx, tmp, final_data.name)
-            os.replace(tmp_data, final_data)
-        os.replace(tmp, path)
-    except BaseException:
-        for t in (tmp, tmp_data):
-            if t.exists():
-                t.unlink()
-        raise
+def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportConfig, device: str, meta: dict):
+    """ONNX Runtime's offline graph optimisations and int8 quantization, applied to the temporary file in place.
+    Returns what was done."""
+    done = []
+    if opts.optimize in ("auto", "fusions") and not external:
+        _ort_offline(tmp, device, list(_disabled_optimizers(opts)[device]))
+        done.append(f"ONNX Runtime graph optimisations saved offline ({device}, level EXTENDED)")
+        _save(onnx, _with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
+    if opts.quantize == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with Staging() as st:
+            q_tmp = st.path(tmp, ".q.onnx")
+            quantize_dynamic(str(tmp), str(q_tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             per_channel=True)  # per output channel: 3× less drift than per tensor
+            os.replace(q_tmp, tmp)
+        _save(onnx, _with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
+        done.append("dynamic int8 quantization of MatMul weights")
+    return done
+
+
+def _report(onnx, path, final_data, external, opts, device, optimizations, parity, tol, proto, folded_first,
+            t_start) -> ExportReport:
     model_counts = _count_ops(onnx.load(str(path), load_external_data=False))
-    fused = {k: v for k, v in model_counts.items() if k in FUSED_OPS}
     notes = []
-    if approximate:
+    if opts.approximate:
         notes.append("approximate GELU: verified with a 10× looser tolerance; the drift is the parity above")
-    if quantize:
+    if opts.quantize:
         notes.append("int8: verified only against gross errors (0.5 of each output's scale); the drift is the parity "
                      "above — judge int8 by task accuracy")
     return ExportReport(
-        path=path, size_bytes=path.stat().st_size + (final_data.stat().st_size if external else 0), dtype=dtype,
-        device=device, opset=opset, optimizations=optimizations, fused_ops=fused, op_counts=model_counts,
+        path=path, size_bytes=path.stat().st_size + (final_data.stat().st_size if external else 0),
+        dtype=opts.dtype, device=device, opset=opts.opset, optimizations=optimizations,
+        fused_ops={k: v for k, v in model_counts.items() if k in FUSED_OPS}, op_counts=model_counts,
         parity=parity, tolerance=tol, input_names=[i.name for i in proto.graph.input],
         output_names=[o.name for o in proto.graph.output], folded_first=folded_first, external_data=external,
         seconds=time.perf_counter() - t_start, notes=notes,
@@ -482,9 +454,10 @@ def _verify(tmp, device, module, args, kwargs, reference_out, verify_inputs, sec
                     "can vary (e.g. the batch), or dynamic=False." if n_batch else "")
             raise ExportError(
                 f"ONNX Runtime ({device}) fails on inputs of shapes {shapes}, which the PyTorch module accepts:\n"
-                f"    {cap._first_lines(exc, 2)}\n{hint} Nothing was written."
+                f"    {cap.first_lines(exc, 2)}\n{hint} Nothing was written."
             ) from exc
-        result = ver.compare(ver.flat_tensors(ref), got)
+        result = compare(flat_tensors(ref), list(got))
+        result.pop("ok")
         result["shapes"] = shapes
         parity.append(result)
         if not result["max_rel"] <= tol:
@@ -571,8 +544,7 @@ def _resized_if_accepted(module, args, kwargs, axes):
     return a, k
 
 
-def _via_optimum(module, example_inputs, path: Path, *, dtype, opset, verify, device, level, task, verify_inputs,
-                 t_start) -> ExportReport:
+def _via_optimum(module, example_inputs, path: Path, opts: ExportConfig, device: str, t_start: float) -> ExportReport:
     import onnx
 
     from . import optimum_route
@@ -580,32 +552,24 @@ def _via_optimum(module, example_inputs, path: Path, *, dtype, opset, verify, de
     ok, why = optimum_route.available()
     if not ok:
         raise ExportError(why)
-    if dtype != "fp32":
+    if opts.dtype != "fp32":
         raise ExportError("via='optimum' exports fp32 here; use via='neat_fx' for fp16")
     args, kwargs = cap.split_example_inputs(example_inputs)
-    was_training = module.training
-    module.eval()
-    tmp = _tmp_path(path, ".onnx")
-    try:
+    with cap.train_mode(module, False), Staging() as st:
+        tmp = st.path(path, ".onnx")
         with torch.no_grad():
             reference_out = module(*args, **kwargs)
-        done = optimum_route.export(module, tmp, opset=opset, level=level, task=task)
+        done = optimum_route.export(module, tmp, opset=opts.opset, level=opts.optimum_level, task=opts.task)
         proto = onnx.load(str(tmp))
         parity = []
-        if verify:
-            second = _simple_second_batch(module, args, kwargs) if verify_inputs is None else None
-            parity = _verify(tmp, device, module, args, kwargs, reference_out, verify_inputs, second,
+        if opts.verify:
+            second = _simple_second_batch(module, args, kwargs) if opts.verify_inputs is None else None
+            parity = _verify(tmp, device, module, args, kwargs, reference_out, opts.verify_inputs, second,
                              TOLERANCE["fp32"])
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    finally:
-        module.train(was_training)
+        st.commit()
     counts = _count_ops(onnx.load(str(path), load_external_data=False))
     return ExportReport(
-        path=path, size_bytes=path.stat().st_size, dtype="fp32", device=device, opset=opset, optimizations=done,
+        path=path, size_bytes=path.stat().st_size, dtype="fp32", device=device, opset=opts.opset, optimizations=done,
         fused_ops={k: v for k, v in counts.items() if k in FUSED_OPS}, op_counts=counts, parity=parity,
         tolerance=TOLERANCE["fp32"], input_names=[i.name for i in proto.graph.input],
         output_names=[o.name for o in proto.graph.output], seconds=time.perf_counter() - t_start,

@@ -1,12 +1,20 @@
-"""FX passes run on a copy of the folded graph before ONNX export."""
+"""FX passes run on a copy of the folded eval graph before ONNX export (docs/design.md, "The export passes").
+
+Each rewrite is a function on an fx.Graph (returning how many places it changed) wrapped in a `PassBase`
+subclass; `export_pass_manager` runs the chosen ones through torch.fx's `PassManager`, ordered by the
+constraints below, and the export report lists the passes whose `PassResult` says they changed the graph.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_manager import PassManager
 
 from neat_fx.capture import resolve_attr
+from neat_fx.ops import lookup, right_activation
 
 
 def eager_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -78,7 +86,8 @@ _POINTWISE = {
 }
 _VIEWS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default}
 _BIG = 2 ** 62
-_WORK = {_aten.linear.default, _aten.matmul.default, _aten.scaled_dot_product_attention.default}  # worth narrowing
+_WORK = {_aten.linear.default, _aten.matmul.default, _aten.mm.default,
+         _aten.scaled_dot_product_attention.default}  # worth narrowing
 
 
 def _shape(node):
@@ -157,7 +166,10 @@ def _raw_input_demands(node: fx.Node, demand):
         return placed, {}
     if xs is None:
         return None
-    if t is _aten.linear.default or (t is _aten.matmul.default and len(_shape(args[1]) or ()) == 2):
+    xi = right_activation(node, lambda a: len(_shape(a) or ()) or None)
+    if xi is not None and t is not _aten.addmm.default:  # (addmm's activation is 2-D: no leading dims to narrow)
+        if args[xi] is not x:
+            return None
         return ({x: (dim, index)}, {}) if dim < len(xs) - 1 else None
     if t is _aten.layer_norm.default:
         return ({x: (dim, index)}, {}) if dim < len(xs) - len(args[1]) else None
@@ -241,6 +253,25 @@ _SCALE_COMMUTING = {_aten.view.default, _aten.reshape.default, _aten._unsafe_vie
                     _aten.clone.default}
 
 
+def _scaled_operands(node: fx.Node) -> list[int] | None:
+    """Argument positions of the constant weight (and bias) of a linear-like op whose output is x·W (+ b), so
+    that scaling them scales the output; None if the op is not one or they are not constants (get_attr)."""
+    entry = lookup(node)
+    if entry is None or entry.einsum:
+        return None
+    slot = next((s for s in entry.slots if s.form == "right" and len(node.args) > max(s.weight, s.x)), None)
+    if slot is None:
+        return None
+    positions = [slot.weight]
+    if entry.bias is not None and len(node.args) > entry.bias and node.args[entry.bias] is not None:
+        positions.append(entry.bias)
+    if not all(isinstance(node.args[i], fx.Node) and node.args[i].op == "get_attr" for i in positions):
+        return None
+    if entry.kind == "addmm" and len(node.args) > 3:
+        return None  # beta / alpha given: the bias is not simply added
+    return positions
+
+
 def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
     """Move attention's 1/√d from the scores into the query projection: sdpa(q, …, scale=s) with
     q = views of linear(x, W, b) becomes sdpa(q', …, scale=1) with q' from linear(x, s·W, s·b), s·W and s·b
@@ -263,11 +294,10 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
                 and len(src.users) == 1:
             src = src.args[0]
         qs = _shape(q)
-        if not (isinstance(src, fx.Node) and src.target is _aten.linear.default and len(src.users) == 1
-                and not src.kwargs) or not qs:
+        if not (isinstance(src, fx.Node) and len(src.users) == 1 and not src.kwargs) or not qs:
             continue
-        consts = [a for a in src.args[1:3] if a is not None]
-        if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in consts):
+        positions = _scaled_operands(src)  # the projection's weight and bias, by the op table
+        if positions is None:
             continue
         scale = kw.get("scale")
         if scale is None:
@@ -282,16 +312,15 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
                 holder_name += "_"
             holder = torch.nn.Module()
             root.add_module(holder_name, holder)
-        scaled = list(src.args[1:3])
-        for i, a in enumerate(scaled):
-            if a is None:
-                continue
+        args = list(src.args)
+        for i in positions:
+            a = args[i]
             name = f"scaled_{len(holder._buffers)}"
             holder.register_buffer(name, resolve_attr(root, a.target).detach() * scale)
             with graph.inserting_before(src):
-                scaled[i] = graph.get_attr(f"{holder_name}.{name}")
+                args[i] = graph.get_attr(f"{holder_name}.{name}")
             replaced.append(a)
-        src.args = (src.args[0], *scaled)
+        src.args = tuple(args)
         if len(node.args) > 6:  # scale given by position
             node.args = node.args[:6] + (1.0,) + node.args[7:]
         else:
@@ -304,3 +333,104 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
         graph.lint()
     return n
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The passes, as torch.fx passes.
+
+def approximate_gelu(graph: fx.Graph) -> int:
+    """GELU with the tanh approximation (faster in ONNX Runtime; the drift is reported by verification)."""
+    n = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is _aten.gelu.default:
+            node.kwargs = {**node.kwargs, "approximate": "tanh"}
+            n += 1
+    return n
+
+
+class ExportPass(PassBase):
+    """A rewrite of the export copy of the eval graph. After a run, `count` is how many places it changed and
+    `result` its PassResult; `describe()` says what it did, for the export report."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.result: PassResult | None = None
+
+    def rewrite(self, gm: fx.GraphModule) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        self.count = self.rewrite(graph_module)
+        self.result = PassResult(graph_module, self.count > 0)
+        return self.result
+
+
+class FoldAttentionScale(ExportPass):
+    def rewrite(self, gm):
+        return fold_attention_scale(gm.graph, gm)
+
+    def describe(self):
+        return f"attention scale folded into the query projection ×{self.count}"
+
+
+class PruneUnreadPositions(ExportPass):
+    def rewrite(self, gm):
+        return prune_unread_positions(gm.graph)
+
+    def describe(self):
+        return f"positions no output reads left uncomputed ({self.count} ops narrowed to the selected row)"
+
+
+class EagerAttention(ExportPass):
+    def rewrite(self, gm):
+        return sdpa_to_eager_attention(gm.graph)
+
+    def describe(self):
+        return f"attention as MatMul/Softmax ×{self.count} (no per-score NaN guard)"
+
+
+class ApproximateGelu(ExportPass):
+    def rewrite(self, gm):
+        return approximate_gelu(gm.graph)
+
+    def describe(self):
+        return f"GELU tanh approximation ×{self.count}"
+
+
+def _before(this: type, that: type):
+    """A PassManager constraint: a pass of class `this` runs before any of class `that`."""
+
+    def depends_on(a, b) -> bool:
+        return not (isinstance(a, that) and isinstance(b, this))
+
+    return depends_on
+
+
+CONSTRAINTS = [
+    # The scale pass reads the query's head size from shapes that pruning invalidates, and finds attention as
+    # sdpa nodes, which the eager rewrite replaces; pruning narrows sdpa nodes too.
+    _before(FoldAttentionScale, PruneUnreadPositions),
+    _before(FoldAttentionScale, EagerAttention),
+    _before(PruneUnreadPositions, EagerAttention),
+]
+
+
+def export_pass_manager(rewrite_attention: bool, approximate: bool) -> PassManager:
+    """The passes an export asks for, ordered by CONSTRAINTS (whatever order they are listed in)."""
+    chosen: list[ExportPass] = []
+    if approximate:
+        chosen.append(ApproximateGelu())
+    if rewrite_attention:
+        chosen += [EagerAttention(), PruneUnreadPositions(), FoldAttentionScale()]
+    pm = PassManager(passes=chosen, constraints=CONSTRAINTS, steps=1, run_checks_after_each_pass=True)
+    pm.solve_constraints()
+    return pm
+
+
+def applied(pm: PassManager) -> list[str]:
+    """What the passes that changed the graph did, in the order they ran."""
+    return [p.describe() for p in pm.passes if p.result is not None and p.result.modified]

@@ -67,18 +67,6 @@ def session(path, device: str = "auto", *, threads: int | None = None, options=N
     return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled or None)
 
 
-def feed_for(sess, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
-    """Map torch example inputs onto the session's input names (kwargs by name, args in order)."""
-    import torch
-    from torch.utils import _pytree as pytree
-
-    names = [i.name for i in sess.get_inputs()]
-    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    if len(leaves) != len(names):
-        raise ValueError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), got {len(leaves)} tensors")
-    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
-
-
 class BoundRunner:
     """Runs a session with inputs and outputs kept on the device (IOBinding): timing without host copies."""
 

@@ -1,7 +1,7 @@
-"""Inputs for verification and the comparison of ONNX Runtime outputs with PyTorch's."""
+"""Inputs for verification (another batch of the example's structure) and names for the outputs. The comparison
+itself is neat_fx.numerics.compare, shared with the capture check."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -35,10 +35,6 @@ def other_batch(args: tuple, kwargs: dict, dynamic_axes: dict[tuple, str]):
     return pytree.tree_unflatten(out, spec)
 
 
-def flat_tensors(out) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def output_names(out) -> list[str]:
     """Names for the flattened outputs: 'logits' for ModelOutput fields and dict keys, else output_<i>."""
     paths, _ = pytree.tree_flatten_with_path(out)
@@ -56,21 +52,3 @@ def output_names(out) -> list[str]:
         seen.add(name)
         names.append(name)
     return names
-
-
-def compare(reference: list[torch.Tensor], got: list[np.ndarray]) -> dict:
-    """max abs and max relative (to each output's scale, max(1, max|ref|)) differences."""
-    if len(reference) != len(got):
-        return {"max_abs": float("inf"), "max_rel": float("inf"), "note": f"{len(got)} outputs, expected {len(reference)}"}
-    worst_abs, worst_rel = 0.0, 0.0
-    for r, g in zip(reference, got):
-        r = r.detach().float().cpu().numpy()
-        g = np.asarray(g, dtype=np.float32) if np.issubdtype(np.asarray(g).dtype, np.floating) else np.asarray(g)
-        if r.shape != g.shape:
-            return {"max_abs": float("inf"), "max_rel": float("inf"), "note": f"shape {g.shape}, expected {r.shape}"}
-        if r.size == 0:
-            continue
-        d = float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max())
-        worst_abs = max(worst_abs, d)
-        worst_rel = max(worst_rel, d / max(1.0, float(np.abs(r).max())))
-    return {"max_abs": worst_abs, "max_rel": worst_rel}

@@ -6,8 +6,15 @@
     folded = neat_fx.fold(nm)          # plain graph, W0 + ΔW as constants
     neat_fx.merge_into(model, nm)      # or write W0 + ΔW into the model in place
     torch.compile(nm, backend="neat")  # NEAT-aware lowering, then Inductor
+
+The stages and how they fit: docs/design.md.
 """
-from .config import ACTIVATIONS, NeatConfig
+from ._version import __version__
+from .activations import ACTIVATIONS
+from .checkpoint import load_checkpoint, save_checkpoint
+from .compiler import backend
+from .config import NeatConfig
+from .containers import FoldedModule, NeatModule, SiteInfo
 from .errors import (
     AdapterMismatchError,
     CaptureError,
@@ -17,14 +24,9 @@ from .errors import (
     NeatError,
     PatternError,
 )
-from .checkpoint import load_checkpoint, save_checkpoint
-from .compiler import backend
-from .fold import FoldedModule, fold, merge_into
-from .io import load_adapters, save_adapters
-from .neat_module import NeatModule, SiteInfo
+from .fold import fold, merge_into
+from .io import LoadedAdapters, load_adapters, read_adapters, save_adapters
 from .transform import transform
-
-__version__ = "0.1.0"
 
 
 def sites(nm: NeatModule) -> list[SiteInfo]:
@@ -34,6 +36,7 @@ def sites(nm: NeatModule) -> list[SiteInfo]:
 
 __all__ = [
     "ACTIVATIONS", "AdapterMismatchError", "CaptureError", "ConfigError", "FoldedModule", "InputMismatchError",
-    "MergeError", "NeatConfig", "backend", "load_checkpoint", "save_checkpoint", "NeatError", "NeatModule", "PatternError", "SiteInfo", "fold",
-    "load_adapters", "merge_into", "save_adapters", "sites", "transform", "__version__",
+    "LoadedAdapters", "MergeError", "NeatConfig", "NeatError", "NeatModule", "PatternError", "SiteInfo",
+    "__version__", "backend", "fold", "load_adapters", "load_checkpoint", "merge_into", "read_adapters",
+    "save_adapters", "save_checkpoint", "sites", "transform",
 ]

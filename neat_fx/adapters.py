@@ -1,4 +1,4 @@
-"""The NEAT adapter: the math of DESIGN.md §2 for one weight.
+"""The NEAT adapter: the math of one adapted weight (docs/design.md, "The math").
 
     H  = σ(Wᵀ A)               A: (d_out, r)       H: (d_in, r)
          (depth > 2: H goes through (depth-2)/2 encoders and as many decoders, r×r each,
@@ -7,8 +7,10 @@
     ΔW = s·B Hᵀ                (d_out, d_in)
 
 The weight arrives in the layout its op uses: "out_in" (nn.Linear, `x @ W.T`) or "in_out"
-(GPT-2 Conv1D, `x @ W`); `delta_weight` returns ΔW in that same layout so fold can add it.
-The r×r layers follow PEFT's PEANuT layout (`h @ E.T`), so checkpoints map one to one.
+(GPT-2 Conv1D, `x @ W`); `neat_delta` returns ΔW in that same layout so fold can add it. The form
+says which dimension of the activation meets the weight (neat_fx.ops): "right" for x·M, "left" for
+M·x, or an einsum pair. The r×r layers follow PEFT's PEANuT layout (`h @ E.T`), so checkpoints map
+one to one.
 """
 from __future__ import annotations
 
@@ -17,23 +19,8 @@ import math
 import torch
 from torch import nn
 
-LAYOUTS = ("out_in", "in_out")
-
-
-def activation_fn(name: str):
-    if name == "relu":
-        return torch.relu
-    if name == "gelu":
-        return nn.functional.gelu
-    if name == "silu":
-        return nn.functional.silu
-    if name == "tanh":
-        return torch.tanh
-    if name == "sin":
-        return torch.sin
-    if name == "identity":
-        return lambda t: t
-    raise ValueError(f"unknown activation {name!r}")
+from .activations import activation_fn
+from .ops import LAYOUTS
 
 
 def neat_hidden(weight, A, encoders, decoders, activation: str, layout: str, dtype=None) -> torch.Tensor:
@@ -52,12 +39,21 @@ def neat_hidden(weight, A, encoders, decoders, activation: str, layout: str, dty
     return h
 
 
-def neat_apply(x, weight, y, A, B, encoders, decoders, activation: str, scale: float, layout: str) -> torch.Tensor:
-    """y + s·(x H) Bᵀ: the factorised form, ΔW never materialised."""
+def neat_apply(x, weight, y, A, B, encoders, decoders, activation: str, scale: float, layout: str,
+               form: str = "right") -> torch.Tensor:
+    """y + ΔW applied to x in the op's form, factorised: ΔW is never materialised.
+    "right": y + s·(x H) Bᵀ;  "left": y + s·B (Hᵀ x);  "einsum:EQ_H;EQ_B": y + s·einsum(EQ_B, einsum(EQ_H, x, H), B).
+    The scale multiplies the thin (tokens, r) product, not the (tokens, d_out) one."""
     h = neat_hidden(weight, A, encoders, decoders, activation, layout)
-    # Scale the thin (tokens, r) product, not the (tokens, d_out) one.
-    z = (x.to(h.dtype) @ h) * scale
-    return y + (z @ B.t()).to(y.dtype)
+    x = x.to(h.dtype)
+    if form == "right":
+        return y + ((x @ h) * scale @ B.t()).to(y.dtype)
+    if form == "left":
+        return y + (B @ ((h.t() @ x) * scale)).to(y.dtype)
+    if form.startswith("einsum:"):
+        eq_h, eq_b = form[len("einsum:"):].split(";")
+        return y + torch.einsum(eq_b, torch.einsum(eq_h, x, h) * scale, B).to(y.dtype)
+    raise ValueError(f"unknown adapter form {form!r}; expected 'right', 'left' or 'einsum:EQ_H;EQ_B'")
 
 
 def neat_delta(weight, A, B, encoders, decoders, activation: str, scale: float, layout: str,
@@ -68,12 +64,19 @@ def neat_delta(weight, A, B, encoders, decoders, activation: str, scale: float, 
     return delta if layout == "out_in" else delta.t()
 
 
+@torch.no_grad()
+def neat_fold(weight, A, B, encoders, decoders, activation: str, scale: float, layout: str) -> torch.Tensor:
+    """W0 + ΔW in W0's dtype, ΔW computed in float32 from `weight` (which must be W0): what fold, merge and the
+    compile backend write. (docs/design.md, "The fold invariant")"""
+    return (weight.float() + neat_delta(weight, A, B, encoders, decoders, activation, scale, layout)).to(weight.dtype)
+
+
 # The adapter as one operator, for torch.compile graphs (see NeatAdapter.forward). CompositeImplicitAutograd:
 # autograd, fake tensors and every backend other than "neat" see the decomposition above.
 _LIB = torch.library.Library("neat_fx", "DEF")
 _LIB.define(
     "adapter(Tensor x, Tensor weight, Tensor y, Tensor A, Tensor B, Tensor[] encoders, Tensor[] decoders, "
-    "str activation, float scale, str layout) -> Tensor"
+    "str activation, float scale, str layout, str form=\"right\") -> Tensor"
 )
 _LIB.impl("adapter", neat_apply, "CompositeImplicitAutograd")
 
@@ -132,19 +135,22 @@ class NeatAdapter(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """H (d_in, r) from the frozen weight, computed in `dtype` (default: the adapter's)."""
-        return neat_hidden(weight, self.A, list(self.encoders), list(self.decoders), self.activation, self.layout,
-                           dtype)
-
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, form: str = "right") -> torch.Tensor:
         args = (x, weight, y, self.A, self.B, list(self.encoders), list(self.decoders), self.activation, self.scale,
-                self.layout)
+                self.layout, form)
         if torch.compiler.is_compiling():
             # One opaque node per site in the graph torch.compile hands its backend: the "neat" backend
             # lowers it (fold, or the cheaper training form); any other backend decomposes it like eager.
             return torch.ops.neat_fx.adapter(*args)
         return neat_apply(*args)
+
+    def tensors(self) -> tuple:
+        """(A, B, encoders, decoders): the arguments `neat_delta` / `neat_fold` take after the weight."""
+        return self.A, self.B, list(self.encoders), list(self.decoders)
+
+    def folded_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W0 + ΔW in W0's dtype (`weight` must be W0)."""
+        return neat_fold(weight, *self.tensors(), self.activation, self.scale, self.layout)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW in float32, in the layout of `weight` (computed from `weight`, which must be W0)."""

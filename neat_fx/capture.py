@@ -10,6 +10,7 @@ Each mode gets its own graph because `ExportedProgram.module()` fixes dropout / 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
@@ -58,7 +59,10 @@ def split_example_inputs(example_inputs) -> tuple[tuple, dict]:
     )
 
 
-def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+def auto_dynamic_shapes(forward, args: tuple, kwargs: dict):
+    """A torch.export `dynamic_shapes` spec leaving every dimension of every tensor input to `Dim.AUTO` (torch
+    keeps dynamic what the model allows), shaped like the inputs: a tuple for positional-only inputs, else a
+    dict keyed by `forward`'s argument names."""
     from torch.export import Dim
 
     def spec(x):
@@ -75,17 +79,28 @@ def _auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
     if not args:
         return {k: specs_of(v) for k, v in kwargs.items()}
     # Mixed: name the positional arguments by the signature of forward.
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    bound = inspect.signature(forward).bind_partial(*args, **kwargs)
     return {k: specs_of(v) for k, v in bound.arguments.items()}
 
 
-def _first_lines(exc: BaseException, n: int = 3) -> str:
+@contextlib.contextmanager
+def train_mode(module: nn.Module, training: bool):
+    """Run the block with `module` in train (True) or eval (False) mode, restoring its mode after."""
+    was = module.training
+    module.train(training)
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+def first_lines(exc: BaseException, n: int = 3) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     lines = [l for l in text.splitlines() if l.strip()]
     return "\n    ".join(lines[:n])
 
 
-def _user_frame(exc: BaseException) -> str:
+def user_frame(exc: BaseException) -> str:
     """The innermost frame of the user's own code in the traceback: where capture failed."""
     import os
     import traceback
@@ -106,47 +121,39 @@ def _user_frame(exc: BaseException) -> str:
 def check_runs_eagerly(model: nn.Module, args: tuple, kwargs: dict):
     """Run the model once on the example inputs (eval, no grad) so a bad input is reported as such,
     not as an obscure tracing error. Returns the output, the reference for the capture check."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with train_mode(model, False), torch.no_grad():
             return model(*args, **kwargs)
     except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__} does not run on the example inputs, so it cannot be captured:\n"
-            f"    {_first_lines(exc)}\n"
+            f"    {first_lines(exc)}\n"
             f"Pass example_inputs the model accepts: a tuple of positional arguments or a dict of keyword "
             f"arguments (here: args of types {[type(a).__name__ for a in args]}, kwargs {sorted(kwargs)})."
         ) from exc
-    finally:
-        model.train(was_training)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic) -> Capture:
     if dynamic is True:
-        dynamic_shapes = _auto_dynamic_shapes(model, args, kwargs)
+        dynamic_shapes = auto_dynamic_shapes(model.forward, args, kwargs)
     elif dynamic is False or dynamic is None:
         dynamic_shapes = None
     else:
         dynamic_shapes = dynamic  # the caller's own torch.export dynamic_shapes
-    was_training = model.training
-    model.train(mode == "train")
     try:
-        with warnings.catch_warnings():
+        with train_mode(model, mode == "train"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
             gm = ep.module()
     except Exception as exc:
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {_first_lines(exc)}"
-            f"{_user_frame(exc)}\n"
+            f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {first_lines(exc)}"
+            f"{user_frame(exc)}\n"
             f"Fixes: make the failing op traceable (data-dependent Python control flow and unregistered "
             f"output types are the usual causes; Hugging Face decoders need use_cache=False), pass "
             f"dynamic=False if a dynamic dimension is the problem, or capture='fx' to use "
             f"torch.fx.symbolic_trace instead."
         ) from exc
-    finally:
-        model.train(was_training)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deepcopy of the pytree spec warns about a deprecated API
         graph = copy.deepcopy(gm.graph)
@@ -163,20 +170,16 @@ class _LinearLowering(fx.Tracer):
 
 
 def _symbolic_trace(model: nn.Module, mode: str) -> Capture:
-    was_training = model.training
-    model.train(mode == "train")
     try:
-        tracer = _LinearLowering()
-        graph = tracer.trace(model)
+        with train_mode(model, mode == "train"):
+            graph = _LinearLowering().trace(model)
     except Exception as exc:
         raise CaptureError(
             f"torch.fx.symbolic_trace could not capture {type(model).__name__} in {mode} mode:\n"
-            f"    {_first_lines(exc)}{_user_frame(exc)}\n"
+            f"    {first_lines(exc)}{user_frame(exc)}\n"
             f"Use capture='export' (the default), which handles Python control flow on shapes and Hugging "
             f"Face models."
         ) from exc
-    finally:
-        model.train(was_training)
     return Capture(mode, graph, model)
 
 
@@ -203,34 +206,3 @@ def has_attr_path(root: Any, target: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def flatten_output(out) -> list[torch.Tensor]:
-    leaves, _ = pytree.tree_flatten(out)
-    return [x for x in leaves if isinstance(x, torch.Tensor)]
-
-
-_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}  # relative to the output's scale
-
-
-def compare_outputs(expected, actual, rtol: float = 1e-4) -> tuple[bool, float]:
-    """(agree, worst relative difference): structure equal and every floating output within `rtol` of
-    its scale (max(1, max |expected|)), loosened for half-precision outputs; integer outputs exact."""
-    e, a = flatten_output(expected), flatten_output(actual)
-    if len(e) != len(a):
-        return False, float("inf")
-    worst, ok = 0.0, True
-    for x, y in zip(e, a):
-        if x.shape != y.shape:
-            return False, float("inf")
-        if x.is_floating_point():
-            if not x.numel():
-                continue
-            tol = max(rtol, _TOLERANCE.get(x.dtype, 0.0))
-            scale = max(1.0, float(x.float().abs().max()))
-            d = float((x.float() - y.float()).abs().max()) / scale
-            worst = max(worst, d)
-            ok = ok and d <= tol
-        elif not torch.equal(x, y):
-            return False, float("inf")
-    return ok, worst

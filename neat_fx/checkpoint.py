@@ -5,25 +5,25 @@
 
 A checkpoint is a folder: `adapters/` (the `save_adapters` format), `trainer_state.safetensors` (optimizer
 tensors, torch RNG) and `trainer_state.json` (step, optimizer hyper-parameters, scheduler, Python RNG, and
-what it was made for). It is written whole under a temporary name, read back, then swapped in with renames:
-a kill at any moment leaves the previous checkpoint or the new one, never a mix (a kill between the two
-renames leaves `<folder>.old`, which `load_checkpoint` falls back to). JSON and safetensors only.
+what it was made for). It is written whole under a temporary name, read back, then swapped in with renames
+(neat_fx.atomic.staged_folder): a kill at any moment leaves the previous checkpoint or the new one, never a
+mix (a kill between the two renames leaves `<folder>.old`, which `load_checkpoint` falls back to). JSON and
+safetensors only.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import previous_copy, staged_folder
+from .containers import NeatModule
+from .distributed import any_sharded
 from .errors import AdapterMismatchError
 from .io import load_adapters, save_adapters
-from .neat_module import NeatModule
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -60,18 +60,14 @@ def _signature(nm: NeatModule) -> dict:
 def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, step: int,
                     extra: dict | None = None) -> Path:
     """Write a resumable checkpoint of a training run to `folder` (replaced atomically); returns it."""
-    from .io import is_sharded
-
     _check_module(nm, "save_checkpoint")
-    if any(is_sharded(p) for p in nm.parameters()):
+    if any_sharded(nm):
         raise NotImplementedError(
             "save_checkpoint: nm is sharded (FSDP2); its optimizer state is sharded too. Checkpoint a sharded run "
             "with torch.distributed.checkpoint (dcp.save of model and optimizer state dicts), and save the adapters "
             "with neat_fx.save_adapters on every rank.")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_folder(folder, check=_read) as tmp:  # _read: read back before it replaces anything
         save_adapters(nm, tmp / "adapters")
         tensors, opt_meta = _split_optimizer(optimizer.state_dict()) if optimizer is not None else ({}, None)
         tensors["rng.torch"] = torch.get_rng_state()
@@ -82,21 +78,6 @@ def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, s
         }
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta))
-        _read(tmp)  # read back before it replaces anything
-        _fsync_tree(tmp)
-        old = folder.with_name(folder.name + ".old")
-        # At every instant a complete checkpoint exists at `folder` or (between the two renames) at `old`.
-        if folder.exists():
-            if old.exists():
-                shutil.rmtree(old)  # safe: `folder` is complete
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -104,29 +85,6 @@ def _check_module(nm, what: str):
     if not isinstance(nm, NeatModule):
         raise TypeError(f"{what} expects the NeatModule being trained (from neat_fx.transform), got "
                         f"{type(nm).__name__}; pass nm itself (for DDP: ddp.module), not the base model")
-
-
-def _fsync_tree(root: Path):
-    """Flush the files of a new checkpoint to disk before the renames make it current (a power loss must not
-    leave a renamed folder of empty files)."""
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform / file system
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _to_json(v):
@@ -151,7 +109,7 @@ def _read(folder: Path):
 def find_checkpoint(folder) -> Path | None:
     """`folder` if it holds a checkpoint, else the `.old` one a kill between two renames left, else None."""
     folder = Path(folder)
-    for f in (folder, folder.with_name(folder.name + ".old")):
+    for f in (folder, previous_copy(folder)):
         if (f / STATE_JSON).exists():
             return f
     return None

@@ -26,7 +26,6 @@ The lowered graph goes to `inner` ("inductor" by default; "aot_eager" and "eager
 from __future__ import annotations
 
 import logging
-import operator
 import re
 import weakref
 from dataclasses import dataclass
@@ -35,21 +34,14 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .adapters import neat_apply, neat_delta
+from .adapters import neat_apply, neat_delta, neat_fold
 from .errors import AdapterMismatchError, ConfigError
-from .fold import replace_weight_operand
+from .io import fingerprint_matches, read_adapters
+from .ops import Use, op_uses, replace_weight
 
 log = logging.getLogger("neat_fx.backend")
 
 ADAPTER_OP = torch.ops.neat_fx.adapter
-# Ops of a Dynamo graph (torch-level) and of an export graph (aten) that multiply activations by a weight.
-_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
-_MATMUL = {torch.matmul, operator.matmul, torch.mm, torch.addmm, torch.ops.aten.mm.default,
-           torch.ops.aten.addmm.default, torch.ops.aten.matmul.default}
-_MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
-_TRANSPOSES_FN = {torch.t, torch.transpose, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
-                  torch.ops.aten.permute.default, torch.permute}
-_TRANSPOSES_METHOD = {"t", "transpose", "permute"}
 
 
 @dataclass(frozen=True)
@@ -106,35 +98,15 @@ def parameter_name(node: fx.Node) -> str | None:
     return ".".join(a or b for a, b in parts)
 
 
-def _linear_uses(weight: fx.Node) -> list[tuple[fx.Node, str]]:
-    """(op node, layout) for each op that multiplies activations by `weight` (directly or through a
-    transpose). layout "out_in" = nn.Linear's (x Wᵀ), "in_out" = Conv1D's / `x @ W`."""
-    out = []
-    for user in weight.users:
-        if user.op == "call_function" and user.target in _LINEAR and len(user.args) > 1 and user.args[1] is weight:
-            out.append((user, "out_in"))
-        elif _is_matmul(user) and user.args[-1] is weight:
-            out.append((user, "in_out"))
-        elif (user.op == "call_function" and user.target in _TRANSPOSES_FN) or (
-                user.op == "call_method" and user.target in _TRANSPOSES_METHOD):
-            for mm in user.users:
-                if _is_matmul(mm) and mm.args[-1] is user:
-                    out.append((mm, "out_in"))
-    return out
-
-
-def _is_matmul(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _MATMUL) or (
-        node.op == "call_method" and node.target in _MATMUL_METHODS)
+def _weight_uses(weight: fx.Node) -> list[Use]:
+    """The linear-like ops (by the op table) that multiply activations by `weight`, directly or through a
+    transpose."""
+    candidates = dict.fromkeys(n for user in weight.users for n in (user, *user.users))
+    return [u for n in candidates for u in op_uses(n, lambda node: node is weight)]
 
 
 def _materialised_weight(weight, A, B, encoders, decoders, activation, scale, layout):
     return weight + neat_delta(weight, A, B, encoders, decoders, activation, scale, layout, A.dtype).to(weight.dtype)
-
-
-def _folded_weight(weight, A, B, encoders, decoders, activation, scale, layout):
-    with torch.no_grad():
-        return (weight.float() + neat_delta(weight, A, B, encoders, decoders, activation, scale, layout)).to(weight.dtype)
 
 
 class NeatBackend:
@@ -150,15 +122,12 @@ class NeatBackend:
         self.inner = inner
         self.plans: list[SitePlan] = []
         self.compiled_graphs = 0
-        self.lowered: list[fx.GraphModule] = []  # the graphs handed to `inner`, latest last (for inspection)
         self._served: set[str] = set()
         self._folding = weakref.WeakSet()  # compiled graphs holding folded weights, for invalidate()
         self.adapters = None
         if adapters is not None:
-            from .io import _read
-
             folder = Path(adapters)
-            self.adapters = _read(folder)  # FileNotFoundError / AdapterMismatchError name the problem
+            self.adapters = read_adapters(folder)  # FileNotFoundError / AdapterMismatchError name the problem
             self.adapters_path = folder
 
     __name__ = "neat"
@@ -223,8 +192,6 @@ class _Compiled:
         extra = self._extra_inputs(example_inputs)
         backend.plans = plans
         backend.compiled_graphs += 1
-        backend.lowered.append(gm)
-        del backend.lowered[:-8]
         for p in plans:
             log.info("neat: %s → %s (tokens %d, %d×%d, r=%d%s)", p.site, p.form, p.tokens, p.d_out, p.d_in, p.rank,
                      f"; {p.why}" if p.why else "")
@@ -234,19 +201,18 @@ class _Compiled:
 
     # -- lowering one NEAT site ------------------------------------------------------------------------
     def _lower_site(self, graph: fx.Graph, node: fx.Node, example_inputs, grad: bool) -> SitePlan:
-        x, weight, y, A, B, enc, dec, activation, scale, layout = node.args
+        x, weight, y, A, B, enc, dec, activation, scale, layout, *_form = node.args
         name = (parameter_name(weight) if weight.op == "placeholder" else None) or weight.name
-        xm, am = _meta(x), _meta(A)
-        d_in = _hint(xm.shape[-1]) if xm is not None else 0
-        tokens = _hint(xm.numel()) // max(d_in, 1) if xm is not None else 0
+        xm, am, wm = _meta(x), _meta(A), _meta(weight)
         d_out, rank = (_hint(am.shape[0]), _hint(am.shape[1])) if am is not None else (0, 0)
+        d_in = _hint(wm.numel()) // max(d_out, 1) if wm is not None else 0
+        tokens = _hint(xm.numel()) // max(d_in, 1) if xm is not None else 0  # rows of x, whichever its form
         tensors = [weight, A, B, *enc, *dec]
         producer = y if isinstance(y, fx.Node) and y.op in ("call_function", "call_method") else None
         if not grad:
             if all(t.op == "placeholder" for t in tensors) and producer is not None:
-                new = self._add_input(graph, _folded_weight, (weight, A, B, list(enc), list(dec), activation, scale,
-                                                             layout))
-                if replace_weight_operand(graph, producer, weight, new):
+                new = self._add_input(graph, neat_fold, (weight, A, B, list(enc), list(dec), activation, scale, layout))
+                if replace_weight(graph, producer, weight, new):
                     node.replace_all_uses_with(y)
                     graph.erase_node(node)
                     return SitePlan(name, "folded", tokens, d_in, d_out, rank, 0, 0)
@@ -263,7 +229,7 @@ class _Compiled:
             with graph.inserting_before(producer):
                 w_eff = graph.call_function(_materialised_weight, (weight, A, B, list(enc), list(dec), activation,
                                                                    scale, layout))
-            if replace_weight_operand(graph, producer, weight, w_eff):
+            if replace_weight(graph, producer, weight, w_eff):
                 node.replace_all_uses_with(y)
                 graph.erase_node(node)
                 return SitePlan(name, "materialised", tokens, d_in, d_out, rank, fact, mat)
@@ -273,8 +239,6 @@ class _Compiled:
 
     # -- serving saved adapters on a base model ----------------------------------------------------------
     def _serve(self, graph: fx.Graph, example_inputs) -> list[SitePlan]:
-        from .io import _fingerprint_matches
-
         loaded = self.backend.adapters
         cfg = loaded.config
         plans = []
@@ -291,16 +255,16 @@ class _Compiled:
             if ph is None:
                 continue
             value = example_inputs[self.index[ph]]
-            uses = _linear_uses(ph)
+            uses = _weight_uses(ph)
             if not uses:
                 continue
-            layout = meta["layout"] if meta else uses[0][1]
+            layout = meta["layout"] if meta else uses[0].layout
             d_out = value.shape[0] if layout == "out_in" else value.shape[1]
             if tuple(t["A"].shape) != (d_out, cfg.rank) or t["B"].shape[0] != d_out:
                 raise AdapterMismatchError(
                     f"{self.backend.adapters_path}: site {site} has A{tuple(t['A'].shape)}, but the model's "
                     f"{site} is {tuple(value.shape)} ({layout}); these adapters were saved for another model")
-            if meta and not _fingerprint_matches(meta["fingerprint"], value):
+            if meta and not fingerprint_matches(meta["fingerprint"], value):
                 raise AdapterMismatchError(
                     f"{self.backend.adapters_path}: the base weight {site} differs from the one the adapters were "
                     f"trained on (fingerprint mismatch); serve them on the base model they were trained on")
@@ -308,8 +272,8 @@ class _Compiled:
             spec = ("serve", self.index[ph], [c.to(value.device) for c in consts], cfg.hidden_layers,
                     cfg.activation, cfg.scale, layout)
             new = self._add_input(graph, _served_weight, spec)
-            for use, _ in uses:
-                replace_weight_operand(graph, use, ph, new)
+            for use in uses:
+                replace_weight(graph, use.node, ph, new)
             self.backend._served.add(site)
             rank = cfg.rank
             d_in = value.numel() // d_out
@@ -326,9 +290,9 @@ class _Compiled:
             ph.replace_all_uses_with(new)
             self.backend._served.add(name)
             plans.append(SitePlan(name, "replaced", 0, 0, 0, 0, 0, 0, "trained in full; saved value"))
-        if loaded.sites and not any(p.form == "folded" for p in plans) and any(_linear_uses(ph) for ph in by_name.values()):
+        if loaded.sites and not any(p.form == "folded" for p in plans) and any(_weight_uses(ph) for ph in by_name.values()):
             log.warning("neat: a compiled graph multiplies by %d parameters, none of them a saved site of %s "
-                        "(saved: %s …)", sum(bool(_linear_uses(p)) for p in by_name.values()),
+                        "(saved: %s …)", sum(bool(_weight_uses(p)) for p in by_name.values()),
                         self.backend.adapters_path, ", ".join(list(loaded.sites)[:3]))
         return plans
 
@@ -355,7 +319,7 @@ class _Compiled:
         out = []
         watched = set()
         for fn, spec in self.folds:
-            if fn is _folded_weight:
+            if fn is neat_fold:
                 watched.update(self.index[n] for n in (*spec[:3], *spec[3], *spec[4]))
                 out.append(fn(*self._resolve(spec, args)))
             else:
@@ -415,7 +379,7 @@ def _served_weight(spec, args):
     _, index, consts, hidden_layers, activation, scale, layout = spec
     weight = args[index]
     A, B, layers = consts[0], consts[1], consts[2:]
-    return _folded_weight(weight, A, B, layers[:hidden_layers], layers[hidden_layers:], activation, scale, layout)
+    return neat_fold(weight, A, B, layers[:hidden_layers], layers[hidden_layers:], activation, scale, layout)
 
 
 def _saved_tensor(spec, args):

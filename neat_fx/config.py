@@ -1,13 +1,19 @@
-"""`NeatConfig`: the options of one NEAT transform, validated in one place."""
+"""`NeatConfig`: the options of one NEAT transform, validated in one place. Frozen: derive a changed copy
+with `dataclasses.replace(config, rank=16)` (which validates again)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
+import torch
+
+from .activations import ACTIVATIONS
 from .errors import ConfigError
 
-#: activations the adapter network may use (σ in DESIGN.md §2).
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "sin", "identity")
+#: adapter_dtype names and the dtypes they stand for.
+ADAPTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}
 CAPTURE_METHODS = ("export", "fx")
 MODES = ("train", "eval")
 
@@ -27,7 +33,7 @@ def _as_tuple(value, what: str) -> tuple[str, ...]:
     return items
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeatConfig:
     """Options of `neat_fx.transform`.
 
@@ -54,10 +60,9 @@ class NeatConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        self.patterns = _as_tuple(self.patterns, "patterns")
-        self.exclude = _as_tuple(self.exclude, "exclude")
-        self.trainable = _as_tuple(self.trainable, "trainable")
-        self.modes = _as_tuple(self.modes, "modes")
+        # Normalised in place once, before anyone sees the object (frozen: object.__setattr__).
+        for name in ("patterns", "exclude", "trainable", "modes"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name), name))
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 2 or self.depth % 2:
@@ -68,17 +73,27 @@ class NeatConfig:
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         try:
-            self.scale = float(self.scale)
+            scale = float(self.scale)
         except (TypeError, ValueError):
             raise ConfigError(f"scale must be a number, got {self.scale!r}") from None
+        if not math.isfinite(scale):
+            raise ConfigError(f"scale must be a finite number, got {self.scale!r}")
+        object.__setattr__(self, "scale", scale)
         if self.capture not in CAPTURE_METHODS:
             raise ConfigError(f"capture must be one of {', '.join(CAPTURE_METHODS)}; got {self.capture!r}")
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ConfigError(f"modes must be a non-empty subset of {MODES}; got {self.modes!r}")
-        if self.adapter_dtype not in (None, "float32", "float64", "bfloat16", "float16"):
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError(
-                f"adapter_dtype must be None, 'float32', 'float64', 'bfloat16' or 'float16'; got {self.adapter_dtype!r}"
+                f"adapter_dtype must be None or one of {', '.join(map(repr, ADAPTER_DTYPES))}; got {self.adapter_dtype!r}"
             )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The adapters' dtype: adapter_dtype, float32 when None (also for half-precision bases)."""
+        return ADAPTER_DTYPES[self.adapter_dtype] if self.adapter_dtype else torch.float32
 
     @property
     def hidden_layers(self) -> int:
@@ -95,4 +110,8 @@ class NeatConfig:
     def from_dict(cls, d: dict) -> "NeatConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
 

@@ -1,5 +1,6 @@
 """Fold: `W0 + ΔW` into constant weights — as a new plain module (`fold`) or into the user's model in
-place (`merge_into`). ΔW is always computed in float32 from W0, never from an already merged weight."""
+place (`merge_into`). ΔW is always computed in float32 from W0, never from an already merged weight
+(docs/design.md, "The fold invariant")."""
 from __future__ import annotations
 
 import copy
@@ -9,29 +10,18 @@ import torch
 from torch import fx, nn
 
 from . import capture as cap
+from .containers import FoldedModule, NeatModule, SiteInfo
+from .distributed import any_sharded
 from .errors import MergeError
-from .graph_module import GraphContainer
-from .neat_module import NeatModule, SiteInfo
+from .ops import replace_weight
+
+#: node.meta flag of the get_attr nodes fold creates for folded weights (their targets are already final).
+FOLDED = "neat_folded"
 
 
-class FoldedModule(GraphContainer):
-    """What `fold` returns: the captured graphs without adapter ops, weights `W0 + ΔW`.
-
-    Its state is a mirror of the model's attribute paths (`model.<name>`): unchanged tensors are shared
-    with the model, folded ones are new. `state_dict()` keys are the model's own, prefixed by `model.`.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.model = nn.Module()
-        self.extras = nn.Module()
-
-
-@torch.no_grad()
 def folded_weight(nm: NeatModule, site: SiteInfo) -> torch.Tensor:
-    w0 = nm.weight_of(site)
-    delta = nm.adapters[site.key].delta_weight(w0)
-    return (w0.float() + delta).to(w0.dtype)
+    """W0 + ΔW of one site, in W0's dtype, ΔW from W0 (never from an already merged weight)."""
+    return nm.adapters[site.key].folded_weight(nm.weight_of(site))
 
 
 def _assign(root: nn.Module, path: str, value):
@@ -72,12 +62,12 @@ def fold(nm: NeatModule) -> FoldedModule:
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target.startswith("adapters."):
                 key = node.target[len("adapters."):]
-                x, weight, y = node.args
+                weight, y = node.args[1], node.args[2]
                 node.replace_all_uses_with(y)
                 graph.erase_node(node)
                 _fold_use(graph, y, weight, site_by_key[key], values, folded[key])
         for node in list(graph.nodes):
-            if node.op in ("get_attr", "call_module") and not node.target.startswith("neat_folded:"):
+            if node.op in ("get_attr", "call_module") and not node.meta.get(FOLDED):
                 if node.op == "get_attr" and not node.users:
                     graph.erase_node(node)
                     continue
@@ -88,9 +78,6 @@ def fold(nm: NeatModule) -> FoldedModule:
                     value = nn.Parameter(value.detach().clone(), requires_grad=False)  # a snapshot
                 values.setdefault(new, value)
                 node.target = new
-        for node in graph.nodes:
-            if node.op == "get_attr" and node.target.startswith("neat_folded:"):
-                node.target = node.target[len("neat_folded:"):]
         graph.lint()
         out_graph = graph
         for target, value in values.items():
@@ -108,9 +95,7 @@ def fold(nm: NeatModule) -> FoldedModule:
 
 
 def _refuse_sharded(nm: NeatModule, what: str):
-    from .io import is_sharded
-
-    if any(is_sharded(p) for p in nm.parameters()):
+    if any_sharded(nm):
         raise MergeError(
             f"{what}: nm's parameters are sharded (FSDP2); folding needs whole weights. Call "
             f"neat_fx.save_adapters(nm, DIR) on every rank, then, in one process, load them onto a plain model "
@@ -132,34 +117,14 @@ def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, va
     # A weight also read by non-linear ops (an embedding tied to a head) is untied: those ops keep W0.
     target = f"folded.{site.key}" if site.shared_with_other_ops else "model." + site.name
     values[target] = folded
-    new_weight = next((n for n in graph.nodes if n.op == "get_attr" and n.target == "neat_folded:" + target), None)
+    new_weight = next((n for n in graph.nodes if n.meta.get(FOLDED) and n.target == target), None)
     if new_weight is None:
         first = next(n for n in graph.nodes if n.op != "placeholder")
         with graph.inserting_before(first):
-            new_weight = graph.get_attr("neat_folded:" + target)
-    if not replace_weight_operand(graph, use, weight, new_weight):
+            new_weight = graph.get_attr(target)
+        new_weight.meta[FOLDED] = True
+    if not replace_weight(graph, use, weight, new_weight):
         raise RuntimeError(f"fold: cannot find the weight operand of {use.format_node()}")
-
-
-def replace_weight_operand(graph: fx.Graph, use: fx.Node, weight: fx.Node, new_weight: fx.Node) -> bool:
-    """Make the op `use` read `new_weight` where it reads `weight`, directly or through one transpose-like
-    node of it (which is copied, so other readers of that transpose keep the old weight). False if `use`
-    reads `weight` in neither way."""
-    for i, a in enumerate(use.args):
-        if a is weight:
-            new_arg = new_weight
-            break
-        if isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and a.args and a.args[0] is weight:
-            with graph.inserting_before(use):
-                new_arg = graph.node_copy(a, lambda n: new_weight if n is weight else n)
-            break
-    else:
-        return False
-    old_arg = use.args[i]
-    use.args = use.args[:i] + (new_arg,) + use.args[i + 1:]
-    if old_arg is not weight and not old_arg.users:
-        graph.erase_node(old_arg)
-    return True
 
 
 @torch.no_grad()

@@ -15,8 +15,9 @@ import os
 
 from transformers import TrainerCallback
 
+from .containers import NeatModule
+from .distributed import any_sharded
 from .io import save_adapters
-from .neat_module import NeatModule
 
 ADAPTERS_SUBFOLDER = "neat_adapters"
 
@@ -28,10 +29,8 @@ class NeatAdaptersCallback(TrainerCallback):
         nm = getattr(model, "module", model)  # unwrap DDP
         if not isinstance(nm, NeatModule):
             return control
-        from .io import is_sharded
-
         # Sharded (FSDP2): save_adapters is a collective, every rank calls it (rank 0 writes); else rank 0 only.
-        if not state.is_world_process_zero and not any(is_sharded(p) for p in nm.parameters()):
+        if not state.is_world_process_zero and not any_sharded(nm):
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", ADAPTERS_SUBFOLDER)
         save_adapters(nm, folder)

@@ -1,5 +1,5 @@
 """`transform`: capture → match → insert. Returns a `NeatModule` whose only trainable parameters are
-the adapters (and the base parameters named by `trainable=`)."""
+the adapters (and the base parameters named by `trainable=`). (docs/design.md, "The stages")"""
 from __future__ import annotations
 
 import warnings
@@ -10,11 +10,15 @@ from torch import fx, nn
 from . import capture as cap
 from .adapters import NeatAdapter
 from .config import NeatConfig
+from .containers import FoldedModule, NeatModule, SiteInfo
 from .errors import CaptureError, ConfigError, PatternError
-from .match import Site, Use, describe_use, find_uses, matches, select, _list
-from .neat_module import NeatModule, SiteInfo, adapter_key
+from .match import Site, describe_use, find_uses, matches, name_list, select
+from .names import adapter_key
+from .numerics import compare, flat_tensors
+from .ops import Use
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: how close the captured graph must come to the eager model on the example inputs (of each output's scale).
+CAPTURE_RTOL = 1e-4
 
 
 def transform(
@@ -22,18 +26,18 @@ def transform(
     patterns=None,
     example_inputs=None,
     *,
-    rank: int = 8,
-    depth: int = 2,
-    activation: str = "relu",
-    scale: float = 1.0,
-    exclude=(),
-    trainable=(),
+    rank: int | None = None,
+    depth: int | None = None,
+    activation: str | None = None,
+    scale: float | None = None,
+    exclude=None,
+    trainable=None,
     adapter_dtype: str | None = None,
-    capture: str = "export",
-    modes=("train", "eval"),
-    dynamic=True,
+    capture: str | None = None,
+    modes=None,
     seed: int | None = None,
     config: NeatConfig | None = None,
+    dynamic=True,
     check: bool = True,
 ) -> NeatModule:
     """Insert a NEAT adapter at every linear-like op whose weight matches `patterns`.
@@ -41,64 +45,79 @@ def transform(
     model:          any nn.Module. Its parameters are frozen (requires_grad=False) and shared, not copied.
     patterns:       globs on weight names (with or without '.weight'), 're:' regexes, or '*' for all.
     example_inputs: a tuple of positional arguments or a dict of keyword arguments the model accepts.
-    rank, depth, activation, scale: the NEAT network (DESIGN.md §2); depth is even, ≥ 2.
-    exclude:        patterns removed from the selection.
-    trainable:      patterns of base parameters to train in full (a new head); copied, saved with the
-                    adapters, folded and merged like them.
-    capture:        "export" (torch.export, default) or "fx" (torch.fx.symbolic_trace).
-    modes:          graphs to capture; both by default so .train()/.eval() switch dropout like the model.
+    rank, depth, activation, scale, exclude, trainable, adapter_dtype, capture, modes, seed: the fields of
+                    `NeatConfig` (documented there; None = its default: rank 8, depth 2, relu, scale 1.0,
+                    capture "export", modes ("train", "eval")) — or pass them all as `config=` (then none of
+                    them, and no patterns, may be passed beside it).
     dynamic:        True: every dimension free where the model allows (batch, sequence); False: static
                     shapes; or a torch.export `dynamic_shapes` spec.
-    seed:           seeds the adapters' initialisation.
     check:          compare the captured graph with the eager model on the example inputs.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if config is None:
-        config = NeatConfig(
-            patterns=patterns if patterns is not None else (),
-            rank=rank, depth=depth, activation=activation, scale=scale, exclude=exclude,
-            trainable=trainable, adapter_dtype=adapter_dtype, capture=capture, modes=modes, seed=seed,
-        )
-    elif patterns is not None:
-        raise ConfigError("pass patterns either directly or in config=, not both")
+    options = dict(patterns=patterns, rank=rank, depth=depth, activation=activation, scale=scale, exclude=exclude,
+                   trainable=trainable, adapter_dtype=adapter_dtype, capture=capture, modes=modes, seed=seed)
+    config = _one_config(config, {k: v for k, v in options.items() if v is not None})
     args, kwargs = cap.split_example_inputs(example_inputs)
     _warn_static_batch(args, kwargs, dynamic)
 
     reference = cap.check_runs_eagerly(model, args, kwargs) if check else None
     captures = cap.capture(model, args, kwargs, method=config.capture, modes=config.modes, dynamic=dynamic)
-
     nm = NeatModule(model, config)
     graphs = {mode: _bind_targets(c, model, nm) for mode, c in captures.items()}
 
-    resolve = lambda target: cap.resolve_attr(nm, target)  # noqa: E731
-    aliases = _aliases(model)
-    sites, other_uses = _collect_sites(graphs, resolve, aliases)
-    param_names = dict(model.named_parameters(remove_duplicate=False))
-    chosen = select(sites, config.patterns, config.exclude, param_names, other_uses)
-    train_params = _select_trainable(config.trainable, param_names, chosen, aliases)
-
+    chosen, train_params, other_uses = _select(nm, graphs, config)
     for p in model.parameters():
         p.requires_grad_(False)
-    _make_trainable_copies(nm, train_params, graphs, resolve, aliases)
+    _make_trainable_copies(nm, train_params, graphs)
     _insert_adapters(nm, chosen, config, other_uses)
-
-    for mode, graph in graphs.items():
-        graph.lint()
-        nm._set_graph(mode, graph)
-    ref = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
-    nm._set_reference("model." + ref if ref else None)
-    nm.train(model.training)
+    _install_graphs(nm, model, graphs)
 
     if check and "eval" in graphs:
         _check_capture(nm, model, args, kwargs, reference)
     return nm
 
 
+def _one_config(config: NeatConfig | None, given: dict) -> NeatConfig:
+    """The configuration of a call: `config=` or the options given one by one, never both (an option beside a
+    config would otherwise be silently ignored)."""
+    if config is None:
+        return NeatConfig(**given)
+    if not isinstance(config, NeatConfig):
+        raise ConfigError(f"config must be a neat_fx.NeatConfig, got {type(config).__name__}")
+    if given:
+        raise ConfigError(
+            f"pass the options either in config= or one by one, not both: {', '.join(sorted(given))} given beside "
+            f"config=. Use config=dataclasses.replace(config, {next(iter(sorted(given)))}=…) to change one."
+        )
+    return config
+
+
+def _select(nm: NeatModule, graphs: dict, config: NeatConfig):
+    """(sites to adapt, parameters to train in full, non-linear uses by parameter name)."""
+    resolve = lambda target: cap.resolve_attr(nm, target)  # noqa: E731
+    aliases = _aliases(nm.model)
+    sites, other_uses = _collect_sites(graphs, resolve, aliases)
+    param_names = dict(nm.model.named_parameters(remove_duplicate=False))
+    chosen = select(sites, config.patterns, config.exclude, param_names, other_uses)
+    train_params = _select_trainable(config.trainable, param_names, chosen, aliases)
+    return chosen, train_params, other_uses
+
+
+def _install_graphs(container, model: nn.Module, graphs: dict):
+    """Give `container` its graphs, the base weight whose device it follows, and the model's mode."""
+    for mode, graph in graphs.items():
+        graph.lint()
+        container._set_graph(mode, graph)
+    ref = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
+    container._set_reference("model." + ref if ref else None)
+    container.train(model.training)
+
+
 def _warn_static_batch(args, kwargs, dynamic):
     if dynamic is not True:
         return
-    leaves = cap.flatten_output((args, kwargs))
+    leaves = flat_tensors((args, kwargs))
     if leaves and all(t.dim() >= 1 and t.shape[0] == 1 for t in leaves):
         warnings.warn(
             "example_inputs have batch size 1: torch.export specialises dimensions of size 1, so the "
@@ -117,19 +136,12 @@ def _aliases(model: nn.Module) -> dict[int, tuple[str, ...]]:
 def capture_plain(model: nn.Module, example_inputs, *, modes=("eval",), dynamic=True, method="export"):
     """The model as a `FoldedModule` (graphs without adapters), sharing the model's weights: what the
     ONNX exporter works on when it is given a plain (e.g. merged) model."""
-    from .fold import FoldedModule
-
     args, kwargs = cap.split_example_inputs(example_inputs)
     cap.check_runs_eagerly(model, args, kwargs)
     captures = cap.capture(model, args, kwargs, method=method, modes=modes, dynamic=dynamic)
     out = FoldedModule()
     out.model = model
-    graphs = {mode: _bind_targets(c, model, out) for mode, c in captures.items()}
-    for mode, graph in graphs.items():
-        out._set_graph(mode, graph)
-    ref = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
-    out._set_reference("model." + ref if ref else None)
-    out.train(model.training)
+    _install_graphs(out, model, {mode: _bind_targets(c, model, out) for mode, c in captures.items()})
     return out
 
 
@@ -165,12 +177,12 @@ def _collect_sites(graphs, resolve, aliases):
     for graph in graphs.values():
         uses, other = find_uses(graph, resolve)
         for u in uses:
-            p = resolve(u.weight_node.target)
-            names = aliases.get(id(p), (u.weight_node.target.removeprefix("model."),))
+            p = resolve(u.weight.target)
+            names = aliases.get(id(p), (u.weight.target.removeprefix("model."),))
             site = by_param.get(id(p))
             if site is None:
                 d_out, d_in = (p.shape if u.layout == "out_in" else p.shape[::-1])
-                site = Site(names[0], u.weight_node.target, tuple(p.shape), int(d_in), int(d_out), u.layout, [], names)
+                site = Site(names[0], u.weight.target, tuple(p.shape), int(d_in), int(d_out), u.layout, [], names)
                 by_param[id(p)] = site
             elif site.layout != u.layout:
                 raise PatternError(
@@ -198,7 +210,7 @@ def _select_trainable(patterns, param_names, chosen: list[Site], aliases) -> lis
         hit = [(n, p) for n, p in param_names.items() if matches(pattern, (n,))]
         if not hit:
             raise PatternError(
-                f"trainable pattern {pattern!r} matches no parameter; parameters: {_list(param_names)}"
+                f"trainable pattern {pattern!r} matches no parameter; parameters: {name_list(param_names)}"
             )
         for n, p in hit:
             picked.setdefault(id(p), (aliases[id(p)][0], p))
@@ -212,7 +224,7 @@ def _select_trainable(patterns, param_names, chosen: list[Site], aliases) -> lis
     return list(picked.values())
 
 
-def _make_trainable_copies(nm: NeatModule, params, graphs, resolve, aliases):
+def _make_trainable_copies(nm: NeatModule, params, graphs):
     if not params:
         return
     key_of = {}
@@ -225,13 +237,13 @@ def _make_trainable_copies(nm: NeatModule, params, graphs, resolve, aliases):
     for graph in graphs.values():
         for node in graph.nodes:
             if node.op == "get_attr":
-                obj = resolve(node.target)
+                obj = cap.resolve_attr(nm, node.target)
                 if id(obj) in key_of:
                     node.target = "trainable." + key_of[id(obj)]
 
 
 def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, other_uses):
-    dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else torch.float32
+    dtype = config.dtype
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     keys = set()
     for site in chosen:
@@ -257,22 +269,18 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
 
 def _insert_one(use: Use, key: str):
     graph = use.node.graph
-    x = use.node.args[use.x_index]
+    args = (use.x, use.weight, use.node) + ((use.form,) if use.form != "right" else ())
     with graph.inserting_after(use.node):
-        new = graph.call_module("adapters." + key, (x, use.weight_node, use.node))
+        new = graph.call_module("adapters." + key, args)
     use.node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     new.meta["neat_site"] = key
 
 
 def _check_capture(nm: NeatModule, model: nn.Module, args, kwargs, reference):
-    was = nm.training
-    nm.eval()
-    try:
-        with torch.no_grad():
-            out = nm(*args, **kwargs)
-    finally:
-        nm.train(was)
-    ok, worst = cap.compare_outputs(reference, out)
+    with cap.train_mode(nm, False), torch.no_grad():
+        out = nm(*args, **kwargs)
+    result = compare(reference, out, rtol=CAPTURE_RTOL)
+    ok, worst = result["ok"], result["max_rel"]
     if not ok:
         raise CaptureError(
             f"the captured graph of {type(model).__name__} does not reproduce the eager model on the example "

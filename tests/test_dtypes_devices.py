@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import neat_fx
+from neat_fx.numerics import flat_tensors
 
 import zoo
 from helpers import call, max_diff, randomize_adapters, rel_diff
@@ -26,7 +27,7 @@ def test_half_precision_bases(name, dtype):
     # a training step in half precision: adapters stay float32 and get float32 gradients
     nm.train()
     out = call(nm, example)
-    loss = sum(t.float().pow(2).mean() for t in neat_fx.capture.flatten_output(out) if t.is_floating_point())
+    loss = sum(t.float().pow(2).mean() for t in flat_tensors(out) if t.is_floating_point())
     loss.backward()
     for p in nm.adapters.parameters():
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
@@ -34,7 +35,7 @@ def test_half_precision_bases(name, dtype):
     folded = neat_fx.fold(nm)
     with torch.no_grad():
         got, fo = call(nm, other), call(folded, other)
-    for t in neat_fx.capture.flatten_output(fo):
+    for t in flat_tensors(fo):
         if t.is_floating_point():
             assert t.dtype == dtype
     assert rel_diff(fo, got) <= 3e-2  # one half-precision rounding of W0 + ΔW apart

@@ -16,10 +16,10 @@ from helpers import call, randomize_adapters, tensors
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-from neat_fx.export import ExportError, session, to_onnx  # noqa: E402
+from neat_fx.export import ExportConfig, ExportError, session, to_onnx  # noqa: E402
 from neat_fx.export import onnx_export  # noqa: E402
 
-ZOO_EXPORT = ["bert", "gpt2", "llama", "vit", "t5", "transformer_encoder", "home_grown", "cnn", "tied"]
+ZOO_EXPORT = ["bert", "gpt2", "llama", "vit", "t5", "transformer_encoder", "home_grown", "projections", "cnn", "tied"]
 
 
 def ort_outputs(path, inputs):
@@ -314,7 +314,7 @@ def _pruned(model, example):
     from neat_fx.transform import capture_plain
 
     container = capture_plain(model, ((), example) if isinstance(example, dict) else (example, {}), modes=("eval",))
-    pruned, applied = onnx_export._export_container(container, approximate=False, rewrite_attention=True)
+    pruned, applied = onnx_export._export_container(container, ExportConfig())
     return container, pruned, applied
 
 

@@ -7,7 +7,7 @@ import torch
 import neat_fx
 
 import zoo
-from helpers import max_diff, randomize_adapters, ref_delta, rel_diff
+from helpers import max_diff, randomize_adapters, ref_delta, reference_model, rel_diff
 
 
 @pytest.fixture
@@ -132,3 +132,30 @@ def test_fold_half_precision_computes_delta_in_float32_from_w0(dtype):
         out_nm, out_f = nm(*other), folded(*other)
     assert out_nm.dtype == dtype
     assert max_diff(out_nm, out_f) <= 5e-2
+
+
+def test_einsum_and_left_matmul_sites_fold_and_merge():
+    """The sites the op table added: found with their layout and form, adapted, folded and merged into the
+    model, all equal to the float64 reference."""
+    model, example, other, patterns = zoo.projections()
+    model.eval()
+    nm = neat_fx.transform(model, patterns, example, rank=4, depth=4, activation="tanh", scale=0.5, seed=0)
+    sites = {s.name: s for s in neat_fx.sites(nm)}
+    assert {n: (s.kinds, s.layout) for n, s in sites.items()} == {
+        "w_in": ("einsum", "out_in"), "w_mid": ("einsum", "in_out"),
+        "w_left": ("matmul", "out_in"), "w_left_t": ("matmul", "in_out"),
+    }
+    forms = {n.target: n.args[3] if len(n.args) > 3 else "right" for n in nm.graph("eval").nodes
+             if n.op == "call_module" and n.target.startswith("adapters.")}
+    assert forms == {"adapters.w_in": "einsum:bsd,da->bsa;bsa,ha->bsh", "adapters.w_mid": "einsum:...i,ia->...a;...a,oa->...o",
+                     "adapters.w_left": "left", "adapters.w_left_t": "left"}
+    randomize_adapters(nm, std=0.3)
+    nm.eval()
+    ref = reference_model(model, nm).eval()
+    with torch.no_grad():
+        want = ref(*other)
+        assert max_diff(nm(*other), want) <= 1e-5
+        folded = neat_fx.fold(nm)
+        assert max_diff(folded(*other), want) <= 1e-5
+        merged = neat_fx.merge_into(copy.deepcopy(model), nm)
+        assert max_diff(merged(*other), want) <= 1e-5

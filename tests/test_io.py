@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neat_fx
-import neat_fx.io as nio
+import neat_fx.io.writing as nio_writing
 
 import zoo
 from helpers import max_diff, randomize_adapters, rel_diff
@@ -108,7 +108,7 @@ def test_failed_save_leaves_previous_save_intact(tmp_path, monkeypatch):
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nio, "save_file", broken_save)
+    monkeypatch.setattr(nio_writing, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         neat_fx.save_adapters(nm, tmp_path / "ad")
     now = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}

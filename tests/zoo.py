@@ -110,6 +110,33 @@ def home_grown():
     return HomeGrown(), (torch.randn(2, 5, 16, generator=g),), (torch.randn(4, 3, 16, generator=g),), ["w_in", "w_mid", "w_out"]
 
 
+class Projections(nn.Module):
+    """Custom code with the sites the op table added: einsum projections (weight (out, in) and (in, out)) and
+    weights on the left of a matmul (directly and through a transpose)."""
+
+    def __init__(self, d=16, h=24):
+        super().__init__()
+        g = torch.Generator().manual_seed(12)
+        self.w_in = nn.Parameter(torch.randn(h, d, generator=g) / d**0.5)  # einsum("bsd,hd->bsh"): out_in
+        self.w_mid = nn.Parameter(torch.randn(h, h, generator=g) / h**0.5)  # einsum("...i,io->...o"): in_out
+        self.w_left = nn.Parameter(torch.randn(d, h, generator=g) / h**0.5)  # w_left @ hᵀ: out_in, left
+        self.w_left_t = nn.Parameter(torch.randn(d, d, generator=g) / d**0.5)  # w_left_t.T @ zᵀ: in_out, left
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = F.gelu(torch.einsum("bsd,hd->bsh", x, self.w_in))
+        h = torch.tanh(torch.einsum("...i,io->...o", h, self.w_mid))
+        z = torch.matmul(self.w_left, h.transpose(-1, -2)).transpose(-1, -2)
+        z = (self.w_left_t.T @ z.transpose(-1, -2)).transpose(-1, -2)
+        return self.norm(x + z)
+
+
+def projections():
+    g = torch.Generator().manual_seed(13)
+    return Projections(), (torch.randn(2, 5, 16, generator=g),), (torch.randn(4, 3, 16, generator=g),), \
+        ["w_in", "w_mid", "w_left", "w_left_t"]
+
+
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -155,5 +182,5 @@ def tied():
 
 ZOO = {
     "bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit, "t5": t5, "transformer_encoder": transformer_encoder,
-    "home_grown": home_grown, "cnn": cnn, "tied": tied,
+    "home_grown": home_grown, "projections": projections, "cnn": cnn, "tied": tied,
 }

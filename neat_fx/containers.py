@@ -1,4 +1,7 @@
-"""`GraphContainer`: an nn.Module that runs one captured graph per mode ("train" / "eval").
+"""The containers: nn.Modules that run one captured graph per mode ("train" / "eval").
+
+`GraphContainer` is the mechanism; `NeatModule` (what `transform` returns: the graphs with adapters) and
+`FoldedModule` (what `fold` returns: the graphs without them) are its two kinds.
 
 The graphs are `fx.GraphModule`s kept outside the module tree; their top-level attributes are the
 container's own submodules (the user's model, the adapters, …), so parameters are shared, not copied,
@@ -12,11 +15,13 @@ dtype (an explicit float32 upcast cannot be told from an incidental one).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .config import NeatConfig
 from .errors import ConfigError, InputMismatchError
 
 
@@ -84,16 +89,14 @@ class GraphContainer(nn.Module):
 
     def graph(self, mode: str | None = None) -> fx.Graph:
         """The captured graph of `mode` (default: the current one)."""
-        return self._graph_module(mode).graph
-
-    def graph_module(self, mode: str | None = None) -> fx.GraphModule:
-        return self._graph_module(mode)
+        return self.graph_module(mode).graph
 
     @property
     def modes(self) -> tuple[str, ...]:
         return tuple(self._graphs)
 
-    def _graph_module(self, mode: str | None = None) -> fx.GraphModule:
+    def graph_module(self, mode: str | None = None) -> fx.GraphModule:
+        """The GraphModule running `mode` (default: the current one)."""
         mode = mode or ("train" if self.training else "eval")
         try:
             return self._graphs[mode]
@@ -145,7 +148,7 @@ class GraphContainer(nn.Module):
 
     def forward(self, *args, **kwargs):
         mode = "train" if self.training else "eval"
-        gm = self._graph_module(mode)
+        gm = self.graph_module(mode)
         try:
             self._signatures[mode].bind(*args, **kwargs)
         except TypeError as exc:
@@ -157,3 +160,110 @@ class GraphContainer(nn.Module):
             ) from None
         self._sync_device()
         return gm(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One adapted weight, as `neat_fx.sites(nm)` reports it."""
+
+    name: str  # qualified parameter name in the model
+    key: str  # key of its adapter in nm.adapters
+    kinds: str  # ops that use it (kinds of neat_fx.ops.OPS): linear, matmul, mm, addmm, einsum
+    layout: str  # "out_in" (nn.Linear, W @ x) or "in_out" (Conv1D, x @ W)
+    d_in: int
+    d_out: int
+    uses: int  # op nodes using it, over all modes' graphs (tied weights: several)
+    aliases: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    shared_with_other_ops: bool  # also used outside linear ops (e.g. an embedding tied to the head)
+
+
+class NeatModule(GraphContainer):
+    """Created by `neat_fx.transform`. Called like the model; returns what the model returns.
+
+    Children: `model` (the user's model, frozen, shared), `adapters` (one NeatAdapter per site),
+    `trainable` (copies of base parameters trained in full), `extras` (constants of the capture),
+    `base_weights` (W0 kept after `merge_into` wrote W0 + ΔW into the model).
+    """
+
+    def __init__(self, model: nn.Module, config: NeatConfig):
+        super().__init__()
+        self.model = model
+        self.adapters = nn.ModuleDict()
+        self.trainable = nn.ParameterDict()
+        self.extras = nn.Module()
+        self.base_weights = nn.Module()
+        self.config = config
+        self.site_infos: list[SiteInfo] = []
+        self.trainable_names: dict[str, str] = {}  # key in self.trainable -> model parameter name
+
+    # -- introspection ----------------------------------------------------------------------------
+    def sites(self) -> list[SiteInfo]:
+        return list(self.site_infos)
+
+    def weight_of(self, site: SiteInfo) -> torch.Tensor:
+        """W0 of a site: the base weight this module computes ΔW from."""
+        if site.key in self.base_weights._buffers:
+            return self.base_weights._buffers[site.key]
+        return self.model.get_parameter(site.name)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Hugging Face's `PreTrainedModel.num_parameters` contract (the Trainer calls it): an int. Embeddings
+        are the weights of nn.Embedding modules of the model."""
+        trainable, total = self.parameter_counts()
+        if only_trainable:
+            return trainable
+        if exclude_embeddings:
+            total -= sum(m.weight.numel() for m in self.model.modules() if isinstance(m, nn.Embedding))
+        return total
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total): total = the model's parameters + the adapters' (a trained-in-full copy
+        replaces its original, so it is not counted twice)."""
+        model_total = sum(p.numel() for p in self.model.parameters())
+        adapters = sum(p.numel() for p in self.adapters.parameters())
+        full = sum(p.numel() for p in self.trainable.parameters() if p.requires_grad)
+        trainable = full + sum(p.numel() for p in self.adapters.parameters() if p.requires_grad)
+        return trainable, model_total + adapters
+
+    def summary(self) -> str:
+        rows = [("site", "ops", "d_in", "d_out", "adapter params")]
+        for s in self.site_infos:
+            n = self.adapters[s.key].num_parameters()
+            rows.append((s.name + (f" (×{s.uses})" if s.uses > len(self.modes) else ""), s.kinds, str(s.d_in), str(s.d_out), f"{n:,}"))
+        for key, name in self.trainable_names.items():
+            p = self.trainable[key]
+            rows.append((name, "trained in full", "", "", f"{p.numel():,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = []
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if j == 0 or j == 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        trainable, total = self.parameter_counts()
+        c = self.config
+        lines.append("")
+        lines.append(
+            f"NEAT rank={c.rank} depth={c.depth} activation={c.activation} scale={c.scale:g} · "
+            f"{len(self.site_infos)} sites · modes {', '.join(self.modes)}"
+        )
+        lines.append(f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f} %)")
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        t, n = self.parameter_counts()
+        return f"sites={len(self.site_infos)}, trainable={t:,}, total={n:,}"
+
+
+class FoldedModule(GraphContainer):
+    """What `fold` returns: the captured graphs without adapter ops, weights `W0 + ΔW`.
+
+    Its state is a mirror of the model's attribute paths (`model.<name>`): unchanged tensors are shared
+    with the model, folded ones are new. `state_dict()` keys are the model's own, prefixed by `model.`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.extras = nn.Module()

@@ -1,0 +1,66 @@
+"""`ExportConfig`: every option of `to_onnx`, validated in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neat_fx.errors import ConfigError
+
+DTYPES = ("fp32", "fp16")
+OPTIMIZE = ("auto", "fusions", "exporter", "none")
+DEVICES = ("cpu", "cuda", "auto")
+QUANTIZE = (None, "int8")
+ROUTES = ("neat_fx", "optimum")
+OPTIMUM_LEVELS = (None, "O1", "O2", "O3", "O4")
+
+
+def _choice(name: str, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The options of `to_onnx` (documented there)."""
+
+    dtype: str = "fp32"
+    optimize: str = "auto"
+    dynamic: object = True  # True, False, or a torch.export dynamic_shapes spec
+    opset: int | None = None
+    verify: bool = True
+    device: str = "cpu"
+    approximate: bool = False
+    verify_inputs: object = None  # None or a list of example inputs
+    quantize: str | None = None
+    via: str = "neat_fx"
+    optimum_level: str | None = "O2"
+    task: str | None = None
+
+    def __post_init__(self):
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("optimize", self.optimize, OPTIMIZE)
+        _choice("device", self.device, DEVICES)
+        _choice("quantize", self.quantize, QUANTIZE)
+        _choice("via", self.via, ROUTES)
+        _choice("optimum_level", self.optimum_level, OPTIMUM_LEVELS)
+        for name in ("verify", "approximate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
+                                       or self.opset < 1):
+            raise ConfigError(f"opset must be None (the exporter's default) or a positive integer, got {self.opset!r}")
+        if self.dynamic is not True and self.dynamic is not False and self.dynamic is not None \
+                and not isinstance(self.dynamic, (dict, tuple, list)):
+            raise ConfigError(f"dynamic must be True, False or a torch.export dynamic_shapes spec (dict or tuple), "
+                              f"got {type(self.dynamic).__name__}")
+        if self.verify_inputs is not None and not isinstance(self.verify_inputs, (list, tuple)):
+            raise ConfigError("verify_inputs must be a list of example inputs (each a tuple or a dict), got "
+                              f"{type(self.verify_inputs).__name__}")
+        if self.quantize and self.dtype != "fp32":
+            raise ConfigError("quantize='int8' applies to fp32 models; leave dtype='fp32'")
+        if self.task is not None and self.via != "optimum":
+            raise ConfigError("task= chooses Optimum's task and applies only with via='optimum'")
+
+    @property
+    def rewrites_attention(self) -> bool:
+        """Whether the exact FX rewrites run (optimize 'auto' or 'fusions')."""
+        return self.optimize in ("auto", "fusions")
