@@ -18,49 +18,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sst2_common import Trial, build_method, interleave, load_minilm, make_optimizer, train_step  # noqa: E402
-from train_speed import fixed_batches  # noqa: E402
+from common import (Trial, build_method, fixed_batches, interleave, load_minilm, median_of, random_batches,
+                    random_minilm, randomise_adapters, save_results, speed_setup, train_step)
 
-RESULTS = Path(__file__).parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASE_COMPILED = "base model compiled (Inductor)"
 
 
-def random_minilm():
-    """MiniLM-L6's architecture (all-MiniLM-L6-v2's config) with random weights and a 2-class head."""
-    import transformers
-
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                  intermediate_size=1536, max_position_embeddings=512, num_labels=2)
-    return transformers.BertForSequenceClassification(cfg)
-
-
-def random_batches(n: int, batch: int, max_len: int):
-    """n (inputs, labels) batches of random token ids, padded after a random length in [8, max_len]."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1000, 30000, (batch, max_len), generator=g)
-        lengths = torch.randint(8, max_len + 1, (batch, 1), generator=g)
-        mask = (torch.arange(max_len) < lengths).long()
-        out.append((dict(input_ids=ids * mask, token_type_ids=torch.zeros_like(ids), attention_mask=mask),
-                    torch.randint(0, 2, (batch,), generator=g)))
-    return out
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argument_parser()
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this torch sees no CUDA device (run it on a GPU machine, or leave --device out)")
+    return args
 
 
-def median_of(times: dict) -> dict:
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def main(argv=None):
+def argument_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -70,33 +47,29 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     ap.add_argument("--random-init", action="store_true",
                     help="MiniLM-L6's shape with random weights and random tokens (no model package or data needed)")
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: this torch sees no CUDA device (run it on a GPU machine, or leave --device out)")
-    torch.set_num_threads(args.threads)
-    import neat_fx
+    return ap
 
-    dev, dtype = torch.device(args.device), DTYPES[args.dtype]
-    cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else None
+
+def training_batches(args, dev) -> list:
+    """warmup + steps (inputs, labels) batches of 32 × 64 tokens on `dev`: SST-2 sentences, or random ids."""
     if args.random_init:
         data = random_batches(args.warmup + args.steps, 32, 64)
     else:
         tok, _ = load_minilm()
         data = fixed_batches(tok, args.warmup + args.steps, 32, 64)
-    data = [({k: v.to(dev) for k, v in x.items()}, y.to(dev)) for x, y in data]
-    example = data[0][0]
+    return [({k: v.to(dev) for k, v in x.items()}, y.to(dev)) for x, y in data]
 
-    def base_model():
-        torch.manual_seed(0)
-        model = random_minilm() if args.random_init else load_minilm()[1]
-        return model.to(dev, dtype)
 
-    def make(method):
-        m = build_method(Trial(method, lr=1e-3), base_model(), example)
-        m.train()
-        return m
+def base_model(args):
+    """The model every set-up starts from (seeded, so each gets the same head), on the device and dtype."""
+    torch.manual_seed(0)
+    model = random_minilm() if args.random_init else load_minilm()[1]
+    return model.to(torch.device(args.device), DTYPES[args.dtype])
 
+
+def training_setups(args, example: dict) -> dict:
+    """label → (module to step, its optimizer): eager and compiled NEAT and PEFT LoRA (+ CUDA graphs on a GPU)."""
+    import neat_fx
     from torch._inductor.compile_fx import compile_fx
 
     def neat_cudagraphs():  # the "neat" backend handing its lowered graph to Inductor with CUDA graphs on
@@ -104,49 +77,66 @@ def main(argv=None):
 
     variants = [("NEAT eager", "neat", None), ("NEAT compiled (backend='neat')", "neat", dict(backend="neat")),
                 ("PEFT LoRA eager", "lora", None), ("PEFT LoRA compiled (Inductor)", "lora", dict(backend="inductor"))]
-    if cuda:
+    if args.device == "cuda":
         variants += [("NEAT compiled (backend='neat', Inductor + CUDA graphs)", "neat",
                       dict(backend=neat_cudagraphs())),
                      ("PEFT LoRA compiled (mode='reduce-overhead')", "lora", dict(mode="reduce-overhead"))]
     setups = {}
     for label, method, how in variants:
-        m = make(method)
-        opt, _ = make_optimizer(m, 1e-3, 10_000)
+        m, opt = speed_setup(method, base_model(args), example)
         setups[label] = (torch.compile(m, **how) if how else m, opt)
+    return setups
+
+
+def measure_training(setups: dict, data: list, args, sync) -> tuple[dict, float, list[dict]]:
+    """(median step ms per set-up, wall seconds incl. compilation, the backend's site plans)."""
+    import neat_fx
+
     t0 = time.perf_counter()
     train = median_of(interleave({k: (lambda i, r=r, o=o: train_step(r, o, None, *data[i]))
                                   for k, (r, o) in setups.items()}, args.steps, args.warmup, "training steps", sync))
-    train_wall = time.perf_counter() - t0
-    plans = [p.__dict__ for p in neat_fx.compiler.neat.plans]
+    return train, time.perf_counter() - t0, [p.__dict__ for p in neat_fx.compiler.neat.plans]
 
-    # Inference: folded by the backend vs the base model under Inductor.
-    base = base_model()
+
+def measure_inference(args, example: dict, sync) -> dict:
+    """Batch 1 and 32: the NEAT model (random B) compiled by the backend (folded) vs the base model under
+    Inductor vs eager NEAT; median ms and the compiled-vs-eager parity."""
+    base = base_model(args)
     base.eval()
     nm = build_method(Trial("neat", 1e-3), copy.deepcopy(base), example)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for ad in nm.adapters.values():
-            ad.B.copy_(torch.randn(ad.B.shape, generator=g).to(ad.B) * 0.05)
+    randomise_adapters(nm)
     nm.eval()
     infer = {}
     with torch.no_grad():
         neat_c, base_c = torch.compile(nm, backend="neat"), torch.compile(base, backend="inductor")
         for b in (1, 32):
-            feed = {k: v[:b] for k, v in data[0][0].items()}
+            feed = {k: v[:b] for k, v in example.items()}
             parity = float((neat_c(**feed).logits - nm(**feed).logits).abs().max())
             med = median_of(interleave({"NEAT compiled (folded)": lambda i: neat_c(**feed),
-                              "base model compiled (Inductor)": lambda i: base_c(**feed),
-                              "NEAT eager (unfolded)": lambda i: nm(**feed)}, args.runs, 3, f"inference b={b}", sync))
+                                        BASE_COMPILED: lambda i: base_c(**feed),
+                                        "NEAT eager (unfolded)": lambda i: nm(**feed)},
+                                       args.runs, 3, f"inference b={b}", sync))
             infer[b] = dict(median_ms=med, parity_vs_eager_neat=parity)
-    lora_eager = train["PEFT LoRA eager"]
+    return infer
+
+
+def where(args) -> str:
+    if args.device == "cuda":
+        return f"{torch.cuda.get_device_name()}, {args.dtype}"
+    return f"CPU, {args.threads} threads, {args.dtype}"
+
+
+def report(args, train: dict, train_wall: float, plans: list[dict], infer: dict) -> list[str]:
+    """The markdown lines of results/compile_speed*.md."""
+    defaults = argument_parser()
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("device", args.device), ("dtype", args.dtype))
-                    if v != ap.get_default(k)) + (" --random-init" if args.random_init else "")
-    where = (f"{torch.cuda.get_device_name()}, {args.dtype}" if cuda else f"CPU, {args.threads} threads, {args.dtype}")
+                    if v != defaults.get_default(k)) + (" --random-init" if args.random_init else "")
     weights = ("random weights of MiniLM-L6's shape, random tokens" if args.random_init
                else "pre-trained MiniLM-L6, SST-2")
+    lora_eager = train["PEFT LoRA eager"]
     lines = ["# torch.compile: backend 'neat' vs eager and PEFT LoRA", "",
              f"`python benchmarks/compile_speed.py --steps {args.steps} --runs {args.runs}{flags}` — torch "
-             f"{torch.__version__}, {where}; {weights} + head, q/v r=8, batch 32×64, AdamW; interleaved medians "
+             f"{torch.__version__}, {where(args)}; {weights} + head, q/v r=8, batch 32×64, AdamW; interleaved medians "
              f"(training {args.steps} steps after {args.warmup} warm-up, {train_wall:.0f} s in all incl. compilation).",
              "", "## Training step", "", "| set-up | median step (ms) | × PEFT LoRA eager |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.1f} | {v / lora_eager:.3f} |" for k, v in train.items()]
@@ -156,16 +146,28 @@ def main(argv=None):
               "| set-up | batch 1 (ms) | × base compiled | batch 32 (ms) | × base compiled |", "| --- | --- | --- | --- | --- |"]
     for k in infer[1]["median_ms"]:
         a, b = infer[1]["median_ms"][k], infer[32]["median_ms"][k]
-        lines.append(f"| {k} | {a:.2f} | {a / infer[1]['median_ms']['base model compiled (Inductor)']:.3f} | {b:.1f} | "
-                     f"{b / infer[32]['median_ms']['base model compiled (Inductor)']:.3f} |")
+        lines.append(f"| {k} | {a:.2f} | {a / infer[1]['median_ms'][BASE_COMPILED]:.3f} | {b:.1f} | "
+                     f"{b / infer[32]['median_ms'][BASE_COMPILED]:.3f} |")
     lines += ["", f"max |Δ logits| compiled-folded vs eager NEAT: {infer[1]['parity_vs_eager_neat']:.1e} (b=1), "
                   f"{infer[32]['parity_vs_eager_neat']:.1e} (b=32)."]
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"compile_speed_cuda_{args.dtype}" if cuda else "compile_speed"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(dict(train_ms=train, plans=plans, inference=infer, args=vars(args),
-                                                          torch=torch.__version__, device=where), indent=1))
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
+
+
+def write_results(args, train: dict, plans: list[dict], infer: dict, lines: list[str]):
+    stem = f"compile_speed_cuda_{args.dtype}" if args.device == "cuda" else "compile_speed"
+    save_results(stem, dict(train_ms=train, plans=plans, inference=infer, args=vars(args), torch=torch.__version__,
+                            device=where(args)), lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
+    data = training_batches(args, torch.device(args.device))
+    example = data[0][0]
+    train, train_wall, plans = measure_training(training_setups(args, example), data, args, sync)
+    infer = measure_inference(args, example, sync)
+    write_results(args, train, plans, infer, report(args, train, train_wall, plans, infer))
 
 
 if __name__ == "__main__":

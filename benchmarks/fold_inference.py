@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sst2_common import DEFAULT_DATA, Trial, build_method, interleave, load_minilm, read_tsv  # noqa: E402
+import neat_fx
+from neat_fx.finetune import read_tsv
 
-import neat_fx  # noqa: E402
+from common import (SST2_DATA, Trial, build_method, encode, interleave, load_minilm, median_of, randomise_adapters,
+                    save_results)
 
-RESULTS = Path(__file__).parent / "results"
 LABELS = {
     "base": "base model, untouched (HF eager)",
     "neat": "NEAT, unfolded (eval graph)",
@@ -47,14 +43,10 @@ def main(argv=None):
     with torch.no_grad():  # a head of a trained model's size (logits ~ ±3), so the parity figure means something
         model.classifier.weight.normal_(std=0.15)
     base = copy.deepcopy(model)
-    rows = read_tsv(DEFAULT_DATA / "test.tsv", 32)
-    feeds = {b: dict(tok([s for s, _ in rows[:b]], padding="max_length", max_length=args.seq, truncation=True,
-                         return_tensors="pt")) for b in (1, 32)}
+    rows = read_tsv(SST2_DATA / "test.tsv", 32)
+    feeds = {b: encode(tok, (s for s, _ in rows[:b]), args.seq) for b in (1, 32)}
     nm = build_method(Trial("neat", 1e-3), model, feeds[32])
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for adapter in nm.adapters.values():
-            adapter.B.copy_(torch.randn(adapter.B.shape, generator=g) * 0.05)
+    randomise_adapters(nm)
     nm.eval()
     folded = neat_fx.fold(nm)
     neat_fx.merge_into(model, nm)  # model = the HF model with W0 + ΔW written in
@@ -66,7 +58,7 @@ def main(argv=None):
             scale = logits["neat"].abs().max().item()
             times = interleave({k: (lambda i, m=m: m(**feed)) for k, m in models.items()}, args.runs, 5,
                                f"batch {b}")
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = median_of(times)
             out[b] = dict(median_ms=med, ratio_to_base={k: med[k] / med["base"] for k in med},
                           max_abs_vs_neat={k: (logits[k] - logits["neat"]).abs().max().item() for k in models},
                           logit_scale=scale)
@@ -82,10 +74,7 @@ def main(argv=None):
                      f"{out[32]['median_ms'][k]:.1f} | {out[32]['ratio_to_base'][k]:.3f} | "
                      f"{delta} |")
     lines += ["", f"Logit scale (max |logit|, batch 32): {out[32]['logit_scale']:.2f}. The base row's Δ is ΔW's effect."]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fold_inference.json").write_text(json.dumps(out, indent=1))
-    (RESULTS / "fold_inference.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results("fold_inference", out, lines)
 
 
 if __name__ == "__main__":

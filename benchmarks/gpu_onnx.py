@@ -22,19 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compile_speed import random_minilm  # noqa: E402
-from sst2_common import interleave  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from common import interleave, random_minilm, random_tokens, save_results
 
 
 def batch(b: int, seq: int = 64) -> dict:
-    g = torch.Generator().manual_seed(b)
-    ids = torch.randint(1000, 20000, (b, seq), generator=g)
-    lengths = torch.randint(16, seq + 1, (b, 1), generator=g)
-    mask = (torch.arange(seq) < lengths).long()
-    return dict(input_ids=ids * mask, attention_mask=mask)
+    """Padded random ids (lengths 16–seq) seeded by the batch size; input_ids and attention_mask only."""
+    return random_tokens(b, seq, b, token_type_ids=False)
 
 
 def main(argv=None):
@@ -109,10 +102,7 @@ def write(res: dict):
         lines.append(f"| {r['dtype']} | {r['route']} | {r['b1_ms']:.3f} | {r['b32_ms']:.3f} | "
                      f"{r['x_torch_b1']:.2f} / {r['x_torch_b32']:.2f} | {parity} | {fused} |")
     stem = "gpu_onnx_" + res["device"].split()[-1].lower().replace("run", "run_cpu")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(stem, res, lines)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ import time
 
 import torch
 
+from common import random_minilm, trainable_parameters
+
 
 def build():
-    import transformers
-
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                  intermediate_size=1536, num_labels=2)
-    return transformers.BertForSequenceClassification(cfg)
+    return random_minilm()
 
 
 def main():
@@ -49,7 +47,7 @@ def main():
                     r=8, target_modules=["query", "value"], modules_to_save=["classifier"]))
         except ImportError:
             pass
-        opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in runners.items()}
+        opts = {k: torch.optim.AdamW(trainable_parameters(m), lr=1e-4) for k, m in runners.items()}
         times = {k: [] for k in runners}
         for step in range(a.steps + 5):
             for k, m in runners.items():

