@@ -7,6 +7,9 @@ BIN     = $(VENV)/bin
 # A CPU build of torch for this machine; the package itself only asks for torch>=2.6,
 # so GPU users keep their own build (set TORCH_SPEC= to skip this step).
 TORCH_SPEC ?= torch==2.13.0
+# SST-2 for the main job: this development machine's copy beside the repository when it is there (the package
+# itself points nowhere: --data, $$NEAT_FX_SST2, else the Hugging Face hub). `make demo SST2=DIR` for another.
+SST2 ?= $(wildcard $(CURDIR)/../shared/data/sst2)
 
 .PHONY: setup setup-test setup-demo test test-all demo clean bench-optimum-env bench-onnx
 
@@ -32,7 +35,7 @@ test-all: setup-test
 	$(BIN)/python -m pytest -m "not gpu"
 
 demo: setup-demo
-	$(BIN)/neat-fx finetune
+	$(BIN)/neat-fx finetune $(if $(SST2),--data $(SST2),)
 
 # A side environment for the Optimum rows of benchmarks/onnx_latency.py: optimum-onnx pins transformers<4.58.
 OPT_VENV ?= .venv-optimum

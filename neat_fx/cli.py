@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+#: names of classification heads' weights, whose first dimension is the number of labels.
+HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 
 EXPORT_HELP = """\
 Export a NEAT-tuned Hugging Face model to ONNX for ONNX Runtime.
@@ -37,14 +39,15 @@ def _export(args) -> int:
             what = "a Hugging Face model folder (with config.json)" if marker else "the folder save_adapters wrote"
             print(f"neat-fx export: {flag} {folder} is not {what}", file=sys.stderr)
             return 2
-    meta_file = Path(args.adapters) / "neat_config.json"
-    class_name, num_labels = None, args.num_labels
-    if meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        class_name = meta.get("base_model")
-        for t in meta.get("trainable", []):
-            if num_labels is None and t["name"].endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
-                num_labels = t["shape"][0]
+    try:
+        saved = neat_fx.read_adapters(args.adapters)
+    except (OSError, neat_fx.NeatError) as exc:
+        print(f"neat-fx export: --adapters {args.adapters}: {exc}", file=sys.stderr)
+        return 2
+    class_name, num_labels = saved.base_model, args.num_labels
+    for name, tensor in saved.trainable.items():
+        if num_labels is None and name.endswith(HEAD_WEIGHTS):
+            num_labels = tensor.shape[0]
     cls = getattr(transformers, class_name, None) if class_name else None
     if cls is None:
         cls = transformers.AutoModelForSequenceClassification if num_labels else transformers.AutoModel

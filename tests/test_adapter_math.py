@@ -1,4 +1,4 @@
-"""The NEAT math of one adapter against the hand-written float64 reference (DESIGN.md §2)."""
+"""The NEAT math of one adapter against the hand-written float64 reference (docs/design.md, "The math")."""
 import pytest
 import torch
 

@@ -137,3 +137,50 @@ def test_fold_and_merge_reject_other_objects():
         neat_fx.merge_into(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(TypeError, match="NeatModule"):
         neat_fx.save_adapters(nn.Linear(2, 2), "x")
+
+
+def test_one_config_per_call_no_silent_ignores():
+    """A config and an option beside it would silently drop the option: refused, naming it; the config is frozen
+    and changes through dataclasses.replace (validated again)."""
+    import dataclasses
+
+    model, example, other, patterns = zoo.home_grown()
+    cfg = neat_fx.NeatConfig(patterns=patterns, rank=4)
+    for extra in ({"rank": 16}, {"scale": 0.5}, {"patterns": ["w_in"]}, {"exclude": ["w_mid"]}):
+        with pytest.raises(neat_fx.ConfigError, match=f"{next(iter(extra))} given beside config="):
+            neat_fx.transform(model, example_inputs=example, config=cfg, **extra)
+    assert all(p.requires_grad for p in model.parameters()), "nothing was changed"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rank = 16
+    with pytest.raises(neat_fx.ConfigError, match="rank must be a positive integer"):
+        dataclasses.replace(cfg, rank=0)
+    with pytest.raises(neat_fx.ConfigError, match="config must be a neat_fx.NeatConfig"):
+        neat_fx.transform(model, example_inputs=example, config={"rank": 4})
+    nm = neat_fx.transform(model, example_inputs=example, config=dataclasses.replace(cfg, rank=2), modes=None)
+    assert nm.config.rank == 2 and nm.adapters["w_in"].rank == 2
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "x"])
+def test_scale_must_be_a_finite_number(value):
+    with pytest.raises(neat_fx.ConfigError, match="scale must be a"):
+        neat_fx.NeatConfig(patterns=("*",), scale=value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"dtype": "fp8"}, "dtype must be one of"),
+    ({"optimize": "max"}, "optimize must be one of"),
+    ({"device": "tpu"}, "device must be one of"),
+    ({"quantize": "int4"}, "quantize must be one of"),
+    ({"quantize": "int8", "dtype": "fp16"}, "quantize='int8' applies to fp32"),
+    ({"via": "tf"}, "via must be one of"),
+    ({"opset": "18"}, "opset must be"),
+    ({"verify": 1}, "verify must be True or False"),
+    ({"dynamic": "yes"}, "dynamic must be"),
+    ({"verify_inputs": {"x": 1}}, "verify_inputs must be a list"),
+    ({"task": "text-classification"}, "applies only with via='optimum'"),
+])
+def test_export_options_validated_in_one_place(options, message):
+    from neat_fx.export import ExportConfig
+
+    with pytest.raises(neat_fx.ConfigError, match=message):
+        ExportConfig(**options)

@@ -70,7 +70,7 @@ def load_adapters(target, path, example_inputs=None, **transform_options):
             raise AdapterMismatchError(
                 "load_adapters onto a plain model transforms it first: pass example_inputs= (as for neat_fx.transform)"
             )
-        from .transform import transform
+        from ..transform import transform
 
         c = loaded.config
         names = list(loaded.sites)
