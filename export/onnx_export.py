@@ -207,9 +207,7 @@ def to_onnx(
 def _to_onnx(module, args, kwargs, path: Path, opts: ExportConfig, device: str, t_start: float) -> ExportReport:
     import onnx
 
-    with torch.no_grad():
-        reference_out = module(*args, **kwargs)
-    program, folded_first, optimizations = _torch_export(module, args, kwargs, opts, reference_out)
+    program, folded_first, optimizations, reference_out = _torch_export(module, args, kwargs, opts)
     _name_axes(program)
     second = _probe_second_batch(program, module, args, kwargs) if opts.verify and opts.verify_inputs is None else None
     proto, fusions = _optimized_proto(program, opts, device)
@@ -240,11 +238,13 @@ def _to_onnx(module, args, kwargs, path: Path, opts: ExportConfig, device: str, 
                    t_start)
 
 
-def _torch_export(module, args, kwargs, opts: ExportConfig, reference_out):
+def _torch_export(module, args, kwargs, opts: ExportConfig):
     """The module's eval graph, with the FX passes applied, exported by torch.onnx's dynamo exporter.
-    Returns (ONNX program, whether the module was folded first, what was done)."""
-    container, folded_first = _as_graph(module, args, kwargs)
+    Returns (ONNX program, whether the module was folded first, what was done, the module's own outputs)."""
+    container, folded_first = _as_graph(module, args, kwargs)  # a plain model's bad inputs are reported here
     container.eval()
+    with torch.no_grad():
+        reference_out = module(*args, **kwargs)
     exp, applied = _export_container(container, opts)
     gm = exp.graph_module("eval")
     bound = inspect.signature(gm.forward).bind(*args, **kwargs)
@@ -268,7 +268,7 @@ def _torch_export(module, args, kwargs, opts: ExportConfig, reference_out):
     done = list(applied)
     if opts.optimize != "none":
         done.append("exporter optimiser (constant folding, dead code)")
-    return program, folded_first, done
+    return program, folded_first, done, reference_out
 
 
 def _optimized_proto(program, opts: ExportConfig, device: str):

@@ -316,9 +316,11 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
         for i in positions:
             a = args[i]
             name = f"scaled_{len(holder._buffers)}"
-            holder.register_buffer(name, resolve_attr(root, a.target).detach() * scale)
+            value = resolve_attr(root, a.target).detach() * scale
+            holder.register_buffer(name, value)
             with graph.inserting_before(src):
                 args[i] = graph.get_attr(f"{holder_name}.{name}")
+            args[i].meta.update(a.meta)  # the same shape and dtype: later passes read them
             replaced.append(a)
         src.args = tuple(args)
         if len(node.args) > 6:  # scale given by position

@@ -52,7 +52,7 @@ def _join_optimizer(meta: dict, tensors: dict) -> dict:
 
 
 def _signature(nm: NeatModule) -> dict:
-    c = nm.config
+    c = nm.neat_config
     return {"sites": [s.name for s in nm.sites()], "trainable": sorted(nm.trainable_names.values()),
             "rank": c.rank, "depth": c.depth, "activation": c.activation, "scale": c.scale}
 

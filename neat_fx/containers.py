@@ -182,7 +182,8 @@ class SiteInfo:
 class NeatModule(GraphContainer):
     """Created by `neat_fx.transform`. Called like the model; returns what the model returns.
 
-    Children: `model` (the user's model, frozen, shared), `adapters` (one NeatAdapter per site),
+    `neat_config` is the NeatConfig it was built with. Children: `model` (the user's model, frozen, shared),
+    `adapters` (one NeatAdapter per site),
     `trainable` (copies of base parameters trained in full), `extras` (constants of the capture),
     `base_weights` (W0 kept after `merge_into` wrote W0 + ΔW into the model).
     """
@@ -194,9 +195,15 @@ class NeatModule(GraphContainer):
         self.trainable = nn.ParameterDict()
         self.extras = nn.Module()
         self.base_weights = nn.Module()
-        self.config = config
+        self.neat_config = config
         self.site_infos: list[SiteInfo] = []
         self.trainable_names: dict[str, str] = {}  # key in self.trainable -> model parameter name
+
+    @property
+    def config(self):
+        """The wrapped model's own `config` (a Hugging Face PretrainedConfig), or None — what integrations that
+        read `model.config` expect (the Trainer sets `use_cache` on it). NEAT's options are `neat_config`."""
+        return getattr(self.model, "config", None)
 
     # -- introspection ----------------------------------------------------------------------------
     def sites(self) -> list[SiteInfo]:
@@ -242,7 +249,7 @@ class NeatModule(GraphContainer):
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         trainable, total = self.parameter_counts()
-        c = self.config
+        c = self.neat_config
         lines.append("")
         lines.append(
             f"NEAT rank={c.rank} depth={c.depth} activation={c.activation} scale={c.scale:g} · "

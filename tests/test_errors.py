@@ -157,7 +157,7 @@ def test_one_config_per_call_no_silent_ignores():
     with pytest.raises(neat_fx.ConfigError, match="config must be a neat_fx.NeatConfig"):
         neat_fx.transform(model, example_inputs=example, config={"rank": 4})
     nm = neat_fx.transform(model, example_inputs=example, config=dataclasses.replace(cfg, rank=2), modes=None)
-    assert nm.config.rank == 2 and nm.adapters["w_in"].rank == 2
+    assert nm.neat_config.rank == 2 and nm.adapters["w_in"].rank == 2
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "x"])

@@ -47,7 +47,7 @@ def test_native_round_trip_onto_nm_and_onto_plain_model(tmp_path):
         assert max_diff(nm2(**other).logits, want) == 0.0
     # onto the plain model: transformed with the saved options, then loaded
     nm3 = neat_fx.load_adapters(copy.deepcopy(model), tmp_path / "ad", example_inputs=example).eval()
-    assert nm3.config.activation == "sin" and nm3.config.depth == 4
+    assert nm3.neat_config.activation == "sin" and nm3.neat_config.depth == 4
     with torch.no_grad():
         assert max_diff(nm3(**other).logits, want) == 0.0
 
@@ -148,7 +148,7 @@ def test_peft_trained_peanut_loads_into_neat_fx(tmp_path, depth, act):
     assert max_diff(want, base_out) > 1e-3
     pm.save_pretrained(tmp_path / "peft")
     nm = neat_fx.load_adapters(copy.deepcopy(base), tmp_path / "peft", example_inputs=example).eval()
-    assert nm.config.depth == 2 + 2 * depth and nm.config.activation == act and nm.config.scale == 0.5
+    assert nm.neat_config.depth == 2 + 2 * depth and nm.neat_config.activation == act and nm.neat_config.scale == 0.5
     assert set(nm.trainable_names.values()) == {"classifier.weight", "classifier.bias"}
     with torch.no_grad():
         assert rel_diff(nm(**other).logits, want) <= 1e-5

@@ -91,9 +91,9 @@ def load_adapters(target, path, example_inputs=None, **transform_options):
 def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
     problems = []
     c = loaded.config
-    if c.rank != nm.config.rank or c.depth != nm.config.depth:
+    if c.rank != nm.neat_config.rank or c.depth != nm.neat_config.depth:
         problems.append(
-            f"the checkpoint has rank={c.rank}, depth={c.depth}; nm has rank={nm.config.rank}, depth={nm.config.depth} "
+            f"the checkpoint has rank={c.rank}, depth={c.depth}; nm has rank={nm.neat_config.rank}, depth={nm.neat_config.depth} "
             f"(transform with rank={c.rank}, depth={c.depth}, or load onto the plain model)"
         )
     by_alias: dict[str, SiteInfo] = {}
@@ -150,7 +150,7 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
             ad.scale = c.scale
         for name, v in loaded.trainable.items():
             copy_into(nm.trainable[inv[name]], v)
-    nm.config = dataclasses.replace(nm.config, activation=c.activation, scale=c.scale)
+    nm.neat_config = dataclasses.replace(nm.neat_config, activation=c.activation, scale=c.scale)
 
 
 __all__ = ["FORMATS", "LoadedAdapters", "fingerprint", "fingerprint_matches", "load_adapters", "read_adapters",

@@ -40,7 +40,7 @@ def save(nm: NeatModule, folder: Path):
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "neat_fx_version": __version__,
-            "config": nm.config.to_dict(),
+            "config": nm.neat_config.to_dict(),
             "base_model": type(nm.model).__name__,
             "sites": [
                 {

@@ -24,7 +24,7 @@ PREFIX = "base_model.model."
 
 
 def save(nm: NeatModule, folder: Path):
-    act = nm.config.activation
+    act = nm.neat_config.activation
     if to_peft(act) is None:
         raise AdapterMismatchError(
             f"PEFT's PEANuT has no {act!r} activation (it takes transformers' ACT2FN names); save with format='neat'"
@@ -71,10 +71,10 @@ def save(nm: NeatModule, folder: Path):
             "peft_type": "PEANUT",
             "task_type": None,
             "base_model_name_or_path": getattr(model_cfg, "_name_or_path", None) or None,
-            "r": nm.config.rank,
-            "depth": nm.config.hidden_layers,
+            "r": nm.neat_config.rank,
+            "depth": nm.neat_config.hidden_layers,
             "act_fn": to_peft(act),
-            "scaling": nm.config.scale,
+            "scaling": nm.neat_config.scale,
             "target_modules": sorted(module_name(s.name) for s in nm.site_infos),
             "exclude_modules": None,
             "modules_to_save": sorted(modules_to_save) or None,
