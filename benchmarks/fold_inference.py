@@ -8,6 +8,7 @@ call by call, median of --runs calls. Writes results/fold_inference.{json,md}.
 
     python benchmarks/fold_inference.py [--runs 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,17 @@ import torch
 import neat_fx
 from neat_fx.finetune import read_tsv
 
-from common import (SST2_DATA, Trial, build_method, encode, interleave, load_minilm, median_of, randomise_adapters,
-                    save_results)
+from common import (
+    SST2_DATA,
+    Trial,
+    build_method,
+    encode,
+    interleave,
+    load_minilm,
+    median_of,
+    randomise_adapters,
+    save_results,
+)
 
 LABELS = {
     "base": "base model, untouched (HF eager)",
@@ -56,24 +66,37 @@ def main(argv=None):
         for b, feed in feeds.items():
             logits = {k: m(**feed).logits for k, m in models.items()}
             scale = logits["neat"].abs().max().item()
-            times = interleave({k: (lambda i, m=m: m(**feed)) for k, m in models.items()}, args.runs, 5,
-                               f"batch {b}")
+            times = interleave(
+                {k: (lambda i, m=m, feed=feed: m(**feed)) for k, m in models.items()}, args.runs, 5, f"batch {b}"
+            )
             med = median_of(times)
-            out[b] = dict(median_ms=med, ratio_to_base={k: med[k] / med["base"] for k in med},
-                          max_abs_vs_neat={k: (logits[k] - logits["neat"]).abs().max().item() for k in models},
-                          logit_scale=scale)
-    lines = ["# Folded inference vs the base model", "",
-             f"`python benchmarks/fold_inference.py --runs {args.runs}` — torch {torch.__version__}, {args.threads} "
-             f"threads, MiniLM-L6 + head, NEAT q/v r=8 with random B (std 0.05), eval, no_grad, {args.seq} tokens; "
-             f"interleaved, median of {args.runs} calls.", "",
-             "| model | batch 1 (ms) | × base | batch 32 (ms) | × base | max abs Δ logits vs unfolded NEAT (b=32) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+            out[b] = dict(
+                median_ms=med,
+                ratio_to_base={k: med[k] / med["base"] for k in med},
+                max_abs_vs_neat={k: (logits[k] - logits["neat"]).abs().max().item() for k in models},
+                logit_scale=scale,
+            )
+    lines = [
+        "# Folded inference vs the base model",
+        "",
+        f"`python benchmarks/fold_inference.py --runs {args.runs}` — torch {torch.__version__}, {args.threads} "
+        f"threads, MiniLM-L6 + head, NEAT q/v r=8 with random B (std 0.05), eval, no_grad, {args.seq} tokens; "
+        f"interleaved, median of {args.runs} calls.",
+        "",
+        "| model | batch 1 (ms) | × base | batch 32 (ms) | × base | max abs Δ logits vs unfolded NEAT (b=32) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for k in models:
         delta = "—" if k == "neat" else f"{out[32]['max_abs_vs_neat'][k]:.1e}"
-        lines.append(f"| {LABELS[k]} | {out[1]['median_ms'][k]:.2f} | {out[1]['ratio_to_base'][k]:.3f} | "
-                     f"{out[32]['median_ms'][k]:.1f} | {out[32]['ratio_to_base'][k]:.3f} | "
-                     f"{delta} |")
-    lines += ["", f"Logit scale (max |logit|, batch 32): {out[32]['logit_scale']:.2f}. The base row's Δ is ΔW's effect."]
+        lines.append(
+            f"| {LABELS[k]} | {out[1]['median_ms'][k]:.2f} | {out[1]['ratio_to_base'][k]:.3f} | "
+            f"{out[32]['median_ms'][k]:.1f} | {out[32]['ratio_to_base'][k]:.3f} | "
+            f"{delta} |"
+        )
+    lines += [
+        "",
+        f"Logit scale (max |logit|, batch 32): {out[32]['logit_scale']:.2f}. The base row's Δ is ΔW's effect.",
+    ]
     save_results("fold_inference", out, lines)
 
 

@@ -10,6 +10,7 @@ Writes results/gpu_onnx_<card>.{json,md}.
 
     python benchmarks/gpu_onnx.py [--runs 100]      (--device cpu: a dry run of the script on the CPU EP)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ def main(argv=None):
     from neat_fx.export import BoundRunner, session, to_onnx
 
     card = torch.cuda.get_device_name() if dev == "cuda" else "CPU dry run"
-    res = {"device": card, "providers": ort.get_available_providers(), "onnxruntime": ort.__version__,
-           "torch": torch.__version__, "runs": args.runs, "rows": []}
+    res = {
+        "device": card,
+        "providers": ort.get_available_providers(),
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "runs": args.runs,
+        "rows": [],
+    }
     if dev == "cuda" and "CUDAExecutionProvider" not in res["providers"]:
         print(json.dumps(res, indent=1))
         sys.exit("this onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (neat-fx[gpu])")
@@ -64,12 +71,23 @@ def main(argv=None):
                 fns[f"PyTorch eager|{b}"] = lambda i, xc=xc, m=model: m(**xc)
             for optimize in ("auto", "exporter"):
                 t = time.perf_counter()
-                rep = to_onnx(model, {k: v.to(dev) for k, v in batch(2).items()}, folder / f"{dtype}-{optimize}.onnx",
-                              dtype=dtype, optimize=optimize, device=dev)
+                rep = to_onnx(
+                    model,
+                    {k: v.to(dev) for k, v in batch(2).items()},
+                    folder / f"{dtype}-{optimize}.onnx",
+                    dtype=dtype,
+                    optimize=optimize,
+                    device=dev,
+                )
                 label = f"neat_fx to_onnx, ORT {ep} (optimize='{optimize}')"
-                rows[label] = dict(export_s=round(time.perf_counter() - t, 1), parity_max_rel=rep.max_rel_diff,
-                                   parity=rep.parity, fused_ops=rep.fused_ops, verified_on=rep.device,
-                                   optimizations=rep.optimizations)
+                rows[label] = dict(
+                    export_s=round(time.perf_counter() - t, 1),
+                    parity_max_rel=rep.max_rel_diff,
+                    parity=rep.parity,
+                    fused_ops=rep.fused_ops,
+                    verified_on=rep.device,
+                    optimizations=rep.optimizations,
+                )
                 print(rep, flush=True)
                 sess = session(rep.path, dev)
                 for b in (1, 32):
@@ -89,18 +107,24 @@ def main(argv=None):
 
 
 def write(res: dict):
-    lines = [f"# ONNX Runtime CUDA EP vs PyTorch CUDA eager: MiniLM-L6 shape, sequence 64, {res['device']}", "",
-             f"`python benchmarks/gpu_onnx.py --runs {res['runs']}` on a lent GPU machine — torch {res['torch']}, "
-             f"onnxruntime-gpu {res['onnxruntime']}; random weights, padded batches; ORT through IOBinding; "
-             f"interleaved, median of {res['runs']} calls. Parity: max relative difference from PyTorch of the same "
-             "dtype on the CUDA EP, over the export's two verification batches.", "",
-             "| dtype | route | batch 1 (ms) | batch 32 (ms) | × PyTorch (1 / 32) | parity (max rel) | fused ops |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# ONNX Runtime CUDA EP vs PyTorch CUDA eager: MiniLM-L6 shape, sequence 64, {res['device']}",
+        "",
+        f"`python benchmarks/gpu_onnx.py --runs {res['runs']}` on a lent GPU machine — torch {res['torch']}, "
+        f"onnxruntime-gpu {res['onnxruntime']}; random weights, padded batches; ORT through IOBinding; "
+        f"interleaved, median of {res['runs']} calls. Parity: max relative difference from PyTorch of the same "
+        "dtype on the CUDA EP, over the export's two verification batches.",
+        "",
+        "| dtype | route | batch 1 (ms) | batch 32 (ms) | × PyTorch (1 / 32) | parity (max rel) | fused ops |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in res["rows"]:
         fused = ", ".join(f"{k} ×{v}" for k, v in sorted(r.get("fused_ops", {}).items())) or "—"
         parity = f"{r['parity_max_rel']:.1e}" if "parity_max_rel" in r else "—"
-        lines.append(f"| {r['dtype']} | {r['route']} | {r['b1_ms']:.3f} | {r['b32_ms']:.3f} | "
-                     f"{r['x_torch_b1']:.2f} / {r['x_torch_b32']:.2f} | {parity} | {fused} |")
+        lines.append(
+            f"| {r['dtype']} | {r['route']} | {r['b1_ms']:.3f} | {r['b32_ms']:.3f} | "
+            f"{r['x_torch_b1']:.2f} / {r['x_torch_b32']:.2f} | {parity} | {fused} |"
+        )
     stem = "gpu_onnx_" + res["device"].split()[-1].lower().replace("run", "run_cpu")
     save_results(stem, res, lines)
 

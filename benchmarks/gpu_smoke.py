@@ -3,6 +3,7 @@
 A MiniLM-shaped BERT (6 layers, hidden 384, random weights), batch 32 × 64 tokens, query/value targets, r=8:
 train-step time of neat_fx NEAT vs PEFT LoRA vs PEFT PEANuT (when peft is installed), interleaved, median of
 `--steps` steps after warm-up, fp32 and bf16; plus fold parity on the card. Prints JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,15 @@ def main():
         try:
             import peft
 
-            runners["PEFT LoRA"] = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-                r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]))
+            runners["PEFT LoRA"] = peft.get_peft_model(
+                copy.deepcopy(base),
+                peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]),
+            )
             if hasattr(peft, "PeanutConfig"):
-                runners["PEFT PEANuT"] = peft.get_peft_model(copy.deepcopy(base), peft.PeanutConfig(
-                    r=8, target_modules=["query", "value"], modules_to_save=["classifier"]))
+                runners["PEFT PEANuT"] = peft.get_peft_model(
+                    copy.deepcopy(base),
+                    peft.PeanutConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier"]),
+                )
         except ImportError:
             pass
         opts = {k: torch.optim.AdamW(trainable_parameters(m), lr=1e-4) for k, m in runners.items()}

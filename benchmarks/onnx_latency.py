@@ -9,6 +9,7 @@ accuracy, see `neat-fx finetune`). Writes benchmarks/results/onnx_latency.{json,
 
     python benchmarks/onnx_latency.py [--runs 50 --rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,25 +66,45 @@ def build(route: str, folder: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if route == "dynamo":
-            torch.onnx.export(model, (), str(path), kwargs=example, dynamo=True, opset_version=20, optimize=True,
-                              dynamic_shapes={k: {0: "batch", 1: "seq"} for k in example})
+            torch.onnx.export(
+                model,
+                (),
+                str(path),
+                kwargs=example,
+                dynamo=True,
+                opset_version=20,
+                optimize=True,
+                dynamic_shapes={k: {0: "batch", 1: "seq"} for k in example},
+            )
         elif route == "legacy":
-            torch.onnx.export(model, (example["input_ids"], example["attention_mask"]), str(path), dynamo=False,
-                              input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=17,
-                              dynamic_axes={k: {0: "batch", 1: "seq"} for k in example})
+            torch.onnx.export(
+                model,
+                (example["input_ids"], example["attention_mask"]),
+                str(path),
+                dynamo=False,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
+                opset_version=17,
+                dynamic_axes={k: {0: "batch", 1: "seq"} for k in example},
+            )
         elif route.startswith("optimum"):
             from neat_fx.export import optimum_route
 
             ok, why = optimum_route.available()
             if not ok:
                 return {"skipped": why}
-            optimum_route.export(model, path, opset=None, level="O2" if route == "optimum_o2" else None,
-                                 task="text-classification")
+            optimum_route.export(
+                model, path, opset=None, level="O2" if route == "optimum_o2" else None, task="text-classification"
+            )
         else:
             from neat_fx.export import to_onnx
 
-            opts = {"neat": {}, "neat_fusions": {"optimize": "fusions"}, "neat_approx": {"approximate": True},
-                    "neat_int8": {"quantize": "int8"}}[route]
+            opts = {
+                "neat": {},
+                "neat_fusions": {"optimize": "fusions"},
+                "neat_approx": {"approximate": True},
+                "neat_int8": {"quantize": "int8"},
+            }[route]
             to_onnx(model, example, path, **opts)
     # parity on a padded batch of 8
     from neat_fx.export import session
@@ -125,6 +146,7 @@ def measure(route: str, path: str | None, runs: int) -> dict:
             def run(x=x):
                 with torch.no_grad():
                     model(**x)
+
             fn[b] = run
         fused = {}
     else:
@@ -145,9 +167,23 @@ def measure(route: str, path: str | None, runs: int) -> dict:
 
         ops = Counter(n.op_type for n in onnx.load(opt_path, load_external_data=False).graph.node)
         os.unlink(opt_path)
-        fused = {k: v for k, v in ops.items() if k in (
-            "Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
-            "FastGelu", "Gelu", "LayerNormalization", "FusedMatMul", "FusedGemm")}
+        fused = {
+            k: v
+            for k, v in ops.items()
+            if k
+            in (
+                "Attention",
+                "MultiHeadAttention",
+                "SkipLayerNormalization",
+                "EmbedLayerNormalization",
+                "BiasGelu",
+                "FastGelu",
+                "Gelu",
+                "LayerNormalization",
+                "FusedMatMul",
+                "FusedGemm",
+            )
+        }
         names = [i.name for i in sess.get_inputs()]
         fn = {}
         for b in (1, 32):
@@ -171,8 +207,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--routes", nargs="+", default=list(ROUTES))
-    ap.add_argument("--optimum-python", help="python of an environment with optimum-onnx (transformers<4.58), "
-                    "e.g. .venv-optimum/bin/python from `make bench-optimum-env`")
+    ap.add_argument(
+        "--optimum-python",
+        help="python of an environment with optimum-onnx (transformers<4.58), "
+        "e.g. .venv-optimum/bin/python from `make bench-optimum-env`",
+    )
     ap.add_argument("--child", nargs=2, metavar=("ROUTE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--build", nargs=2, metavar=("ROUTE", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from results/onnx_latency.json")
@@ -209,8 +248,9 @@ def export_routes(a) -> dict:
 def build_in_optimum_env(python: str, route: str, folder: Path) -> dict:
     """Optimum needs transformers<4.58: build (and check parity) in its own environment; the file is then
     timed with this environment's ONNX Runtime like every other route."""
-    res = subprocess.run([python, __file__, "--build", route, str(folder)], capture_output=True, text=True,
-                         env=quiet_env())
+    res = subprocess.run(
+        [python, __file__, "--build", route, str(folder)], capture_output=True, text=True, env=quiet_env()
+    )
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines:
         return {"skipped": f"build in {python} failed: {res.stderr.strip().splitlines()[-1:]}"}
@@ -243,9 +283,17 @@ def summarise(a, built: dict, rounds: dict) -> list[dict]:
         if r in rounds:
             b1 = statistics.median(x["b1_ms"] for x in rounds[r])
             b32 = statistics.median(x["b32_ms"] for x in rounds[r])
-            rows.append({"route": r, "label": ROUTES[r], "b1_ms": round(b1, 2), "b32_ms": round(b32, 1),
-                         "max_abs_diff": built[r]["max_abs_diff"], "fused_ops": rounds[r][0]["fused_ops"],
-                         "rounds": rounds[r]})
+            rows.append(
+                {
+                    "route": r,
+                    "label": ROUTES[r],
+                    "b1_ms": round(b1, 2),
+                    "b32_ms": round(b32, 1),
+                    "max_abs_diff": built[r]["max_abs_diff"],
+                    "fused_ops": rounds[r][0]["fused_ops"],
+                    "rounds": rounds[r],
+                }
+            )
         else:
             rows.append({"route": r, "label": ROUTES[r], "skipped": built[r]["skipped"]})
     base = next(x for x in rows if x["route"] == "pytorch")
@@ -261,27 +309,42 @@ def run_meta(a) -> dict:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count(), "threads": 2, "seq": SEQ, "runs": a.runs,
-            "rounds": a.rounds, "command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:])}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": 2,
+        "seq": SEQ,
+        "runs": a.runs,
+        "rounds": a.rounds,
+        "command": "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:]),
+    }
 
 
 def table(meta: dict, rows: list[dict]) -> list[str]:
     """The markdown lines of results/onnx_latency.md."""
-    lines = ["# ONNX Runtime latency: MiniLM-L6, sequence 64, CPU, 2 threads", "",
-             f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, onnxruntime "
-             f"{meta['onnxruntime']}; median of {meta['runs']} runs, median of {meta['rounds']} rounds, one process "
-             f"per route and round. Δ logits: max abs difference from PyTorch on a padded batch of 8.", "",
-             "| route | batch 1 (ms) | batch 32 (ms) | × eager (1 / 32) | max abs Δ logits | fused ops in the ORT graph |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# ONNX Runtime latency: MiniLM-L6, sequence 64, CPU, 2 threads",
+        "",
+        f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, onnxruntime "
+        f"{meta['onnxruntime']}; median of {meta['runs']} runs, median of {meta['rounds']} rounds, one process "
+        f"per route and round. Δ logits: max abs difference from PyTorch on a padded batch of 8.",
+        "",
+        "| route | batch 1 (ms) | batch 32 (ms) | × eager (1 / 32) | max abs Δ logits | fused ops in the ORT graph |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for x in rows:
         if "skipped" in x:
             lines.append(f"| {x['label']} | — | — | — | — | not run: {x['skipped']} |")
             continue
         d = "—" if x["max_abs_diff"] is None else f"{x['max_abs_diff']:.1e}"
         fo = ", ".join(f"{k} ×{v}" for k, v in sorted(x["fused_ops"].items())) or "—"
-        lines.append(f"| {x['label']} | {x['b1_ms']:.2f} | {x['b32_ms']:.1f} | {x['b1_vs_eager']:.2f} / "
-                     f"{x['b32_vs_eager']:.2f} | {d} | {fo} |")
+        lines.append(
+            f"| {x['label']} | {x['b1_ms']:.2f} | {x['b32_ms']:.1f} | {x['b1_vs_eager']:.2f} / "
+            f"{x['b32_vs_eager']:.2f} | {d} | {fo} |"
+        )
     return lines
 
 
@@ -304,9 +367,17 @@ def main():
         write_results(run_meta(a), summarise(a, built, rounds))
 
 
-SHORT = {"pytorch": "PyTorch eager", "dynamo": "dynamo exporter", "legacy": "legacy TorchScript exporter",
-         "optimum": "Optimum", "optimum_o2": "Optimum O2", "neat": "neat_fx (exact)", "neat_fusions": "neat_fx fusions",
-         "neat_approx": "neat_fx approx. GELU", "neat_int8": "neat_fx int8"}
+SHORT = {
+    "pytorch": "PyTorch eager",
+    "dynamo": "dynamo exporter",
+    "legacy": "legacy TorchScript exporter",
+    "optimum": "Optimum",
+    "optimum_o2": "Optimum O2",
+    "neat": "neat_fx (exact)",
+    "neat_fusions": "neat_fx fusions",
+    "neat_approx": "neat_fx approx. GELU",
+    "neat_int8": "neat_fx int8",
+}
 
 
 def plot(rows):

@@ -11,6 +11,7 @@ one-node MatMul against a FusedMatMul with alpha on q·kᵀ's shapes (MiniLM, ba
 
 (How results/onnx_profile_ab.log was made, with the files `onnx_latency.py --build ROUTE DIR` writes.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,11 @@ def profile(path: str, batch: int, runs: int, top: int) -> str:
     for i, n in enumerate(rng.integers(16, 65, batch)):
         mask[i, n:] = 0 if i else 1
     names = {i.name for i in sess.get_inputs()}
-    feed = {k: v for k, v in dict(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids)).items()
-            if k in names}
+    feed = {
+        k: v
+        for k, v in dict(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids)).items()
+        if k in names
+    }
     warm = 5
     for _ in range(warm):
         sess.run(None, feed)
@@ -66,8 +70,10 @@ def profile(path: str, batch: int, runs: int, top: int) -> str:
             count[key] += 1
     n = warm + runs
     lines = [f"{path}: batch {batch}, median of {runs} runs {statistics.median(times) * 1e3:.1f} ms"]
-    lines += [f"  {op:20s} {us / n / 1e3:7.2f} ms/run  ×{count[(op, sh)] // n:<3d} {sh[:100]}"
-              for (op, sh), us in total.most_common(top)]
+    lines += [
+        f"  {op:20s} {us / n / 1e3:7.2f} ms/run  ×{count[(op, sh)] // n:<3d} {sh[:100]}"
+        for (op, sh), us in total.most_common(top)
+    ]
     return "\n".join(lines)
 
 
@@ -80,17 +86,26 @@ def matmul_alpha(calls: int = 200) -> str:
         a = helper.make_tensor_value_info("A", TensorProto.FLOAT, [32, 12, 64, 32])
         b = helper.make_tensor_value_info("B", TensorProto.FLOAT, [32, 12, 32, 64])
         y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
-        node = (helper.make_node("FusedMatMul", ["A", "B"], ["Y"], domain="com.microsoft", alpha=0.17677)
-                if fused else helper.make_node("MatMul", ["A", "B"], ["Y"]))
+        node = (
+            helper.make_node("FusedMatMul", ["A", "B"], ["Y"], domain="com.microsoft", alpha=0.17677)
+            if fused
+            else helper.make_node("MatMul", ["A", "B"], ["Y"])
+        )
         graph = helper.make_graph([node], "g", [a, b], [y])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                       helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+        return helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        ).SerializeToString()
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    sessions = {k: ort.InferenceSession(model(k == "FusedMatMul(alpha)"), so, providers=["CPUExecutionProvider"])
-                for k in ("MatMul", "FusedMatMul(alpha)")}
-    feed = {"A": np.random.rand(32, 12, 64, 32).astype(np.float32), "B": np.random.rand(32, 12, 32, 64).astype(np.float32)}
+    sessions = {
+        k: ort.InferenceSession(model(k == "FusedMatMul(alpha)"), so, providers=["CPUExecutionProvider"])
+        for k in ("MatMul", "FusedMatMul(alpha)")
+    }
+    feed = {
+        "A": np.random.rand(32, 12, 64, 32).astype(np.float32),
+        "B": np.random.rand(32, 12, 32, 64).astype(np.float32),
+    }
     times = {k: [] for k in sessions}
     for _ in range(calls):  # alternating
         for k, s in sessions.items():
@@ -118,8 +133,21 @@ def main(argv=None):
         print(profile(a.files[0], a.batch, a.runs, a.top))
         return
     for f in a.files:  # one fresh process each
-        subprocess.run([sys.executable, __file__, "--child", f, "--batch", str(a.batch), "--runs", str(a.runs),
-                        "--top", str(a.top)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                f,
+                "--batch",
+                str(a.batch),
+                "--runs",
+                str(a.runs),
+                "--top",
+                str(a.top),
+            ],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

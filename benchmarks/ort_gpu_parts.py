@@ -12,6 +12,7 @@ picks the kept architecture), then tars and xz-compresses the package and splits
 
 (2026-11-27: 69.8 MB in two parts; CUDA EP ran on an H200 with the image's own CUDA 13 / cuDNN wheels.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def keep_one_arch(lib: bytes, sm: int) -> tuple[bytes, int]:
             (payload,) = struct.unpack_from("<Q", out, e + 8)
             (arch,) = struct.unpack_from("<I", out, e + 28)
             if kind == ELF_KIND and arch != sm:
-                out[e + eheader:e + eheader + payload] = bytes(payload)
+                out[e + eheader : e + eheader + payload] = bytes(payload)
                 zeroed += payload
             e += eheader + payload
         p = stop
@@ -56,13 +57,13 @@ def keep_one_arch(lib: bytes, sm: int) -> tuple[bytes, int]:
 
 
 def _section(elf: bytes, name: str) -> tuple[int, int]:
-    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    (shoff,) = struct.unpack_from("<Q", elf, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-    str_off, = struct.unpack_from("<Q", elf, shoff + shstrndx * shentsize + 0x18)
+    (str_off,) = struct.unpack_from("<Q", elf, shoff + shstrndx * shentsize + 0x18)
     for i in range(shnum):
         h = shoff + i * shentsize
-        name_off, = struct.unpack_from("<I", elf, h)
-        if elf[str_off + name_off:elf.index(b"\0", str_off + name_off)].decode() == name:
+        (name_off,) = struct.unpack_from("<I", elf, h)
+        if elf[str_off + name_off : elf.index(b"\0", str_off + name_off)].decode() == name:
             off, sz = struct.unpack_from("<QQ", elf, h + 0x18)
             return off, sz
     raise ValueError(f"no {name} section")
@@ -77,12 +78,30 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path(".ortgpu"))
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp())
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                          "--python-version", a.python, "--implementation", "cp", "--platform",
-                          "manylinux_2_28_x86_64", "-d", str(tmp), f"onnxruntime-gpu=={a.version}"])
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            a.python,
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "-d",
+            str(tmp),
+            f"onnxruntime-gpu=={a.version}",
+        ]
+    )
     if got.returncode:
-        sys.exit(f"pip could not download onnxruntime-gpu=={a.version} for Python {a.python} (manylinux_2_28 "
-                 "x86_64): check --version / --python against the package index")
+        sys.exit(
+            f"pip could not download onnxruntime-gpu=={a.version} for Python {a.python} (manylinux_2_28 "
+            "x86_64): check --version / --python against the package index"
+        )
     wheel = next(tmp.glob("onnxruntime_gpu-*.whl"))
     buf = io.BytesIO()
     with zipfile.ZipFile(wheel) as z, tarfile.open(fileobj=buf, mode="w") as tar:
@@ -100,7 +119,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     step = a.part_mb * 10**6
     for i in range(0, len(packed), step):
-        (a.out / f"part.{i // step}").write_bytes(packed[i:i + step])
+        (a.out / f"part.{i // step}").write_bytes(packed[i : i + step])
     (a.out / "SHA256").write_text(hashlib.sha256(packed).hexdigest() + "\n")
     print(f"{len(packed) / 1e6:.1f} MB in {(len(packed) + step - 1) // step} parts under {a.out}")
 

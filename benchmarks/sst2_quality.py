@@ -17,6 +17,7 @@ stopped; the report (results/sst2_quality.{md,png}) is rewritten after every run
     python benchmarks/sst2_quality.py --stages tune   # only the tuning trials
     python benchmarks/sst2_quality.py --report        # only rewrite the report
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,18 @@ import torch
 
 from neat_fx.finetune import batches, read_tsv
 
-from common import (METHOD_LABELS, RESULTS, SST2_DATA, Trial, accuracy, build_method, load_minilm, make_optimizer,
-                    train_step, trainable_parameters)
+from common import (
+    METHOD_LABELS,
+    RESULTS,
+    SST2_DATA,
+    Trial,
+    accuracy,
+    build_method,
+    load_minilm,
+    make_optimizer,
+    train_step,
+    trainable_parameters,
+)
 
 RUNS_FILE = RESULTS / "sst2_quality_runs.json"
 ADAPTER_METHODS = ("neat", "lora", "peanut")
@@ -87,9 +98,17 @@ def run_trial(trial: Trial, data: dict, args, with_dev: bool = True) -> dict:
     train_s = time.perf_counter() - t0
     dev_acc = accuracy(module, data["dev"], tok, args.max_len) if with_dev else None  # selection runs only
     test_acc = accuracy(module, data["test"], tok, args.max_len)
-    return dict(trial=trial.to_json(), dev_acc=dev_acc, test_acc=test_acc, trainable=trainable,
-                build_s=build_s, train_s=train_s, median_step_ms=1e3 * statistics.median(step_times),
-                final_loss=statistics.fmean(losses[-20:]), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return dict(
+        trial=trial.to_json(),
+        dev_acc=dev_acc,
+        test_acc=test_acc,
+        trainable=trainable,
+        build_s=build_s,
+        train_s=train_s,
+        median_step_ms=1e3 * statistics.median(step_times),
+        final_loss=statistics.fmean(losses[-20:]),
+        finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
 
 
 def best_trial(runs: dict, method: str) -> Trial | None:
@@ -129,20 +148,29 @@ def planned(runs: dict, stage: str) -> list[Trial]:
 
 # ---------------------------------------------------------------- report
 
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
 def report(runs: dict, args):
-    lines = ["# SST-2 quality: NEAT vs PEFT LoRA, PEFT PEANuT, full fine-tuning", "",
-             f"Command: `python benchmarks/sst2_quality.py` ({platform.machine()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}). MiniLM-L6 pre-trained, first {args.train_rows} SST-2 training sentences, "
-             f"1 epoch, batch {args.batch_size}, max length {args.max_len}, AdamW, 6 % warm-up + linear decay; q/v "
-             "targets; selection on dev.tsv (6,735 rows), test = GLUE validation (872 rows).", ""]
+    lines = [
+        "# SST-2 quality: NEAT vs PEFT LoRA, PEFT PEANuT, full fine-tuning",
+        "",
+        f"Command: `python benchmarks/sst2_quality.py` ({platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}). MiniLM-L6 pre-trained, first {args.train_rows} SST-2 training sentences, "
+        f"1 epoch, batch {args.batch_size}, max length {args.max_len}, AdamW, 6 % warm-up + linear decay; q/v "
+        "targets; selection on dev.tsv (6,735 rows), test = GLUE validation (872 rows).",
+        "",
+    ]
     summary = {}
-    lines += ["## Final: each method's dev-selected setting, seeds 0/1/2", "",
-              "| method | setting | trainable params | test acc seeds 0 / 1 / 2 | mean ± sd test acc | dev acc (seed 0) | median step (ms) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "## Final: each method's dev-selected setting, seeds 0/1/2",
+        "",
+        "| method | setting | trainable params | test acc seeds 0 / 1 / 2 | mean ± sd test acc | dev acc (seed 0) "
+        "| median step (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for m in GRID:
         w = best_trial(runs, m)
         if w is None:
@@ -150,53 +178,84 @@ def report(runs: dict, args):
         seeds = [runs.get(with_(w, seed=s).key) for s in (SEEDS if m != "head" else SEEDS[:1])]
         got = [r for r in seeds if r]
         mean = statistics.fmean(r["test_acc"] for r in got)
-        summary[m] = dict(setting=w.to_json(), test=[r["test_acc"] for r in got], mean_test=mean,
-                          std_test=statistics.stdev(r["test_acc"] for r in got) if len(got) > 1 else 0.0,
-                          dev_selected=runs[w.key]["dev_acc"], trainable=got[0]["trainable"])
-        lines.append(f"| {METHOD_LABELS[m]} | {setting(w)} | {got[0]['trainable']:,} | "
-                     f"{' / '.join(pct(r['test_acc']) if r else '…' for r in seeds)} | {pct(mean)} ± "
-                     f"{100 * summary[m]['std_test']:.1f}{'' if len(got) == len(seeds) else ' (partial)'} | "
-                     f"{pct(summary[m]['dev_selected'])} | "
-                     f"{statistics.median(r['median_step_ms'] for r in got):.0f} |")
+        summary[m] = dict(
+            setting=w.to_json(),
+            test=[r["test_acc"] for r in got],
+            mean_test=mean,
+            std_test=statistics.stdev(r["test_acc"] for r in got) if len(got) > 1 else 0.0,
+            dev_selected=runs[w.key]["dev_acc"],
+            trainable=got[0]["trainable"],
+        )
+        lines.append(
+            f"| {METHOD_LABELS[m]} | {setting(w)} | {got[0]['trainable']:,} | "
+            f"{' / '.join(pct(r['test_acc']) if r else '…' for r in seeds)} | {pct(mean)} ± "
+            f"{100 * summary[m]['std_test']:.1f}{'' if len(got) == len(seeds) else ' (partial)'} | "
+            f"{pct(summary[m]['dev_selected'])} | "
+            f"{statistics.median(r['median_step_ms'] for r in got):.0f} |"
+        )
     if "neat" in summary and "lora" in summary:
         d = 100 * (summary["neat"]["mean_test"] - summary["lora"]["mean_test"])
         lines += ["", f"NEAT − LoRA (mean test accuracy): {d:+.2f} points (target ≥ +1.0)."]
     if "neat" in summary and "full" in summary:
         d = 100 * (summary["neat"]["mean_test"] - summary["full"]["mean_test"])
         lines += [f"NEAT − full fine-tuning: {d:+.2f} points (target ≥ −1.0)."]
-    lines += ["", "## Every tuning trial (seed 0)", "",
-              "| method | setting | dev acc | test acc | final loss | median step (ms) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Every tuning trial (seed 0)",
+        "",
+        "| method | setting | dev acc | test acc | final loss | median step (ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for m in GRID:
         w = best_trial(runs, m)
         for t in GRID[m]:
             r = runs.get(t.key)
             if r:
                 mark = " **(selected)**" if w == t else ""
-                lines.append(f"| {METHOD_LABELS[m]} | {setting(t)}{mark} | {pct(r['dev_acc'])} | {pct(r['test_acc'])} | "
-                             f"{r['final_loss']:.3f} | {r['median_step_ms']:.0f} |")
+                lines.append(
+                    f"| {METHOD_LABELS[m]} | {setting(t)}{mark} | {pct(r['dev_acc'])} | {pct(r['test_acc'])} | "
+                    f"{r['final_loss']:.3f} | {r['median_step_ms']:.0f} |"
+                )
     w = best_trial(runs, "neat")
     if w is not None:
-        lines += ["", "## NEAT variants at NEAT's selected setting (seed 0)", "",
-                  "| variant | trainable params | test acc |", "| --- | --- | --- |"]
-        for label, t in (("depth 2, relu (selected)", w), ("depth 4, relu", with_(w, depth=4)),
-                         ("depth 2, sin", with_(w, activation="sin"))):
+        lines += [
+            "",
+            "## NEAT variants at NEAT's selected setting (seed 0)",
+            "",
+            "| variant | trainable params | test acc |",
+            "| --- | --- | --- |",
+        ]
+        for label, t in (
+            ("depth 2, relu (selected)", w),
+            ("depth 4, relu", with_(w, depth=4)),
+            ("depth 2, sin", with_(w, activation="sin")),
+        ):
             r = runs.get(t.key)
             if r:
                 lines.append(f"| {label} | {r['trainable']:,} | {pct(r['test_acc'])} |")
     sweep = {}
-    lines += ["", "## Rank sweep (seed 0, each method at its selected setting)", "",
-              "| method | r | trainable params | test acc |", "| --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Rank sweep (seed 0, each method at its selected setting)",
+        "",
+        "| method | r | trainable params | test acc |",
+        "| --- | --- | --- | --- |",
+    ]
     for m in ADAPTER_METHODS:
         for t in planned(runs, "sweep"):
             r = runs.get(t.key)
             if t.method == m and r:
                 sweep.setdefault(m, []).append((r["trainable"], r["test_acc"], t.rank))
                 lines.append(f"| {METHOD_LABELS[m]} | {t.rank} | {r['trainable']:,} | {pct(r['test_acc'])} |")
-    lines += ["", "Step times here are from runs with other work on the machine: indicative only; the speed "
-              "targets are measured interleaved by `benchmarks/train_speed.py`."]
+    lines += [
+        "",
+        "Step times here are from runs with other work on the machine: indicative only; the speed "
+        "targets are measured interleaved by `benchmarks/train_speed.py`.",
+    ]
     (RESULTS / "sst2_quality.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "sst2_quality.json").write_text(json.dumps(dict(summary=summary, sweep=sweep, grid={
-        m: [t.key for t in GRID[m]] for m in GRID}), indent=1))
+    (RESULTS / "sst2_quality.json").write_text(
+        json.dumps(dict(summary=summary, sweep=sweep, grid={m: [t.key for t in GRID[m]] for m in GRID}), indent=1)
+    )
     plot(summary, sweep)
 
 
@@ -226,9 +285,14 @@ def plot(summary: dict, sweep: dict):
             ax.annotate(f"r={r}", (n, 100 * acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
     for m, style in (("full", "--"), ("head", ":")):
         if m in summary:
-            ax.axhline(100 * summary[m]["mean_test"], ls=style, color="gray",
-                       label=f"{METHOD_LABELS[m]} ({summary[m]['trainable'] / 1e6:.1f} M params)" if m == "full"
-                       else f"{METHOD_LABELS[m]}")
+            ax.axhline(
+                100 * summary[m]["mean_test"],
+                ls=style,
+                color="gray",
+                label=f"{METHOD_LABELS[m]} ({summary[m]['trainable'] / 1e6:.1f} M params)"
+                if m == "full"
+                else f"{METHOD_LABELS[m]}",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (incl. the 770-parameter head)")
     ax.set_ylabel("SST-2 accuracy (%, GLUE validation)")
@@ -241,8 +305,12 @@ def plot(summary: dict, sweep: dict):
 def main(argv=None):
     global RESULTS, RUNS_FILE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", nargs="+", default=["tune", "seeds", "variants", "sweep"],
-                    choices=["tune", "seeds", "variants", "sweep"])
+    ap.add_argument(
+        "--stages",
+        nargs="+",
+        default=["tune", "seeds", "variants", "sweep"],
+        choices=["tune", "seeds", "variants", "sweep"],
+    )
     ap.add_argument("--methods", nargs="+", default=list(GRID), choices=list(GRID))
     ap.add_argument("--data", type=Path, default=SST2_DATA)
     ap.add_argument("--train-rows", type=int, default=8000)
@@ -257,8 +325,11 @@ def main(argv=None):
     RESULTS.mkdir(exist_ok=True)
     runs = load_runs()
     if not args.report:
-        data = dict(train=read_tsv(args.data / "train.tsv", args.train_rows), dev=read_tsv(args.data / "dev.tsv"),
-                    test=read_tsv(args.data / "test.tsv"))
+        data = dict(
+            train=read_tsv(args.data / "train.tsv", args.train_rows),
+            dev=read_tsv(args.data / "dev.tsv"),
+            test=read_tsv(args.data / "test.tsv"),
+        )
         for stage in args.stages:
             for trial in planned(runs, stage):
                 if trial.key in runs or trial.method not in args.methods:
@@ -266,8 +337,12 @@ def main(argv=None):
                 rec = run_trial(trial, data, args, with_dev=stage == "tune")
                 runs[trial.key] = rec
                 save_runs(runs)
-                print(f"[{stage}] {trial.key}: dev {pct(rec['dev_acc']) if rec['dev_acc'] else '—'} test {pct(rec['test_acc'])} "
-                      f"({rec['train_s']:.0f} s, step {rec['median_step_ms']:.0f} ms)", flush=True)
+                print(
+                    f"[{stage}] {trial.key}: dev {pct(rec['dev_acc']) if rec['dev_acc'] else '—'} "
+                    f"test {pct(rec['test_acc'])} "
+                    f"({rec['train_s']:.0f} s, step {rec['median_step_ms']:.0f} ms)",
+                    flush=True,
+                )
                 report(runs, args)
     report(runs, args)
     print((RESULTS / "sst2_quality.md").read_text())

@@ -12,6 +12,7 @@ results/train_speed.{json,md}.
 
     python benchmarks/train_speed.py [--steps 40 --warmup 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,18 @@ import time
 
 import torch
 
-from common import (METHOD_LABELS, fixed_batches, interleave, load_minilm, peak_rss_mb, rss_mb, save_results,
-                    speed_setup, train_step, trainable_parameters)
+from common import (
+    METHOD_LABELS,
+    fixed_batches,
+    interleave,
+    load_minilm,
+    peak_rss_mb,
+    rss_mb,
+    save_results,
+    speed_setup,
+    train_step,
+    trainable_parameters,
+)
 
 SPEED_METHODS = ("neat", "lora", "peanut", "head")  # head only: the frozen model's own cost, the floor
 
@@ -81,8 +92,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.rss_child:
-        print(json.dumps(rss_child(args.rss_child, args.rank, args.rss_steps, args.batch_size, args.max_len,
-                                   args.threads)))
+        print(
+            json.dumps(
+                rss_child(args.rss_child, args.rank, args.rss_steps, args.batch_size, args.max_len, args.threads)
+            )
+        )
         return
 
     from tqdm.auto import tqdm
@@ -90,28 +104,63 @@ def main(argv=None):
     tok, _ = load_minilm()
     data = fixed_batches(tok, args.warmup + args.steps, args.batch_size, args.max_len)
     models = {m: build(m, args.rank, tok, data) for m in args.methods}
-    result = {m: dict(trainable=sum(p.numel() for p in trainable_parameters(models[m][0])),
-                      saved_mb=saved_bytes(models[m][0], *data[0]) / 2**20, steps_ms=[]) for m in args.methods}
+    result = {
+        m: dict(
+            trainable=sum(p.numel() for p in trainable_parameters(models[m][0])),
+            saved_mb=saved_bytes(models[m][0], *data[0]) / 2**20,
+            steps_ms=[],
+        )
+        for m in args.methods
+    }
     names = list(args.methods)
-    times = interleave({m: (lambda i, m=m: train_step(*models[m], None, *data[i])) for m in names},
-                       args.steps, args.warmup, "interleaved steps")
+    times = interleave(
+        {m: (lambda i, built=models[m]: train_step(*built, None, *data[i])) for m in names},
+        args.steps,
+        args.warmup,
+        "interleaved steps",
+    )
     for m in names:
         result[m]["steps_ms"] = times[m]
     del models
     for m in tqdm(names, desc="peak RSS, one process each"):
-        out = subprocess.run([sys.executable, __file__, "--rss-child", m, "--rank", str(args.rank),
-                              "--rss-steps", str(args.rss_steps), "--batch-size", str(args.batch_size),
-                              "--max-len", str(args.max_len), "--threads", str(args.threads)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--rss-child",
+                m,
+                "--rank",
+                str(args.rank),
+                "--rss-steps",
+                str(args.rss_steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--max-len",
+                str(args.max_len),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result[m].update(json.loads(out.stdout.strip().splitlines()[-1]))
     for m in names:
         result[m]["median_step_ms"] = statistics.median(result[m]["steps_ms"])
     base = "lora" if "lora" in result else names[0]
     floor = result.get("head", {}).get("median_step_ms")
-    meta = dict(command="python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=time.strftime("%Y-%m-%d"), torch=torch.__version__, machine=platform.machine(),
-                threads=args.threads, batch=args.batch_size, seq=args.max_len, rank=args.rank, steps=args.steps,
-                warmup=args.warmup)
+    meta = dict(
+        command="python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        date=time.strftime("%Y-%m-%d"),
+        torch=torch.__version__,
+        machine=platform.machine(),
+        threads=args.threads,
+        batch=args.batch_size,
+        seq=args.max_len,
+        rank=args.rank,
+        steps=args.steps,
+        warmup=args.warmup,
+    )
     try:
         import peft
         import transformers
@@ -119,26 +168,40 @@ def main(argv=None):
         meta.update(peft=peft.__version__, transformers=transformers.__version__)
     except ImportError:
         pass
-    lines = [f"# Training step: {', '.join(METHOD_LABELS[m] for m in names)}", "",
-             f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, peft {meta.get('peft')}, "
-             f"transformers {meta.get('transformers')}, {args.threads} threads. MiniLM-L6, q/v r={args.rank} + head, "
-             f"batch {args.batch_size}×{args.max_len} tokens, AdamW; interleaved, median of {args.steps} steps after "
-             f"{args.warmup} warm-up.", "",
-             "| method | trainable params | median step (ms) | × LoRA | × PEANuT | saved for backward (MB) | × LoRA | "
-             "peak RSS (MB) | × LoRA |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Training step: {', '.join(METHOD_LABELS[m] for m in names)}",
+        "",
+        f"`{meta['command']}` — {meta['date']}, torch {meta['torch']}, peft {meta.get('peft')}, "
+        f"transformers {meta.get('transformers')}, {args.threads} threads. MiniLM-L6, q/v r={args.rank} + head, "
+        f"batch {args.batch_size}×{args.max_len} tokens, AdamW; interleaved, median of {args.steps} steps after "
+        f"{args.warmup} warm-up.",
+        "",
+        "| method | trainable params | median step (ms) | × LoRA | × PEANuT | saved for backward (MB) | × LoRA | "
+        "peak RSS (MB) | × LoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for m in names:
         r = result[m]
-        ratio = lambda key, ref: f"{r[key] / result[ref][key]:.3f}" if ref in result else "—"  # noqa: E731
-        lines.append(f"| {METHOD_LABELS[m]} | {r['trainable']:,} | {r['median_step_ms']:.1f} | "
-                     f"{ratio('median_step_ms', base)} | {ratio('median_step_ms', 'peanut')} | {r['saved_mb']:.1f} | "
-                     f"{ratio('saved_mb', base)} | {r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb', base)} |")
+        ratio = lambda key, ref, r=r: f"{r[key] / result[ref][key]:.3f}" if ref in result else "—"  # noqa: E731
+        lines.append(
+            f"| {METHOD_LABELS[m]} | {r['trainable']:,} | {r['median_step_ms']:.1f} | "
+            f"{ratio('median_step_ms', base)} | {ratio('median_step_ms', 'peanut')} | {r['saved_mb']:.1f} | "
+            f"{ratio('saved_mb', base)} | {r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb', base)} |"
+        )
     if floor is not None:
         over = {m: result[m]["median_step_ms"] - floor for m in names if m != "head"}
-        lines += ["", "Step time − the head-only step (which runs no backward through the encoder, so this is the "
-                  "backward through the frozen encoder plus the adapters' own work): " +
-                  ", ".join(f"{METHOD_LABELS[m]} {v:+.1f} ms" for m, v in over.items()) +
-                  (f"; NEAT's is {over['neat'] / over['peanut']:.2f}× PEANuT's"
-                   if "neat" in over and "peanut" in over and over["peanut"] > 0 else "") + "."]
+        lines += [
+            "",
+            "Step time − the head-only step (which runs no backward through the encoder, so this is the "
+            "backward through the frozen encoder plus the adapters' own work): "
+            + ", ".join(f"{METHOD_LABELS[m]} {v:+.1f} ms" for m, v in over.items())
+            + (
+                f"; NEAT's is {over['neat'] / over['peanut']:.2f}× PEANuT's"
+                if "neat" in over and "peanut" in over and over["peanut"] > 0
+                else ""
+            )
+            + ".",
+        ]
     save_results(args.out, dict(meta=meta, results=result), lines)
 
 

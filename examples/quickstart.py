@@ -6,6 +6,7 @@
 Synthetic task: the label is whether the sentence's first token is in the lower half of the vocabulary —
 learnable, so the loss visibly falls.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,15 @@ def build_model(model_dir: Path | None):
     transformers.logging.set_verbosity_error()
     if model_dir is not None:
         return transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
@@ -47,8 +55,16 @@ def main(argv=None):
     vocab = model.config.vocab_size
 
     batch, _ = next(batches(1, 8, 16, vocab))
-    nm = neat_fx.transform(model, ["*query", "*value"], example_inputs=batch, rank=8, depth=2, activation="relu",
-                           scale=1.0, trainable=["classifier*"])  # a new head, trained in full
+    nm = neat_fx.transform(
+        model,
+        ["*query", "*value"],
+        example_inputs=batch,
+        rank=8,
+        depth=2,
+        activation="relu",
+        scale=1.0,
+        trainable=["classifier*"],
+    )  # a new head, trained in full
     print(nm.summary())
 
     opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=2e-2)
@@ -64,8 +80,9 @@ def main(argv=None):
 
     nm.eval()
     neat_fx.save_adapters(nm, out / "adapters")
-    reloaded = neat_fx.load_adapters(build_model(args.model) if args.model else _same_base(model, nm), out / "adapters",
-                                     example_inputs=batch)
+    reloaded = neat_fx.load_adapters(
+        build_model(args.model) if args.model else _same_base(model, nm), out / "adapters", example_inputs=batch
+    )
     folded = neat_fx.fold(nm)
     neat_fx.merge_into(model, nm)
     probe, _ = next(batches(1, 5, 12, vocab, seed=2))

@@ -6,6 +6,7 @@
 
 Needs the extra `onnx` (CPU) or `gpu` (CUDA). Importing neat_fx never imports this package.
 """
+
 from .config import ExportConfig
 from .onnx_export import ExportError, ExportReport, to_onnx
 from .runtime import BoundRunner, session

@@ -1,4 +1,5 @@
 """`ExportConfig`: every option of `to_onnx`, validated in one place."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,16 +46,25 @@ class ExportConfig:
         for name in ("verify", "approximate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.opset is not None and (isinstance(self.opset, bool) or not isinstance(self.opset, int)
-                                       or self.opset < 1):
+        if self.opset is not None and (
+            isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < 1
+        ):
             raise ConfigError(f"opset must be None (the exporter's default) or a positive integer, got {self.opset!r}")
-        if self.dynamic is not True and self.dynamic is not False and self.dynamic is not None \
-                and not isinstance(self.dynamic, (dict, tuple, list)):
-            raise ConfigError(f"dynamic must be True, False or a torch.export dynamic_shapes spec (dict or tuple), "
-                              f"got {type(self.dynamic).__name__}")
+        if (
+            self.dynamic is not True
+            and self.dynamic is not False
+            and self.dynamic is not None
+            and not isinstance(self.dynamic, (dict, tuple, list))
+        ):
+            raise ConfigError(
+                f"dynamic must be True, False or a torch.export dynamic_shapes spec (dict or tuple), "
+                f"got {type(self.dynamic).__name__}"
+            )
         if self.verify_inputs is not None and not isinstance(self.verify_inputs, (list, tuple)):
-            raise ConfigError("verify_inputs must be a list of example inputs (each a tuple or a dict), got "
-                              f"{type(self.verify_inputs).__name__}")
+            raise ConfigError(
+                "verify_inputs must be a list of example inputs (each a tuple or a dict), got "
+                f"{type(self.verify_inputs).__name__}"
+            )
         if self.quantize and self.dtype != "fp32":
             raise ConfigError("quantize='int8' applies to fp32 models; leave dtype='fp32'")
         if self.task is not None and self.via != "optimum":

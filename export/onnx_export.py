@@ -1,5 +1,6 @@
 """`to_onnx`: a folded (or merged) model → an optimised ONNX file for ONNX Runtime, verified against
 PyTorch before it is renamed into place."""
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,8 @@ from neat_fx.containers import GraphContainer, NeatModule
 from neat_fx.errors import NeatError
 from neat_fx.numerics import compare, flat_tensors
 
-from . import passes, runtime, verify as ver
+from . import passes, runtime
+from . import verify as ver
 from .config import ExportConfig
 
 log = logging.getLogger("neat_fx.export")
@@ -32,14 +34,42 @@ INT8_TOLERANCE = 0.5
 # Protobuf cannot hold a file over 2 GB: above this the weights go to `<path>.data` beside the model.
 EXTERNAL_DATA_ABOVE = 2 * 1024**3 - 64 * 2**20
 # Fused ONNX Runtime contrib ops worth counting in the report.
-FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
-             "FastGelu", "Gelu", "FusedMatMul", "FusedGemm", "LayerNormalization", "SkipSimplifiedLayerNormalization",
-             "SimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention", "QuickGelu", "BiasSoftmax")
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "EmbedLayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "FusedMatMul",
+    "FusedGemm",
+    "LayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RotaryEmbedding",
+    "GroupQueryAttention",
+    "QuickGelu",
+    "BiasSoftmax",
+)
 # On this project's CPU measurements ONNX Runtime's SkipLayerNormalization was slower than Add + LayerNorm.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
-                  "SkipSimplifiedLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp",
-                  "Log", "Erf", "Reciprocal", "Div")
+FP16_KEEP_FP32 = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Erf",
+    "Reciprocal",
+    "Div",
+)
 
 
 class ExportError(NeatError, RuntimeError):
@@ -73,8 +103,10 @@ class ExportReport:
 
     def __str__(self) -> str:
         lines = [
-            f"ONNX model   {self.path} ({self.size_bytes / 2**20:.1f} MB{', external data' if self.external_data else ''})",
-            f"precision    {self.dtype}, verified on {self.device} (tolerance {self.tolerance:g} of each output's scale)",
+            f"ONNX model   {self.path} ({self.size_bytes / 2**20:.1f} MB"
+            f"{', external data' if self.external_data else ''})",
+            f"precision    {self.dtype}, verified on {self.device} "
+            f"(tolerance {self.tolerance:g} of each output's scale)",
         ]
         for p in self.parity:
             lines.append(f"parity       inputs {p['shapes']}: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e}")
@@ -185,9 +217,20 @@ def to_onnx(
               nothing is written at `path`.
     """
     t_start = time.perf_counter()
-    opts = ExportConfig(dtype=dtype, optimize=optimize, dynamic=dynamic, opset=opset, verify=verify, device=device,
-                        approximate=approximate, verify_inputs=verify_inputs, quantize=quantize, via=via,
-                        optimum_level=optimum_level, task=task)
+    opts = ExportConfig(
+        dtype=dtype,
+        optimize=optimize,
+        dynamic=dynamic,
+        opset=opset,
+        verify=verify,
+        device=device,
+        approximate=approximate,
+        verify_inputs=verify_inputs,
+        quantize=quantize,
+        via=via,
+        optimum_level=optimum_level,
+        task=task,
+    )
     _onnx_modules()
     if not isinstance(module, nn.Module):
         raise TypeError(f"to_onnx exports an nn.Module, got {type(module).__name__}")
@@ -234,8 +277,9 @@ def _to_onnx(module, args, kwargs, path: Path, opts: ExportConfig, device: str, 
         if external:
             _relocate_external(onnx, tmp, final_data.name)
         st.commit()
-    return _report(onnx, path, final_data, external, opts, device, optimizations, parity, tol, proto, folded_first,
-                   t_start)
+    return _report(
+        onnx, path, final_data, external, opts, device, optimizations, parity, tol, proto, folded_first, t_start
+    )
 
 
 def _torch_export(module, args, kwargs, opts: ExportConfig):
@@ -256,12 +300,21 @@ def _torch_export(module, args, kwargs, opts: ExportConfig):
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                gm, (), None, kwargs=inputs, dynamo=True, optimize=opts.optimize != "none", opset_version=opts.opset,
-                dynamic_shapes=dynamic_shapes, output_names=ver.output_names(reference_out), verbose=False,
+                gm,
+                (),
+                None,
+                kwargs=inputs,
+                dynamo=True,
+                optimize=opts.optimize != "none",
+                opset_version=opts.opset,
+                dynamic_shapes=dynamic_shapes,
+                output_names=ver.output_names(reference_out),
+                verbose=False,
             )
         except Exception as exc:
             raise ExportError(
-                f"torch.onnx could not export {type(module).__name__}:\n    {cap.first_lines(exc)}{cap.user_frame(exc)}\n"
+                f"torch.onnx could not export {type(module).__name__}:\n    {cap.first_lines(exc)}"
+                f"{cap.user_frame(exc)}\n"
                 f"The usual causes: an op without an ONNX translation (pass a custom translation via "
                 f"torch.onnx.export directly) or data-dependent control flow."
             ) from exc
@@ -284,14 +337,18 @@ def _optimized_proto(program, opts: ExportConfig, device: str):
         result = optimize_for_ort(model_ir)
         model_ir, counts = result if isinstance(result, tuple) else (model_ir, {})
         fused = {k: v for k, v in counts.items() if v}
-        done.append("transformer fusions (onnxscript ort_fusions: "
-                    + ", ".join(f"{k} ×{v}" for k, v in sorted(fused.items())) + ")")
+        done.append(
+            "transformer fusions (onnxscript ort_fusions: "
+            + ", ".join(f"{k} ×{v}" for k, v in sorted(fused.items()))
+            + ")"
+        )
     proto = ir.serde.serialize_model(model_ir)
     if opts.dtype == "fp16":
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-        proto = convert_float_to_float16(proto, keep_io_types=True,
-                                         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32))
+        proto = convert_float_to_float16(
+            proto, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32)
+        )
         done.append("fp16 weights and math (float32 inputs/outputs; norms, softmax, reductions in float32)")
     return proto, done
 
@@ -324,30 +381,44 @@ def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportC
 
         with Staging() as st:
             q_tmp = st.path(tmp, ".q.onnx")
-            quantize_dynamic(str(tmp), str(q_tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             per_channel=True)  # per output channel: 3× less drift than per tensor
+            quantize_dynamic(
+                str(tmp), str(q_tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
+            )  # per output channel: 3× less drift than per tensor
             os.replace(q_tmp, tmp)
         _save(onnx, _with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
         done.append("dynamic int8 quantization of MatMul weights")
     return done
 
 
-def _report(onnx, path, final_data, external, opts, device, optimizations, parity, tol, proto, folded_first,
-            t_start) -> ExportReport:
+def _report(
+    onnx, path, final_data, external, opts, device, optimizations, parity, tol, proto, folded_first, t_start
+) -> ExportReport:
     model_counts = _count_ops(onnx.load(str(path), load_external_data=False))
     notes = []
     if opts.approximate:
         notes.append("approximate GELU: verified with a 10× looser tolerance; the drift is the parity above")
     if opts.quantize:
-        notes.append("int8: verified only against gross errors (0.5 of each output's scale); the drift is the parity "
-                     "above — judge int8 by task accuracy")
+        notes.append(
+            "int8: verified only against gross errors (0.5 of each output's scale); the drift is the parity "
+            "above — judge int8 by task accuracy"
+        )
     return ExportReport(
-        path=path, size_bytes=path.stat().st_size + (final_data.stat().st_size if external else 0),
-        dtype=opts.dtype, device=device, opset=opts.opset, optimizations=optimizations,
-        fused_ops={k: v for k, v in model_counts.items() if k in FUSED_OPS}, op_counts=model_counts,
-        parity=parity, tolerance=tol, input_names=[i.name for i in proto.graph.input],
-        output_names=[o.name for o in proto.graph.output], folded_first=folded_first, external_data=external,
-        seconds=time.perf_counter() - t_start, notes=notes,
+        path=path,
+        size_bytes=path.stat().st_size + (final_data.stat().st_size if external else 0),
+        dtype=opts.dtype,
+        device=device,
+        opset=opts.opset,
+        optimizations=optimizations,
+        fused_ops={k: v for k, v in model_counts.items() if k in FUSED_OPS},
+        op_counts=model_counts,
+        parity=parity,
+        tolerance=tol,
+        input_names=[i.name for i in proto.graph.input],
+        output_names=[o.name for o in proto.graph.output],
+        folded_first=folded_first,
+        external_data=external,
+        seconds=time.perf_counter() - t_start,
+        notes=notes,
     )
 
 
@@ -375,8 +446,11 @@ def _name_axes(program) -> None:
                 dims[axis] = int(f)
             elif isinstance(d, ir.SymbolicDim) and d.value and d.value not in rename:
                 size = int(f.node.hint) if hasattr(f, "node") and f.node.hint is not None else None
-                want = "batch" if axis == 0 else (
-                    "sequence" if axis == 1 and not fake.is_floating_point() else f"{value.name}_dim{axis}")
+                want = (
+                    "batch"
+                    if axis == 0
+                    else ("sequence" if axis == 1 and not fake.is_floating_point() else f"{value.name}_dim{axis}")
+                )
                 # Inputs that share a batch (or sequence) size share its name: they must agree at run time.
                 while want in owner and owner[want] != size:
                     want += "_"
@@ -409,8 +483,9 @@ def _relocate_external(onnx, model_path: Path, location: str):
 
 def _save(onnx, proto, tmp: Path, tmp_data: Path, external: bool):
     if external:
-        onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=tmp_data.name)
+        onnx.save_model(
+            proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name
+        )
     else:
         onnx.save_model(proto, str(tmp))
 
@@ -449,9 +524,13 @@ def _verify(tmp, device, module, args, kwargs, reference_out, verify_inputs, sec
         try:
             got = sess.run(None, feed)
         except Exception as exc:
-            hint = ("The exporter fixed a size that the model keeps dynamic (e.g. adaptive pooling over image "
-                    "height/width). Pass dynamic= a torch.export dynamic_shapes spec that leaves only the axes that "
-                    "can vary (e.g. the batch), or dynamic=False." if n_batch else "")
+            hint = (
+                "The exporter fixed a size that the model keeps dynamic (e.g. adaptive pooling over image "
+                "height/width). Pass dynamic= a torch.export dynamic_shapes spec that leaves only the axes that "
+                "can vary (e.g. the batch), or dynamic=False."
+                if n_batch
+                else ""
+            )
             raise ExportError(
                 f"ONNX Runtime ({device}) fails on inputs of shapes {shapes}, which the PyTorch module accepts:\n"
                 f"    {cap.first_lines(exc, 2)}\n{hint} Nothing was written."
@@ -564,13 +643,23 @@ def _via_optimum(module, example_inputs, path: Path, opts: ExportConfig, device:
         parity = []
         if opts.verify:
             second = _simple_second_batch(module, args, kwargs) if opts.verify_inputs is None else None
-            parity = _verify(tmp, device, module, args, kwargs, reference_out, opts.verify_inputs, second,
-                             TOLERANCE["fp32"])
+            parity = _verify(
+                tmp, device, module, args, kwargs, reference_out, opts.verify_inputs, second, TOLERANCE["fp32"]
+            )
         st.commit()
     counts = _count_ops(onnx.load(str(path), load_external_data=False))
     return ExportReport(
-        path=path, size_bytes=path.stat().st_size, dtype="fp32", device=device, opset=opts.opset, optimizations=done,
-        fused_ops={k: v for k, v in counts.items() if k in FUSED_OPS}, op_counts=counts, parity=parity,
-        tolerance=TOLERANCE["fp32"], input_names=[i.name for i in proto.graph.input],
-        output_names=[o.name for o in proto.graph.output], seconds=time.perf_counter() - t_start,
+        path=path,
+        size_bytes=path.stat().st_size,
+        dtype="fp32",
+        device=device,
+        opset=opts.opset,
+        optimizations=done,
+        fused_ops={k: v for k, v in counts.items() if k in FUSED_OPS},
+        op_counts=counts,
+        parity=parity,
+        tolerance=TOLERANCE["fp32"],
+        input_names=[i.name for i in proto.graph.input],
+        output_names=[o.name for o in proto.graph.output],
+        seconds=time.perf_counter() - t_start,
     )

@@ -3,6 +3,7 @@
 optimum-onnx currently pins transformers < 4.58; where it cannot be imported, `available()` says why and
 to_onnx raises with that reason. The model handed over is a plain transformers model with W0 + ΔW merged.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,8 @@ def available() -> tuple[bool, str]:
 
         return False, (
             f"optimum-onnx cannot be imported here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); it "
-            f"needs `pip install optimum-onnx` with transformers<4.58 (this environment has {transformers.__version__}). "
+            f"needs `pip install optimum-onnx` with transformers<4.58 "
+            f"(this environment has {transformers.__version__}). "
             f"Use via='neat_fx' (the default), which handles transformers 5."
         )
     return True, ""
@@ -72,16 +74,23 @@ def export(module: nn.Module, tmp_onnx: Path, *, opset: int | None, level: str |
     work = Path(tempfile.mkdtemp(prefix="neat_optimum_"))
     try:
         model.save_pretrained(work / "model")
-        main_export(str(work / "model"), output=str(work / "onnx"), task=task or task_of(model),
-                    opset=opset, no_post_process=False, do_validation=False)
+        main_export(
+            str(work / "model"),
+            output=str(work / "onnx"),
+            task=task or task_of(model),
+            opset=opset,
+            no_post_process=False,
+            do_validation=False,
+        )
         produced = work / "onnx" / "model.onnx"
         done = ["Optimum export"]
         if level:
             from optimum.onnxruntime import AutoOptimizationConfig, ORTOptimizer
 
             config = getattr(AutoOptimizationConfig, level)()
-            ORTOptimizer.from_pretrained(str(work / "onnx")).optimize(save_dir=str(work / "opt"),
-                                                                     optimization_config=config)
+            ORTOptimizer.from_pretrained(str(work / "onnx")).optimize(
+                save_dir=str(work / "opt"), optimization_config=config
+            )
             produced = next((work / "opt").glob("*.onnx"))
             done.append(f"ORTOptimizer {level}")
         shutil.move(str(produced), str(tmp_onnx))

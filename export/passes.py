@@ -4,6 +4,7 @@ Each rewrite is a function on an fx.Graph (returning how many places it changed)
 subclass; `export_pass_manager` runs the chosen ones through torch.fx's `PassManager`, ordered by the
 constraints below, and the export report lists the passes whose `PassResult` says they changed the graph.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,15 +80,33 @@ def sdpa_to_eager_attention(graph: fx.Graph) -> int:
 
 _aten = torch.ops.aten
 _POINTWISE = {
-    _aten.gelu.default, _aten.relu.default, _aten.tanh.default, _aten.sigmoid.default, _aten.silu.default,
-    _aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.clone.default,
-    _aten.contiguous.default, _aten.alias.default, _aten.neg.default, _aten.pow.Tensor_Scalar, _aten.rsqrt.default,
-    _aten.sqrt.default, _aten.exp.default, _aten.erf.default,
+    _aten.gelu.default,
+    _aten.relu.default,
+    _aten.tanh.default,
+    _aten.sigmoid.default,
+    _aten.silu.default,
+    _aten.add.Tensor,
+    _aten.sub.Tensor,
+    _aten.mul.Tensor,
+    _aten.div.Tensor,
+    _aten.clone.default,
+    _aten.contiguous.default,
+    _aten.alias.default,
+    _aten.neg.default,
+    _aten.pow.Tensor_Scalar,
+    _aten.rsqrt.default,
+    _aten.sqrt.default,
+    _aten.exp.default,
+    _aten.erf.default,
 }
 _VIEWS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default}
-_BIG = 2 ** 62
-_WORK = {_aten.linear.default, _aten.matmul.default, _aten.mm.default,
-         _aten.scaled_dot_product_attention.default}  # worth narrowing
+_BIG = 2**62
+_WORK = {
+    _aten.linear.default,
+    _aten.matmul.default,
+    _aten.mm.default,
+    _aten.scaled_dot_product_attention.default,
+}  # worth narrowing
 
 
 def _shape(node):
@@ -236,7 +255,7 @@ def prune_unread_positions(graph: fx.Graph) -> int:
                 node.args = (node.args[0], node.args[1], 0)
             continue
         for pos, value in rewrites[node].items():
-            node.args = node.args[:pos] + (value,) + node.args[pos + 1:]
+            node.args = node.args[:pos] + (value,) + node.args[pos + 1 :]
         for inp, (d, i) in placed[node].items():
             if demand[inp] is None:  # shared with users that need every row: narrow a view of it for this one
                 with graph.inserting_before(node):
@@ -248,9 +267,17 @@ def prune_unread_positions(graph: fx.Graph) -> int:
     return len(narrowed)
 
 
-_SCALE_COMMUTING = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.transpose.int,
-                    _aten.permute.default, _aten.slice.Tensor, _aten.select.int, _aten.contiguous.default,
-                    _aten.clone.default}
+_SCALE_COMMUTING = {
+    _aten.view.default,
+    _aten.reshape.default,
+    _aten._unsafe_view.default,
+    _aten.transpose.int,
+    _aten.permute.default,
+    _aten.slice.Tensor,
+    _aten.select.int,
+    _aten.contiguous.default,
+    _aten.clone.default,
+}
 
 
 def _scaled_operands(node: fx.Node) -> list[int] | None:
@@ -290,8 +317,12 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
         if _uses(node, q) != 1:  # q is also the keys or values (sdpa(h, h, h)): scaling it would scale those
             continue
         src = q
-        while isinstance(src, fx.Node) and src.op == "call_function" and src.target in _SCALE_COMMUTING \
-                and len(src.users) == 1:
+        while (
+            isinstance(src, fx.Node)
+            and src.op == "call_function"
+            and src.target in _SCALE_COMMUTING
+            and len(src.users) == 1
+        ):
             src = src.args[0]
         qs = _shape(q)
         if not (isinstance(src, fx.Node) and len(src.users) == 1 and not src.kwargs) or not qs:
@@ -336,9 +367,9 @@ def fold_attention_scale(graph: fx.Graph, root: torch.nn.Module) -> int:
     return n
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # The passes, as torch.fx passes.
+
 
 def approximate_gelu(graph: fx.Graph) -> int:
     """GELU with the tanh approximation (faster in ONNX Runtime; the drift is reported by verification)."""

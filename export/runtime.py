@@ -1,5 +1,6 @@
 """ONNX Runtime sessions for exported models: the right providers, and the session options the export
 recorded in the model's metadata (`neat_fx.ort.*`)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Inputs for verification (another batch of the example's structure) and names for the outputs. The comparison
 itself is neat_fx.numerics.compare, shared with the capture check."""
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@
 
 The stages and how they fit: docs/design.md.
 """
+
 from ._version import __version__
 from .activations import ACTIVATIONS
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -35,8 +36,28 @@ def sites(nm: NeatModule) -> list[SiteInfo]:
 
 
 __all__ = [
-    "ACTIVATIONS", "AdapterMismatchError", "CaptureError", "ConfigError", "FoldedModule", "InputMismatchError",
-    "LoadedAdapters", "MergeError", "NeatConfig", "NeatError", "NeatModule", "PatternError", "SiteInfo",
-    "__version__", "backend", "fold", "load_adapters", "load_checkpoint", "merge_into", "read_adapters",
-    "save_adapters", "save_checkpoint", "sites", "transform",
+    "ACTIVATIONS",
+    "AdapterMismatchError",
+    "CaptureError",
+    "ConfigError",
+    "FoldedModule",
+    "InputMismatchError",
+    "LoadedAdapters",
+    "MergeError",
+    "NeatConfig",
+    "NeatError",
+    "NeatModule",
+    "PatternError",
+    "SiteInfo",
+    "__version__",
+    "backend",
+    "fold",
+    "load_adapters",
+    "load_checkpoint",
+    "merge_into",
+    "read_adapters",
+    "save_adapters",
+    "save_checkpoint",
+    "sites",
+    "transform",
 ]

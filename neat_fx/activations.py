@@ -1,9 +1,10 @@
 """The activations σ the adapter network may use: one registry with the function and the names Hugging Face
 PEFT's PEANuT uses for each (transformers' ACT2FN names), for reading and writing its checkpoints."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

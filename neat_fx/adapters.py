@@ -12,6 +12,7 @@ says which dimension of the activation meets the weight (neat_fx.ops): "right" f
 M·x, or an einsum pair. The r×r layers follow PEFT's PEANuT layout (`h @ E.T`), so checkpoints map
 one to one.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def neat_hidden(weight, A, encoders, decoders, activation: str, layout: str, dty
     return h
 
 
-def neat_apply(x, weight, y, A, B, encoders, decoders, activation: str, scale: float, layout: str,
-               form: str = "right") -> torch.Tensor:
+def neat_apply(
+    x, weight, y, A, B, encoders, decoders, activation: str, scale: float, layout: str, form: str = "right"
+) -> torch.Tensor:
     """y + ΔW applied to x in the op's form, factorised: ΔW is never materialised.
     "right": y + s·(x H) Bᵀ;  "left": y + s·B (Hᵀ x);  "einsum:EQ_H;EQ_B": y + s·einsum(EQ_B, einsum(EQ_H, x, H), B).
     The scale multiplies the thin (tokens, r) product, not the (tokens, d_out) one."""
@@ -51,13 +53,14 @@ def neat_apply(x, weight, y, A, B, encoders, decoders, activation: str, scale: f
     if form == "left":
         return y + (B @ ((h.t() @ x) * scale)).to(y.dtype)
     if form.startswith("einsum:"):
-        eq_h, eq_b = form[len("einsum:"):].split(";")
+        eq_h, eq_b = form[len("einsum:") :].split(";")
         return y + torch.einsum(eq_b, torch.einsum(eq_h, x, h) * scale, B).to(y.dtype)
     raise ValueError(f"unknown adapter form {form!r}; expected 'right', 'left' or 'einsum:EQ_H;EQ_B'")
 
 
-def neat_delta(weight, A, B, encoders, decoders, activation: str, scale: float, layout: str,
-               dtype=torch.float32) -> torch.Tensor:
+def neat_delta(
+    weight, A, B, encoders, decoders, activation: str, scale: float, layout: str, dtype=torch.float32
+) -> torch.Tensor:
     """ΔW = s·B Hᵀ in `dtype`, in the layout of `weight` (which must be W0)."""
     h = neat_hidden(weight, A, encoders, decoders, activation, layout, dtype)
     delta = scale * (B.to(dtype) @ h.t())  # (d_out, d_in)
@@ -76,7 +79,7 @@ def neat_fold(weight, A, B, encoders, decoders, activation: str, scale: float, l
 _LIB = torch.library.Library("neat_fx", "DEF")
 _LIB.define(
     "adapter(Tensor x, Tensor weight, Tensor y, Tensor A, Tensor B, Tensor[] encoders, Tensor[] decoders, "
-    "str activation, float scale, str layout, str form=\"right\") -> Tensor"
+    'str activation, float scale, str layout, str form="right") -> Tensor'
 )
 _LIB.impl("adapter", neat_apply, "CompositeImplicitAutograd")
 
@@ -136,8 +139,19 @@ class NeatAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, form: str = "right") -> torch.Tensor:
-        args = (x, weight, y, self.A, self.B, list(self.encoders), list(self.decoders), self.activation, self.scale,
-                self.layout, form)
+        args = (
+            x,
+            weight,
+            y,
+            self.A,
+            self.B,
+            list(self.encoders),
+            list(self.decoders),
+            self.activation,
+            self.scale,
+            self.layout,
+            form,
+        )
         if torch.compiler.is_compiling():
             # One opaque node per site in the graph torch.compile hands its backend: the "neat" backend
             # lowers it (fold, or the cheaper training form); any other backend decomposes it like eager.
@@ -154,8 +168,9 @@ class NeatAdapter(nn.Module):
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW in float32, in the layout of `weight` (computed from `weight`, which must be W0)."""
-        return neat_delta(weight, self.A, self.B, list(self.encoders), list(self.decoders), self.activation,
-                          self.scale, self.layout)
+        return neat_delta(
+            weight, self.A, self.B, list(self.encoders), list(self.decoders), self.activation, self.scale, self.layout
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -1,6 +1,7 @@
 """Atomic writes: every file neat_fx writes (adapters, checkpoints, ONNX models) is written under a temporary
 name beside its destination, flushed, checked by its writer, then renamed into place; on failure the
 temporaries are removed and the destination keeps its previous content. One helper for all writers."""
+
 from __future__ import annotations
 
 import contextlib

@@ -8,6 +8,7 @@ weights so both routes present linear ops the same way to the matcher.
 Each mode gets its own graph because `ExportedProgram.module()` fixes dropout / batch-norm behaviour
 (and any `if self.training` branch) at capture time.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,7 +97,7 @@ def train_mode(module: nn.Module, training: bool):
 
 def first_lines(exc: BaseException, n: int = 3) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
-    lines = [l for l in text.splitlines() if l.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
     return "\n    ".join(lines[:n])
 
 

@@ -10,6 +10,7 @@ what it was made for). It is written whole under a temporary name, read back, th
 mix (a kill between the two renames leaves `<folder>.old`, which `load_checkpoint` falls back to). JSON and
 safetensors only.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,28 +54,40 @@ def _join_optimizer(meta: dict, tensors: dict) -> dict:
 
 def _signature(nm: NeatModule) -> dict:
     c = nm.neat_config
-    return {"sites": [s.name for s in nm.sites()], "trainable": sorted(nm.trainable_names.values()),
-            "rank": c.rank, "depth": c.depth, "activation": c.activation, "scale": c.scale}
+    return {
+        "sites": [s.name for s in nm.sites()],
+        "trainable": sorted(nm.trainable_names.values()),
+        "rank": c.rank,
+        "depth": c.depth,
+        "activation": c.activation,
+        "scale": c.scale,
+    }
 
 
-def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, step: int,
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    folder, nm: NeatModule, optimizer=None, scheduler=None, *, step: int, extra: dict | None = None
+) -> Path:
     """Write a resumable checkpoint of a training run to `folder` (replaced atomically); returns it."""
     _check_module(nm, "save_checkpoint")
     if any_sharded(nm):
         raise NotImplementedError(
             "save_checkpoint: nm is sharded (FSDP2); its optimizer state is sharded too. Checkpoint a sharded run "
             "with torch.distributed.checkpoint (dcp.save of model and optimizer state dicts), and save the adapters "
-            "with neat_fx.save_adapters on every rank.")
+            "with neat_fx.save_adapters on every rank."
+        )
     folder = Path(folder)
     with staged_folder(folder, check=_read) as tmp:  # _read: read back before it replaces anything
         save_adapters(nm, tmp / "adapters")
         tensors, opt_meta = _split_optimizer(optimizer.state_dict()) if optimizer is not None else ({}, None)
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {
-            "format": FORMAT, "step": int(step), "signature": _signature(nm), "optimizer": opt_meta,
+            "format": FORMAT,
+            "step": int(step),
+            "signature": _signature(nm),
+            "optimizer": opt_meta,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng_python": _to_json(random.getstate()), "extra": extra or {},
+            "rng_python": _to_json(random.getstate()),
+            "extra": extra or {},
         }
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta))
@@ -83,8 +96,10 @@ def save_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, s
 
 def _check_module(nm, what: str):
     if not isinstance(nm, NeatModule):
-        raise TypeError(f"{what} expects the NeatModule being trained (from neat_fx.transform), got "
-                        f"{type(nm).__name__}; pass nm itself (for DDP: ddp.module), not the base model")
+        raise TypeError(
+            f"{what} expects the NeatModule being trained (from neat_fx.transform), got "
+            f"{type(nm).__name__}; pass nm itself (for DDP: ddp.module), not the base model"
+        )
 
 
 def _to_json(v):
@@ -125,9 +140,13 @@ def load_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, r
     meta, tensors = _read(found)
     want, have = meta["signature"], _signature(nm)
     if want != have:
-        diff = [f"{k}: checkpoint {want.get(k)!r}, this run {have.get(k)!r}" for k in want if want.get(k) != have.get(k)]
-        raise AdapterMismatchError(f"the checkpoint in {found} was made for another model or configuration; "
-                                   f"nothing was restored:\n  - " + "\n  - ".join(diff))
+        diff = [
+            f"{k}: checkpoint {want.get(k)!r}, this run {have.get(k)!r}" for k in want if want.get(k) != have.get(k)
+        ]
+        raise AdapterMismatchError(
+            f"the checkpoint in {found} was made for another model or configuration; "
+            f"nothing was restored:\n  - " + "\n  - ".join(diff)
+        )
     opt_sd = None
     if optimizer is not None:
         if meta["optimizer"] is None:
@@ -136,8 +155,10 @@ def load_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, r
         groups = [len(g["params"]) for g in optimizer.state_dict()["param_groups"]]
         saved = [len(g["params"]) for g in opt_sd["param_groups"]]
         if groups != saved:
-            raise AdapterMismatchError(f"the checkpoint's optimizer has parameter groups of sizes {saved}, this "
-                                       f"optimizer {groups}; build the optimizer as the saved run did")
+            raise AdapterMismatchError(
+                f"the checkpoint's optimizer has parameter groups of sizes {saved}, this "
+                f"optimizer {groups}; build the optimizer as the saved run did"
+            )
     load_adapters(nm, found / "adapters")  # checks sites, shapes and base-weight fingerprints before copying
     if opt_sd is not None:
         optimizer.load_state_dict(opt_sd)

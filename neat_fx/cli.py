@@ -1,9 +1,10 @@
 """`neat-fx`: the command line.
 
-    neat-fx --version
-    neat-fx finetune [--model DIR] [--data DIR] [--rank 8] … (the main job: train, fold, export, verify)
-    neat-fx export --model DIR --adapters DIR --out model.onnx [--fp16] [--optimize auto] [--device cpu]
+neat-fx --version
+neat-fx finetune [--model DIR] [--data DIR] [--rank 8] … (the main job: train, fold, export, verify)
+neat-fx export --model DIR --adapters DIR --out model.onnx [--fp16] [--optimize auto] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,15 @@ def _export(args) -> int:
         model.config.use_cache = False
     example = _example_inputs(args.model, model, args.batch_size, args.seq_len)
     nm = neat_fx.load_adapters(model, args.adapters, example_inputs=example)
-    report = to_onnx(nm, example, args.out, dtype="fp16" if args.fp16 else "fp32", optimize=args.optimize,
-                     device=args.device, approximate=args.approximate)
+    report = to_onnx(
+        nm,
+        example,
+        args.out,
+        dtype="fp16" if args.fp16 else "fp32",
+        optimize=args.optimize,
+        device=args.device,
+        approximate=args.approximate,
+    )
     print(report)
     return 0
 
@@ -80,8 +88,10 @@ def _example_inputs(model_dir, model, batch: int, seq: int):
     except Exception:
         vocab = getattr(model.config, "vocab_size", 1000)
         g = torch.Generator().manual_seed(0)
-        return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
-                "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+        return {
+            "input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        }
 
 
 def main(argv=None) -> int:
@@ -98,20 +108,32 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command")
     from . import finetune
 
-    ft = sub.add_parser("finetune", help="fine-tune with NEAT, fold, export ONNX and verify (the main job)",
-                        description=finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft = sub.add_parser(
+        "finetune",
+        help="fine-tune with NEAT, fold, export ONNX and verify (the main job)",
+        description=finetune.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     finetune.add_arguments(ft)
-    ex = sub.add_parser("export", help="fold adapters into a Hugging Face model and export verified ONNX",
-                        description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex = sub.add_parser(
+        "export",
+        help="fold adapters into a Hugging Face model and export verified ONNX",
+        description=EXPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ex.add_argument("--model", required=True, help="Hugging Face model folder (the base the adapters were trained on)")
     ex.add_argument("--adapters", required=True, help="adapter folder from neat_fx.save_adapters (or PEFT PEANuT)")
     ex.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
     ex.add_argument("--fp16", action="store_true", help="fp16 weights and math, float32 inputs and outputs")
-    ex.add_argument("--optimize", default="auto", choices=("auto", "fusions", "exporter", "none"),
-                    help="auto: exact rewrites (unread positions skipped, attention scale in the query weights, "
-                         "attention as MatMul/Softmax) + ONNX Runtime optimisations saved offline (default); "
-                         "fusions: also attention/skip-LayerNorm/bias-GELU fusions; exporter: the exporter's "
-                         "optimiser only; none")
+    ex.add_argument(
+        "--optimize",
+        default="auto",
+        choices=("auto", "fusions", "exporter", "none"),
+        help="auto: exact rewrites (unread positions skipped, attention scale in the query weights, "
+        "attention as MatMul/Softmax) + ONNX Runtime optimisations saved offline (default); "
+        "fusions: also attention/skip-LayerNorm/bias-GELU fusions; exporter: the exporter's "
+        "optimiser only; none",
+    )
     ex.add_argument("--approximate", action="store_true", help="GELU tanh approximation (faster; drift reported)")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where ONNX Runtime verifies the model")
     ex.add_argument("--num-labels", type=int, help="classification labels (default: from the saved head)")

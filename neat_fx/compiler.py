@@ -23,6 +23,7 @@ backend's work is lowering. Under torch.compile every NEAT site is one `neat_fx:
 
 The lowered graph goes to `inner` ("inductor" by default; "aot_eager" and "eager" compile faster).
 """
+
 from __future__ import annotations
 
 import logging
@@ -181,7 +182,9 @@ class _Compiled:
         toggles = any(n.op == "call_function" and n.target is torch._C._set_grad_enabled for n in graph.nodes)
         grad = grad or toggles
         plans = []
-        for node in [n for n in graph.nodes if n.op == "call_function" and n.target in (ADAPTER_OP, ADAPTER_OP.default)]:
+        for node in [
+            n for n in graph.nodes if n.op == "call_function" and n.target in (ADAPTER_OP, ADAPTER_OP.default)
+        ]:
             plans.append(self._lower_site(graph, node, example_inputs, grad))
         if backend.adapters is not None:
             plans += self._serve(graph, example_inputs)
@@ -193,8 +196,16 @@ class _Compiled:
         backend.plans = plans
         backend.compiled_graphs += 1
         for p in plans:
-            log.info("neat: %s → %s (tokens %d, %d×%d, r=%d%s)", p.site, p.form, p.tokens, p.d_out, p.d_in, p.rank,
-                     f"; {p.why}" if p.why else "")
+            log.info(
+                "neat: %s → %s (tokens %d, %d×%d, r=%d%s)",
+                p.site,
+                p.form,
+                p.tokens,
+                p.d_out,
+                p.d_in,
+                p.rank,
+                f"; {p.why}" if p.why else "",
+            )
         self.compiled = backend._inner()(gm, example_inputs + extra)
         self.versions = self._versions(example_inputs)
         self.extra = extra
@@ -224,11 +235,16 @@ class _Compiled:
         x_grad = bool(getattr(xm, "requires_grad", True))
         fact, mat = training_flops(tokens, d_in, d_out, rank, x_grad)
         # Materialising rounds W + ΔW to the weight's dtype: only where that is exact enough (fp32/fp64).
-        if mat < fact and producer is not None and _meta(weight) is not None and \
-                _meta(weight).dtype in (torch.float32, torch.float64):
+        if (
+            mat < fact
+            and producer is not None
+            and _meta(weight) is not None
+            and _meta(weight).dtype in (torch.float32, torch.float64)
+        ):
             with graph.inserting_before(producer):
-                w_eff = graph.call_function(_materialised_weight, (weight, A, B, list(enc), list(dec), activation,
-                                                                   scale, layout))
+                w_eff = graph.call_function(
+                    _materialised_weight, (weight, A, B, list(enc), list(dec), activation, scale, layout)
+                )
             if replace_weight(graph, producer, weight, w_eff):
                 node.replace_all_uses_with(y)
                 graph.erase_node(node)
@@ -250,8 +266,9 @@ class _Compiled:
         for site, t in loaded.sites.items():
             meta = loaded.site_meta.get(site)
             # Dynamo names a tied parameter by one of its aliases only: try them all.
-            ph = next((p for a in [site, *(meta or {}).get("aliases", [])] if (p := _lookup(by_name, a)) is not None),
-                      None)
+            ph = next(
+                (p for a in [site, *(meta or {}).get("aliases", [])] if (p := _lookup(by_name, a)) is not None), None
+            )
             if ph is None:
                 continue
             value = example_inputs[self.index[ph]]
@@ -263,37 +280,57 @@ class _Compiled:
             if tuple(t["A"].shape) != (d_out, cfg.rank) or t["B"].shape[0] != d_out:
                 raise AdapterMismatchError(
                     f"{self.backend.adapters_path}: site {site} has A{tuple(t['A'].shape)}, but the model's "
-                    f"{site} is {tuple(value.shape)} ({layout}); these adapters were saved for another model")
+                    f"{site} is {tuple(value.shape)} ({layout}); these adapters were saved for another model"
+                )
             if meta and not fingerprint_matches(meta["fingerprint"], value):
                 raise AdapterMismatchError(
                     f"{self.backend.adapters_path}: the base weight {site} differs from the one the adapters were "
-                    f"trained on (fingerprint mismatch); serve them on the base model they were trained on")
+                    f"trained on (fingerprint mismatch); serve them on the base model they were trained on"
+                )
             consts = [t["A"], t["B"], *t["encoders"], *t["decoders"]]
-            spec = ("serve", self.index[ph], [c.to(value.device) for c in consts], cfg.hidden_layers,
-                    cfg.activation, cfg.scale, layout)
+            spec = (
+                "serve",
+                self.index[ph],
+                [c.to(value.device) for c in consts],
+                cfg.hidden_layers,
+                cfg.activation,
+                cfg.scale,
+                layout,
+            )
             new = self._add_input(graph, _served_weight, spec)
             for use in uses:
                 replace_weight(graph, use.node, ph, new)
             self.backend._served.add(site)
             rank = cfg.rank
             d_in = value.numel() // d_out
-            plans.append(SitePlan(site, "folded", 0, d_in, d_out, rank, 0, 0, f"served from {self.backend.adapters_path}"))
+            plans.append(
+                SitePlan(site, "folded", 0, d_in, d_out, rank, 0, 0, f"served from {self.backend.adapters_path}")
+            )
         for name, tensor in loaded.trainable.items():
             ph = _lookup(by_name, name)
             if ph is None:
                 continue
             value = example_inputs[self.index[ph]]
             if tuple(value.shape) != tuple(tensor.shape):
-                raise AdapterMismatchError(f"{self.backend.adapters_path}: {name} has shape {tuple(tensor.shape)}, "
-                                           f"the model's {tuple(value.shape)}")
+                raise AdapterMismatchError(
+                    f"{self.backend.adapters_path}: {name} has shape {tuple(tensor.shape)}, "
+                    f"the model's {tuple(value.shape)}"
+                )
             new = self._add_input(graph, _saved_tensor, ("saved", tensor, self.index[ph]))
             ph.replace_all_uses_with(new)
             self.backend._served.add(name)
             plans.append(SitePlan(name, "replaced", 0, 0, 0, 0, 0, 0, "trained in full; saved value"))
-        if loaded.sites and not any(p.form == "folded" for p in plans) and any(_weight_uses(ph) for ph in by_name.values()):
-            log.warning("neat: a compiled graph multiplies by %d parameters, none of them a saved site of %s "
-                        "(saved: %s …)", sum(bool(_weight_uses(p)) for p in by_name.values()),
-                        self.backend.adapters_path, ", ".join(list(loaded.sites)[:3]))
+        if (
+            loaded.sites
+            and not any(p.form == "folded" for p in plans)
+            and any(_weight_uses(ph) for ph in by_name.values())
+        ):
+            log.warning(
+                "neat: a compiled graph multiplies by %d parameters, none of them a saved site of %s (saved: %s …)",
+                sum(bool(_weight_uses(p)) for p in by_name.values()),
+                self.backend.adapters_path,
+                ", ".join(list(loaded.sites)[:3]),
+            )
         return plans
 
     # -- extra inputs --------------------------------------------------------------------------------

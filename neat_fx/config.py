@@ -1,5 +1,6 @@
 """`NeatConfig`: the options of one NEAT transform, validated in one place. Frozen: derive a changed copy
 with `dataclasses.replace(config, rank=16)` (which validates again)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,12 @@ from .activations import ACTIVATIONS
 from .errors import ConfigError
 
 #: adapter_dtype names and the dtypes they stand for.
-ADAPTER_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                  "float16": torch.float16}
+ADAPTER_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 CAPTURE_METHODS = ("export", "fx")
 MODES = ("train", "eval")
 
@@ -85,7 +90,8 @@ class NeatConfig:
             raise ConfigError(f"modes must be a non-empty subset of {MODES}; got {self.modes!r}")
         if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError(
-                f"adapter_dtype must be None or one of {', '.join(map(repr, ADAPTER_DTYPES))}; got {self.adapter_dtype!r}"
+                f"adapter_dtype must be None or one of {', '.join(map(repr, ADAPTER_DTYPES))}; "
+                f"got {self.adapter_dtype!r}"
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
@@ -107,11 +113,10 @@ class NeatConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NeatConfig":
+    def from_dict(cls, d: dict) -> NeatConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
-

@@ -12,6 +12,7 @@ so before each call the container checks where its weights live and rewrites tho
 module has moved. A dtype change after capture is refused: the graph's casts were traced for the old
 dtype (an explicit float32 upcast cannot be told from an incidental one).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -238,14 +239,24 @@ class NeatModule(GraphContainer):
         rows = [("site", "ops", "d_in", "d_out", "adapter params")]
         for s in self.site_infos:
             n = self.adapters[s.key].num_parameters()
-            rows.append((s.name + (f" (×{s.uses})" if s.uses > len(self.modes) else ""), s.kinds, str(s.d_in), str(s.d_out), f"{n:,}"))
+            rows.append(
+                (
+                    s.name + (f" (×{s.uses})" if s.uses > len(self.modes) else ""),
+                    s.kinds,
+                    str(s.d_in),
+                    str(s.d_out),
+                    f"{n:,}",
+                )
+            )
         for key, name in self.trainable_names.items():
             p = self.trainable[key]
             rows.append((name, "trained in full", "", "", f"{p.numel():,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = []
         for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if j == 0 or j == 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            lines.append(
+                "  ".join(c.ljust(w) if j == 0 or j == 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+            )
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths))
         trainable, total = self.parameter_counts()

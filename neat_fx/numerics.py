@@ -1,6 +1,7 @@
 """Comparing outputs: the one rule used to check a capture against the eager model and an exported ONNX model
 against PyTorch. Differences are relative to each output's scale, max(1, max |expected|); integer outputs
 must match exactly."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,21 +31,28 @@ def compare(expected, actual, rtol: float | None = None) -> dict:
     exp = flat_tensors(expected) if not isinstance(expected, list) else expected
     act = flat_tensors(actual) if not isinstance(actual, list) else actual
     if len(exp) != len(act):
-        return {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False,
-                "note": f"{len(act)} outputs, expected {len(exp)}"}
+        return {
+            "max_abs": float("inf"),
+            "max_rel": float("inf"),
+            "ok": False,
+            "note": f"{len(act)} outputs, expected {len(exp)}",
+        }
     worst_abs, worst_rel, ok = 0.0, 0.0, True
     for e, a in zip(exp, act):
         floating = e.is_floating_point()
         e_np, a_np = _numpy(e), _numpy(a)
         if e_np.shape != a_np.shape:
-            return {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False,
-                    "note": f"shape {a_np.shape}, expected {e_np.shape}"}
+            return {
+                "max_abs": float("inf"),
+                "max_rel": float("inf"),
+                "ok": False,
+                "note": f"shape {a_np.shape}, expected {e_np.shape}",
+            }
         if not e_np.size:
             continue
         if not floating:
             if not np.array_equal(e_np, a_np):
-                return {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False,
-                        "note": "integer outputs differ"}
+                return {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False, "note": "integer outputs differ"}
             continue
         d = float(np.abs(e_np.astype(np.float64) - a_np.astype(np.float64)).max())
         rel = d / max(1.0, float(np.abs(e_np).max()))

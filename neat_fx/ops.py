@@ -14,12 +14,13 @@ Form — which dimension of the activation meets the weight, i.e. how the adapte
     "left"    x's dimension -2 contracts:   y = M·x, adapter y + s·B (Hᵀ x)
     "einsum:EQ_H;EQ_B"  an einsum: adapter y + s·einsum(EQ_B, einsum(EQ_H, x, H), B)
 """
+
 from __future__ import annotations
 
 import operator
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import fx
@@ -55,14 +56,26 @@ _RIGHT_MATMUL = Slot(weight=1, x=0, form="right", layout="in_out")
 _LEFT_MATMUL = Slot(weight=0, x=1, form="left", layout="out_in")
 
 OPS: tuple[LinearOp, ...] = (
-    LinearOp("linear", frozenset({aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}),
-             slots=(Slot(weight=1, x=0, form="right", layout="out_in"),), bias=2),
-    LinearOp("matmul", frozenset({aten.matmul.default, torch.matmul, operator.matmul}),
-             frozenset({"matmul", "__matmul__"}), slots=(_RIGHT_MATMUL, _LEFT_MATMUL)),
+    LinearOp(
+        "linear",
+        frozenset({aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}),
+        slots=(Slot(weight=1, x=0, form="right", layout="out_in"),),
+        bias=2,
+    ),
+    LinearOp(
+        "matmul",
+        frozenset({aten.matmul.default, torch.matmul, operator.matmul}),
+        frozenset({"matmul", "__matmul__"}),
+        slots=(_RIGHT_MATMUL, _LEFT_MATMUL),
+    ),
     LinearOp("mm", frozenset({aten.mm.default, torch.mm}), frozenset({"mm"}), slots=(_RIGHT_MATMUL, _LEFT_MATMUL)),
-    LinearOp("addmm", frozenset({aten.addmm.default, torch.addmm}), frozenset({"addmm"}),
-             slots=(Slot(weight=2, x=1, form="right", layout="in_out"), Slot(weight=1, x=2, form="left",
-                                                                            layout="out_in")), bias=0),
+    LinearOp(
+        "addmm",
+        frozenset({aten.addmm.default, torch.addmm}),
+        frozenset({"addmm"}),
+        slots=(Slot(weight=2, x=1, form="right", layout="in_out"), Slot(weight=1, x=2, form="left", layout="out_in")),
+        bias=0,
+    ),
     LinearOp("einsum", frozenset({aten.einsum.default, torch.einsum}), einsum=True),
 )
 
@@ -115,8 +128,9 @@ def transposed_source(node) -> fx.Node | None:
             return src
         if node.target == "transpose" and len(rest) == 2 and _is_pair_swap(*rest):
             return src
-        if node.target == "permute" and (_swaps_2d(rest) or (len(rest) == 1 and isinstance(rest[0], (list, tuple))
-                                                             and _swaps_2d(rest[0]))):
+        if node.target == "permute" and (
+            _swaps_2d(rest) or (len(rest) == 1 and isinstance(rest[0], (list, tuple)) and _swaps_2d(rest[0]))
+        ):
             return src
     return None
 
@@ -290,7 +304,10 @@ def right_activation(node: fx.Node, weight_dims: Callable[[fx.Node], int | None]
     if entry is None or entry.einsum:
         return None
     for slot in entry.slots:
-        if slot.form == "right" and len(node.args) > max(slot.weight, slot.x) and \
-                weight_dims(node.args[slot.weight]) == 2:
+        if (
+            slot.form == "right"
+            and len(node.args) > max(slot.weight, slot.x)
+            and weight_dims(node.args[slot.weight]) == 2
+        ):
             return slot.x
     return None

@@ -1,5 +1,6 @@
 """`transform`: capture → match → insert. Returns a `NeatModule` whose only trainable parameters are
 the adapters (and the base parameters named by `trainable=`). (docs/design.md, "The stages")"""
+
 from __future__ import annotations
 
 import warnings
@@ -55,8 +56,19 @@ def transform(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    options = dict(patterns=patterns, rank=rank, depth=depth, activation=activation, scale=scale, exclude=exclude,
-                   trainable=trainable, adapter_dtype=adapter_dtype, capture=capture, modes=modes, seed=seed)
+    options = dict(
+        patterns=patterns,
+        rank=rank,
+        depth=depth,
+        activation=activation,
+        scale=scale,
+        exclude=exclude,
+        trainable=trainable,
+        adapter_dtype=adapter_dtype,
+        capture=capture,
+        modes=modes,
+        seed=seed,
+    )
     config = _one_config(config, {k: v for k, v in options.items() if v is not None})
     args, kwargs = cap.split_example_inputs(example_inputs)
     _warn_static_batch(args, kwargs, dynamic)
@@ -158,7 +170,9 @@ def _bind_targets(c: cap.Capture, model: nn.Module, nm: nn.Module) -> fx.Graph:
         try:
             obj = cap.resolve_attr(c.owner, target)
         except AttributeError:
-            raise CaptureError(f"captured graph refers to {target!r}, which neither the model nor the capture holds") from None
+            raise CaptureError(
+                f"captured graph refers to {target!r}, which neither the model nor the capture holds"
+            ) from None
         name = f"{c.mode}__" + target.replace(".", "__")
         if isinstance(obj, nn.Module):
             nm.extras.add_module(name, obj)
@@ -181,7 +195,7 @@ def _collect_sites(graphs, resolve, aliases):
             names = aliases.get(id(p), (u.weight.target.removeprefix("model."),))
             site = by_param.get(id(p))
             if site is None:
-                d_out, d_in = (p.shape if u.layout == "out_in" else p.shape[::-1])
+                d_out, d_in = p.shape if u.layout == "out_in" else p.shape[::-1]
                 site = Site(names[0], u.weight.target, tuple(p.shape), int(d_in), int(d_out), u.layout, [], names)
                 by_param[id(p)] = site
             elif site.layout != u.layout:
@@ -212,7 +226,7 @@ def _select_trainable(patterns, param_names, chosen: list[Site], aliases) -> lis
             raise PatternError(
                 f"trainable pattern {pattern!r} matches no parameter; parameters: {name_list(param_names)}"
             )
-        for n, p in hit:
+        for _, p in hit:
             picked.setdefault(id(p), (aliases[id(p)][0], p))
     adapted = {s.name for s in chosen}
     both = sorted(n for n, _ in picked.values() if n in adapted)
@@ -253,15 +267,31 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
         keys.add(key)
         weight = nm.model.get_parameter(site.name)
         nm.adapters[key] = NeatAdapter(
-            site.d_in, site.d_out, config.rank, config.hidden_layers, config.activation, config.scale,
-            site.layout, dtype=dtype, device=weight.device, generator=generator,
+            site.d_in,
+            site.d_out,
+            config.rank,
+            config.hidden_layers,
+            config.activation,
+            config.scale,
+            site.layout,
+            dtype=dtype,
+            device=weight.device,
+            generator=generator,
         )
         for use in site.uses:
             _insert_one(use, key)
         nm.site_infos.append(
             SiteInfo(
-                name=site.name, key=key, kinds=site.kinds, layout=site.layout, d_in=site.d_in, d_out=site.d_out,
-                uses=len(site.uses), aliases=site.aliases, shape=site.shape, dtype=str(weight.dtype).removeprefix("torch."),
+                name=site.name,
+                key=key,
+                kinds=site.kinds,
+                layout=site.layout,
+                d_in=site.d_in,
+                d_out=site.d_out,
+                uses=len(site.uses),
+                aliases=site.aliases,
+                shape=site.shape,
+                dtype=str(weight.dtype).removeprefix("torch."),
                 shared_with_other_ops=any(a in other_uses for a in site.aliases),
             )
         )

@@ -5,6 +5,7 @@ reference. Trains a tiny BERT with NEAT for a few steps and writes what the test
     python tests/dist_worker.py single OUT
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py fsdp OUT
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -19,9 +20,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-import zoo  # noqa: E402
-
 import neat_fx  # noqa: E402
+
+import zoo  # noqa: E402
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -31,7 +32,10 @@ def batches():
     g = torch.Generator().manual_seed(5)
     for _ in range(STEPS):
         ids = torch.randint(0, 120, (GLOBAL_BATCH, 12), generator=g)
-        yield dict(input_ids=ids, attention_mask=torch.ones_like(ids)), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+        yield (
+            dict(input_ids=ids, attention_mask=torch.ones_like(ids)),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=g),
+        )
 
 
 def build():
@@ -86,8 +90,8 @@ def main():
     losses, agree = [], []
     shard = GLOBAL_BATCH // world
     for inputs, labels in batches():
-        part = {k: v[rank * shard:(rank + 1) * shard] for k, v in inputs.items()}
-        loss = torch.nn.functional.cross_entropy(run(**part).logits, labels[rank * shard:(rank + 1) * shard])
+        part = {k: v[rank * shard : (rank + 1) * shard] for k, v in inputs.items()}
+        loss = torch.nn.functional.cross_entropy(run(**part).logits, labels[rank * shard : (rank + 1) * shard])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -120,8 +124,9 @@ def main():
         plain.eval()
         with torch.no_grad():
             fold_diff = float((neat_fx.fold(plain)(**probe).logits - plain(**probe).logits).abs().max())
-        (out / "result.json").write_text(json.dumps(dict(losses=losses, agree=agree, world=world, fold_diff=fold_diff,
-                                                         reload_diff=reload_diff)))
+        (out / "result.json").write_text(
+            json.dumps(dict(losses=losses, agree=agree, world=world, fold_diff=fold_diff, reload_diff=reload_diff))
+        )
     if mode != "single":
         # The FSDP/DDP wrappers hold the process group; drop them so destroy_process_group really tears gloo
         # down here, not during interpreter finalization (a CI run once aborted in a rank with "terminate

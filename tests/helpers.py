@@ -1,4 +1,5 @@
 """Test helpers: an independent eager NEAT reference and output comparison."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,12 @@ import torch
 from torch.utils import _pytree as pytree
 
 ACT = {
-    "relu": torch.relu, "gelu": lambda t: torch.nn.functional.gelu(t), "silu": torch.nn.functional.silu,
-    "tanh": torch.tanh, "sin": torch.sin, "identity": lambda t: t,
+    "relu": torch.relu,
+    "gelu": lambda t: torch.nn.functional.gelu(t),
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+    "sin": torch.sin,
+    "identity": lambda t: t,
 }
 
 

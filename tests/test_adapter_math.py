@@ -1,4 +1,5 @@
 """The NEAT math of one adapter against the hand-written float64 reference (docs/design.md, "The math")."""
+
 import pytest
 import torch
 
@@ -11,8 +12,17 @@ from helpers import ref_delta
 
 def make(d_in=12, d_out=20, rank=4, depth=2, activation="relu", scale=0.7, layout="out_in", seed=0):
     cfg = NeatConfig(patterns=("*",), rank=rank, depth=depth, activation=activation, scale=scale)
-    ad = NeatAdapter(d_in, d_out, rank, cfg.hidden_layers, activation, scale, layout,
-                     dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ad = NeatAdapter(
+        d_in,
+        d_out,
+        rank,
+        cfg.hidden_layers,
+        activation,
+        scale,
+        layout,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(seed),
+    )
     with torch.no_grad():
         ad.B.normal_(generator=torch.Generator().manual_seed(seed + 1))
     return ad
@@ -74,8 +84,19 @@ def test_half_precision_weight_uses_float32_adapter():
     assert torch.allclose(d.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(rank=0), dict(depth=3), dict(depth=0), dict(activation="swish"),
-                                    dict(scale="big"), dict(capture="jit"), dict(modes=("test",)), dict(rank=2.5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rank=0),
+        dict(depth=3),
+        dict(depth=0),
+        dict(activation="swish"),
+        dict(scale="big"),
+        dict(capture="jit"),
+        dict(modes=("test",)),
+        dict(rank=2.5),
+    ],
+)
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):
         NeatConfig(patterns=("*",), **kwargs)

@@ -1,4 +1,5 @@
 """The `neat-fx` console script."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,15 @@ def test_unknown_option_fails():
 
 
 def test_missing_folders_are_named(tmp_path):
-    r = _run("export", "--model", str(tmp_path / "none"), "--adapters", str(tmp_path / "ad"), "--out", str(tmp_path / "m.onnx"))
+    r = _run(
+        "export",
+        "--model",
+        str(tmp_path / "none"),
+        "--adapters",
+        str(tmp_path / "ad"),
+        "--out",
+        str(tmp_path / "m.onnx"),
+    )
     assert r.returncode == 2 and "--model" in r.stderr and "config.json" in r.stderr
     assert not (tmp_path / "m.onnx").exists()
     r = _run("finetune", "--model", str(tmp_path / "none"), "--no-onnx", "--out", str(tmp_path / "run"))

@@ -1,6 +1,7 @@
 """The torch.compile backend "neat": registration, training parity and the cost model's choice, folding at
 inference (no adapter op left, never stale), serving saved adapters on an untouched base model, graph
 breaks, bad input. Most tests hand the lowered graph to "aot_eager" (seconds); one runs Inductor."""
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,9 @@ class Recorder:
 def adapter_nodes(gm) -> int:
     from neat_fx.adapters import neat_apply
 
-    return sum(n.op == "call_function" and n.target in (ADAPTER_OP, ADAPTER_OP.default, neat_apply)
-               for n in gm.graph.nodes)
+    return sum(
+        n.op == "call_function" and n.target in (ADAPTER_OP, ADAPTER_OP.default, neat_apply) for n in gm.graph.nodes
+    )
 
 
 class TwoLayer(nn.Module):
@@ -71,11 +73,13 @@ class WithBreak(TwoLayer):
 
 
 def test_backend_is_registered_by_entry_point():
-    code = ("import sys, torch, torch._dynamo as d\n"
-            "assert 'neat' in d.list_backends(), d.list_backends()\n"
-            "assert 'neat_fx' not in sys.modules\n"
-            "f = torch.compile(lambda x: torch.relu(x) + 1, backend='neat')\n"
-            "print(float(f(torch.ones(3)).sum()), 'neat_fx' in sys.modules)\n")
+    code = (
+        "import sys, torch, torch._dynamo as d\n"
+        "assert 'neat' in d.list_backends(), d.list_backends()\n"
+        "assert 'neat_fx' not in sys.modules\n"
+        "f = torch.compile(lambda x: torch.relu(x) + 1, backend='neat')\n"
+        "print(float(f(torch.ones(3)).sum()), 'neat_fx' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-2:] == ["6.0", "True"]
@@ -102,13 +106,14 @@ def test_compiled_training_matches_eager(builder):
     runs = {}
     backend = neat_fx.backend(inner="aot_eager")
     for kind in ("eager", "compiled"):
-        nm = neat_fx.transform(copy.deepcopy(model), patterns, ex, rank=4, seed=0,
-                               trainable=["classifier*"] if builder == "bert" else ())
+        nm = neat_fx.transform(
+            copy.deepcopy(model), patterns, ex, rank=4, seed=0, trainable=["classifier*"] if builder == "bert" else ()
+        )
         randomize_adapters(nm, std=0.2)
         opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=1e-2)
         run = torch.compile(nm, backend=backend) if kind == "compiled" else nm
         losses = []
-        for step in range(5):
+        for _ in range(5):
             out = call(run, ex)
             logits = out.logits if hasattr(out, "logits") else out
             loss = logits.float().pow(2).mean()
@@ -217,8 +222,9 @@ def test_serving_refuses_adapters_of_another_model(tmp_path):
         neat_fx.backend(inner=3)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="Inductor's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="Inductor's CPU backend needs a C++ compiler"
+)
 def test_inductor_end_to_end():
     torch.manual_seed(0)
     model, ex = TwoLayer(), (torch.randn(3, 5, 16),)
@@ -232,3 +238,43 @@ def test_inductor_end_to_end():
     nm.eval()
     with torch.no_grad():
         assert rel_diff(compiled(*ex), nm(*ex)) < 1e-5
+
+
+def test_einsum_and_left_matmul_sites_under_compile(tmp_path):
+    """The sites the op table added, under torch.compile: training equals eager, inference folds every one
+    (no adapter op left), and saved adapters are served on the untouched base (the Dynamo graph's torch.einsum
+    and W @ x found by the same table)."""
+    model, ex, other, patterns = zoo.projections()
+    model.eval()
+    base = copy.deepcopy(model)
+    runs = {}
+    for kind in ("eager", "compiled"):
+        nm = neat_fx.transform(copy.deepcopy(model), patterns, ex, rank=4, seed=0)
+        randomize_adapters(nm, std=0.2)
+        opt = torch.optim.AdamW([p for p in nm.parameters() if p.requires_grad], lr=1e-2)
+        run = torch.compile(nm, backend=neat_fx.backend(inner="aot_eager")) if kind == "compiled" else nm
+        losses = []
+        for _ in range(3):
+            loss = call(run, ex).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs[kind] = losses
+    assert max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(runs["eager"], runs["compiled"])) < 1e-4
+
+    nm = neat_fx.transform(model, patterns, ex, rank=4, seed=0)
+    randomize_adapters(nm, std=0.2)
+    nm.eval()
+    rec = Recorder()
+    backend = neat_fx.backend(inner=rec)
+    with torch.no_grad():
+        assert rel_diff(torch.compile(nm, backend=backend)(*other), nm(*other)) < 1e-5
+    assert adapter_nodes(rec.graphs[-1]) == 0 and [p.form for p in backend.plans] == ["folded"] * 4
+
+    neat_fx.save_adapters(nm, tmp_path / "ad")
+    merged = neat_fx.merge_into(copy.deepcopy(base), nm)
+    serving = neat_fx.backend(adapters=tmp_path / "ad", inner="aot_eager")
+    with torch.no_grad():
+        assert rel_diff(torch.compile(base, backend=serving)(*other), merged(*other)) < 1e-5
+    assert serving.served_sites() == sorted(patterns) and serving.unserved_sites() == []

@@ -1,5 +1,6 @@
 """NEAT inside PyTorch's distributed engines, two CPU processes over gloo (`torch.distributed.run`):
 DDP equals one process on the concatenated batch; FSDP2 (`fully_shard`) trains, saves, reloads and folds."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,21 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def run(mode: str, out: Path, nproc: int):
-    cmd = [sys.executable, str(WORKER), mode, str(out)] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        str(WORKER), mode, str(out)]
+    cmd = (
+        [sys.executable, str(WORKER), mode, str(out)]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            str(WORKER),
+            mode,
+            str(out),
+        ]
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return json.loads((out / "result.json").read_text()), load_file(str(out / "adapters.safetensors"))

@@ -1,4 +1,5 @@
 """float32 / bfloat16 / float16 bases, and moving between devices (CUDA tests marked `gpu`)."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Bad input: each a clear error that names the thing and the fix, nothing half-built."""
+
 import pytest
 import torch
 from torch import nn
@@ -49,10 +50,13 @@ def test_star_selects_every_linear_weight(bert):
 
 def test_exclude_and_regex(bert):
     model, example, _, _ = bert
-    nm = neat_fx.transform(model, [r"re:.*layer\.\d\.attention\.self\.(query|value)"], example,
-                           exclude=["*layer.1.*"], rank=2)
+    nm = neat_fx.transform(
+        model, [r"re:.*layer\.\d\.attention\.self\.(query|value)"], example, exclude=["*layer.1.*"], rank=2
+    )
     assert [s.name for s in nm.sites()] == [
-        "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.value.weight"]
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.0.attention.self.value.weight",
+    ]
     for p in model.parameters():
         p.requires_grad_(True)
     with pytest.raises(neat_fx.PatternError, match="exclude pattern '\\*nothing\\*' matches no linear weight"):
@@ -106,7 +110,11 @@ def test_call_with_other_inputs_than_captured(bert):
     model, example, other, _ = bert
     nm = neat_fx.transform(model, ["*query"], example, rank=2)
     with pytest.raises(neat_fx.InputMismatchError, match=r"captured with inputs \(input_ids, attention_mask\)"):
-        nm(input_ids=other["input_ids"], attention_mask=other["attention_mask"], labels=torch.zeros(3, dtype=torch.long))
+        nm(
+            input_ids=other["input_ids"],
+            attention_mask=other["attention_mask"],
+            labels=torch.zeros(3, dtype=torch.long),
+        )
     for p in model.parameters():
         p.requires_grad_(True)
 
@@ -166,19 +174,22 @@ def test_scale_must_be_a_finite_number(value):
         neat_fx.NeatConfig(patterns=("*",), scale=value)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"dtype": "fp8"}, "dtype must be one of"),
-    ({"optimize": "max"}, "optimize must be one of"),
-    ({"device": "tpu"}, "device must be one of"),
-    ({"quantize": "int4"}, "quantize must be one of"),
-    ({"quantize": "int8", "dtype": "fp16"}, "quantize='int8' applies to fp32"),
-    ({"via": "tf"}, "via must be one of"),
-    ({"opset": "18"}, "opset must be"),
-    ({"verify": 1}, "verify must be True or False"),
-    ({"dynamic": "yes"}, "dynamic must be"),
-    ({"verify_inputs": {"x": 1}}, "verify_inputs must be a list"),
-    ({"task": "text-classification"}, "applies only with via='optimum'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"dtype": "fp8"}, "dtype must be one of"),
+        ({"optimize": "max"}, "optimize must be one of"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"quantize": "int4"}, "quantize must be one of"),
+        ({"quantize": "int8", "dtype": "fp16"}, "quantize='int8' applies to fp32"),
+        ({"via": "tf"}, "via must be one of"),
+        ({"opset": "18"}, "opset must be"),
+        ({"verify": 1}, "verify must be True or False"),
+        ({"dynamic": "yes"}, "dynamic must be"),
+        ({"verify_inputs": {"x": 1}}, "verify_inputs must be a list"),
+        ({"task": "text-classification"}, "applies only with via='optimum'"),
+    ],
+)
 def test_export_options_validated_in_one_place(options, message):
     from neat_fx.export import ExportConfig
 

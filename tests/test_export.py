@@ -1,5 +1,6 @@
 """neat_fx.export: folded models → optimised, verified ONNX; parity, fusions, fp16, dynamic axes,
 atomic writes and bad input."""
+
 import os
 import subprocess
 import sys
@@ -16,8 +17,13 @@ from helpers import call, randomize_adapters, tensors
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-from neat_fx.export import ExportConfig, ExportError, session, to_onnx  # noqa: E402
-from neat_fx.export import onnx_export  # noqa: E402
+from neat_fx.export import (  # noqa: E402
+    ExportConfig,
+    ExportError,
+    onnx_export,  # noqa: E402
+    session,
+    to_onnx,
+)
 
 ZOO_EXPORT = ["bert", "gpt2", "llama", "vit", "t5", "transformer_encoder", "home_grown", "projections", "cnn", "tied"]
 
@@ -71,11 +77,14 @@ def test_merged_model_route_and_dynamic_axes(tmp_path):
     report = to_onnx(model, example, tmp_path / "merged.onnx")
     assert not report.folded_first and report.output_names == ["logits"]
     assert report.input_names == ["input_ids", "attention_mask"]
-    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(report.path)).graph.input]
+    dims = [
+        [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in onnx.load(str(report.path)).graph.input
+    ]
     assert all(isinstance(d, str) and d for row in dims for d in row), f"all input axes dynamic: {dims}"
     for b, s in ((1, 5), (7, 30)):
         x = dict(input_ids=torch.randint(0, 120, (b, s)), attention_mask=torch.ones(b, s, dtype=torch.long))
-        x["attention_mask"][0, s // 2:] = 0
+        x["attention_mask"][0, s // 2 :] = 0
         with torch.no_grad():
             want = model(**x)
         assert rel(want, ort_outputs(report.path, x)) <= 1e-4
@@ -93,8 +102,12 @@ def test_optimisation_levels_and_fusion_counts(tmp_path):
     assert auto.op_counts["Mul"] == 2 and auto.op_counts["MatMul"] == 2 * (6 + 2)
     assert "SkipLayerNormalization" not in auto.fused_ops
     assert "IsNaN" not in auto.op_counts
-    assert onnx_export.CPU_DISABLED_OPTIMIZERS[0] in dict(
-        (p.key, p.value) for p in onnx.load(str(auto.path)).metadata_props)["neat_fx.ort.disabled_optimizers.cpu"]
+    assert (
+        onnx_export.CPU_DISABLED_OPTIMIZERS[0]
+        in dict((p.key, p.value) for p in onnx.load(str(auto.path)).metadata_props)[
+            "neat_fx.ort.disabled_optimizers.cpu"
+        ]
+    )
     # fusions: attention and skip-LayerNorm fused for BERT-style graphs
     assert fusions.fused_ops.get("MultiHeadAttention", 0) + fusions.fused_ops.get("Attention", 0) == 2
     assert fusions.fused_ops.get("SkipLayerNormalization", 0) >= 2
@@ -168,10 +181,12 @@ def test_bad_input(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
         import onnxruntime
+
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             raise RuntimeError("CUDAExecutionProvider present: nothing to check")
-        session(tmp_path / "x.onnx", "cuda") if (tmp_path / "x.onnx").exists() else \
-            neat_fx.export.runtime.resolve_device("cuda")
+        session(tmp_path / "x.onnx", "cuda") if (
+            tmp_path / "x.onnx"
+        ).exists() else neat_fx.export.runtime.resolve_device("cuda")
 
 
 def test_import_neat_fx_does_not_import_onnx():
@@ -188,14 +203,22 @@ def test_editable_install_maps_export_folder():
 
 def test_wheel_contains_neat_fx_export(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(root)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(root)],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "dist").glob("neat_fx-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     code = "import neat_fx.export, neat_fx; print(neat_fx.export.__file__); from neat_fx.export import to_onnx"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tmp_path
+    )
     assert out.stdout.strip().startswith(str(tmp_path / "site" / "neat_fx" / "export"))
 
 
@@ -207,9 +230,23 @@ def test_cli_export(tmp_path):
     neat_fx.save_adapters(nm, tmp_path / "ad")
     script = Path(sys.executable).with_name("neat-fx")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "neat_fx.cli"]
-    r = subprocess.run(cmd + ["export", "--model", str(tmp_path / "base"), "--adapters", str(tmp_path / "ad"),
-                              "--out", str(tmp_path / "m.onnx"), "--seq-len", "16"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        cmd
+        + [
+            "export",
+            "--model",
+            str(tmp_path / "base"),
+            "--adapters",
+            str(tmp_path / "ad"),
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--seq-len",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "parity" in r.stdout and (tmp_path / "m.onnx").exists()
     nm.eval()
@@ -247,8 +284,10 @@ def test_via_optimum_exports_and_verifies(tmp_path):
     assert report.fused_ops.get("SkipLayerNormalization", 0) > 0
     assert all(p.requires_grad is False for p in model.parameters())  # nm's model left unmerged
     with torch.no_grad():
-        assert not any(torch.equal(model.get_parameter(s.name), neat_fx.fold(nm).get_parameter("model." + s.name))
-                       for s in nm.sites())
+        assert not any(
+            torch.equal(model.get_parameter(s.name), neat_fx.fold(nm).get_parameter("model." + s.name))
+            for s in nm.sites()
+        )
 
 
 def test_external_data_for_large_models(tmp_path, monkeypatch):
@@ -333,7 +372,9 @@ def test_unread_positions_pruned_for_a_cls_classifier(tmp_path):
     assert any("positions no output reads" in a for a in applied)
     assert "attention scale folded into the query projection ×2" in applied  # 1/√d now in W_q, b_q
     g = torch.Generator().manual_seed(3)
-    inputs = dict(input_ids=torch.randint(0, 120, (3, 9), generator=g), attention_mask=torch.ones(3, 9, dtype=torch.long))
+    inputs = dict(
+        input_ids=torch.randint(0, 120, (3, 9), generator=g), attention_mask=torch.ones(3, 9, dtype=torch.long)
+    )
     inputs["attention_mask"][1, 5:] = 0
     inputs["attention_mask"][2] = 0
     want, rows_before = _rows(container, inputs)
@@ -412,8 +453,9 @@ def test_cuda_sessions_keep_tf32_off_unless_asked(monkeypatch):
 
     from neat_fx.export import runtime
 
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     assert runtime.resolve_device("cuda")[1][0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
     assert runtime.resolve_device("auto", tf32=True)[1][0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
     assert runtime.resolve_device("cpu")[1] == ["CPUExecutionProvider"]

@@ -1,4 +1,5 @@
 """`neat-fx finetune` end to end on a tiny random BERT with its own tokenizer and synthetic TSV data."""
+
 import random
 import signal
 import subprocess
@@ -40,8 +41,14 @@ def write_model(folder: Path):
     tok = transformers.BertTokenizer(str(folder / "vocab.txt"))
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(cfg).save_pretrained(folder)
 
 
@@ -59,30 +66,79 @@ def setup(tmp_path):
 
 def test_finetune_end_to_end(setup):
     out = setup / "run"
-    r = subprocess.run(cli() + ["finetune", "--model", str(setup / "base"), "--data", str(setup / "data"),
-                                "--train-rows", "96", "--batch-size", "16", "--max-len", "16", "--rank", "4",
-                                "--lr", "5e-3", "--save-every", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        cli()
+        + [
+            "finetune",
+            "--model",
+            str(setup / "base"),
+            "--data",
+            str(setup / "data"),
+            "--train-rows",
+            "96",
+            "--batch-size",
+            "16",
+            "--max-len",
+            "16",
+            "--rank",
+            "4",
+            "--lr",
+            "5e-3",
+            "--save-every",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout
-    for needle in ("test accuracy before → after", "max |Δ logits| folded vs NEAT", "ONNX fp32: verified",
-                   "ONNX int8: accuracy"):
+    for needle in (
+        "test accuracy before → after",
+        "max |Δ logits| folded vs NEAT",
+        "ONNX fp32: verified",
+        "ONNX int8: accuracy",
+    ):
         assert needle in text
     assert (out / "adapters" / "neat_config.json").exists()
     assert (out / "model_fp32.onnx").exists() and (out / "model_int8.onnx").exists()
-    folded_line = next(l for l in text.splitlines() if l.startswith("max |Δ logits| folded vs NEAT"))
+    folded_line = next(line for line in text.splitlines() if line.startswith("max |Δ logits| folded vs NEAT"))
     assert float(folded_line.split()[-1]) <= 1e-5
 
 
 def test_ctrl_c_keeps_the_last_saved_adapters(setup):
     out = setup / "run"
     write_data(setup / "big", 20000, 40)
-    proc = subprocess.Popen(cli() + ["finetune", "--model", str(setup / "base"), "--data", str(setup / "big"),
-                                     "--train-rows", "20000", "--batch-size", "8", "--max-len", "16", "--rank", "4",
-                                     "--save-every", "3", "--no-onnx", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # A shell that started us in the background may have left SIGINT ignored (inherited).
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cli()
+        + [
+            "finetune",
+            "--model",
+            str(setup / "base"),
+            "--data",
+            str(setup / "big"),
+            "--train-rows",
+            "20000",
+            "--batch-size",
+            "8",
+            "--max-len",
+            "16",
+            "--rank",
+            "4",
+            "--save-every",
+            "3",
+            "--no-onnx",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell that started us in the background may have left SIGINT ignored (inherited).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     config = out / "adapters" / "neat_config.json"
     deadline = time.time() + 300
     while not config.exists() and time.time() < deadline and proc.poll() is None:
@@ -106,9 +162,29 @@ def test_ctrl_c_keeps_the_last_saved_adapters(setup):
 
 
 def _finetune(setup, out, *extra, data="data", rows="160", rank="4"):
-    return cli() + ["finetune", "--model", str(setup / "base"), "--data", str(setup / data), "--train-rows", rows,
-                    "--batch-size", "8", "--max-len", "16", "--rank", rank, "--lr", "5e-3", "--save-every", "2",
-                    "--no-onnx", "--out", str(out), *extra]
+    return cli() + [
+        "finetune",
+        "--model",
+        str(setup / "base"),
+        "--data",
+        str(setup / data),
+        "--train-rows",
+        rows,
+        "--batch-size",
+        "8",
+        "--max-len",
+        "16",
+        "--rank",
+        rank,
+        "--lr",
+        "5e-3",
+        "--save-every",
+        "2",
+        "--no-onnx",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_killed_run_resumes_to_the_same_adapters(setup):
@@ -123,8 +199,9 @@ def test_killed_run_resumes_to_the_same_adapters(setup):
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = setup / "killed"
-    proc = subprocess.Popen(_finetune(setup, out, data="mid"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        _finetune(setup, out, data="mid"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     state = out / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -152,9 +229,12 @@ def test_killed_run_resumes_to_the_same_adapters(setup):
 
     # Resuming with another configuration is refused, and the checkpoint is left as it was.
     before = {p.name: p.read_bytes() for p in (out / "checkpoint").glob("trainer_state.*")}
-    bad = subprocess.run(_finetune(setup, out, "--resume", data="mid", rank="8"), capture_output=True, text=True,
-                         timeout=600)
-    assert bad.returncode == 2 and "another model or configuration" in bad.stderr and "rank" in bad.stderr, bad.stderr[-2000:]
+    bad = subprocess.run(
+        _finetune(setup, out, "--resume", data="mid", rank="8"), capture_output=True, text=True, timeout=600
+    )
+    assert bad.returncode == 2 and "another model or configuration" in bad.stderr and "rank" in bad.stderr, bad.stderr[
+        -2000:
+    ]
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").glob("trainer_state.*")} == before
     assert torch.equal(load_file(str(out / "adapters" / "adapters.safetensors"))[next(iter(b))], b[next(iter(b))])
 
@@ -162,13 +242,22 @@ def test_killed_run_resumes_to_the_same_adapters(setup):
 def test_finetune_under_torchrun(setup):
     """`neat-fx finetune` unchanged under torchrun: DDP on 2 CPU processes, rank 0 reports and saves."""
     out = setup / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "neat_fx.cli", *_finetune(setup, out)[len(cli()):]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "neat_fx.cli",
+        *_finetune(setup, out)[len(cli()) :],
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "DDP over 2 processes: global batch 2 × 8" in r.stdout
     assert r.stdout.count("test accuracy before → after") == 1  # one report, from rank 0
-    training = next(l for l in r.stdout.splitlines() if l.startswith("training"))
+    training = next(line for line in r.stdout.splitlines() if line.startswith("training"))
     assert " 6 steps" in training  # 96 sentences = 12 batches of 8, 6 global steps of 2 × 8
     assert (out / "adapters" / "neat_config.json").exists() and (out / "checkpoint" / "trainer_state.json").exists()
 

@@ -1,4 +1,5 @@
 """fold and merge_into: same function, W0 + ΔW from W0 in float32, never a second ΔW."""
+
 import copy
 
 import pytest
@@ -142,13 +143,22 @@ def test_einsum_and_left_matmul_sites_fold_and_merge():
     nm = neat_fx.transform(model, patterns, example, rank=4, depth=4, activation="tanh", scale=0.5, seed=0)
     sites = {s.name: s for s in neat_fx.sites(nm)}
     assert {n: (s.kinds, s.layout) for n, s in sites.items()} == {
-        "w_in": ("einsum", "out_in"), "w_mid": ("einsum", "in_out"),
-        "w_left": ("matmul", "out_in"), "w_left_t": ("matmul", "in_out"),
+        "w_in": ("einsum", "out_in"),
+        "w_mid": ("einsum", "in_out"),
+        "w_left": ("matmul", "out_in"),
+        "w_left_t": ("matmul", "in_out"),
     }
-    forms = {n.target: n.args[3] if len(n.args) > 3 else "right" for n in nm.graph("eval").nodes
-             if n.op == "call_module" and n.target.startswith("adapters.")}
-    assert forms == {"adapters.w_in": "einsum:bsd,da->bsa;bsa,ha->bsh", "adapters.w_mid": "einsum:...i,ia->...a;...a,oa->...o",
-                     "adapters.w_left": "left", "adapters.w_left_t": "left"}
+    forms = {
+        n.target: n.args[3] if len(n.args) > 3 else "right"
+        for n in nm.graph("eval").nodes
+        if n.op == "call_module" and n.target.startswith("adapters.")
+    }
+    assert forms == {
+        "adapters.w_in": "einsum:bsd,da->bsa;bsa,ha->bsh",
+        "adapters.w_mid": "einsum:...i,ia->...a;...a,oa->...o",
+        "adapters.w_left": "left",
+        "adapters.w_left_t": "left",
+    }
     randomize_adapters(nm, std=0.3)
     nm.eval()
     ref = reference_model(model, nm).eval()

@@ -1,4 +1,5 @@
 """A transformed Hugging Face model inside transformers.Trainer and under Accelerate."""
+
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import neat_fx
+
 import zoo
 from helpers import max_diff
 
@@ -18,7 +20,7 @@ def data(n, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 120, (n, 10), generator=g)
     labels = (ids[:, 0] > 60).long()  # learnable from the first token
-    return [dict(input_ids=i, attention_mask=torch.ones_like(i), labels=l) for i, l in zip(ids, labels)]
+    return [dict(input_ids=i, attention_mask=torch.ones_like(i), labels=y) for i, y in zip(ids, labels)]
 
 
 def test_trainer_trains_evaluates_checkpoints_and_loads_best(tmp_path):
@@ -30,12 +32,27 @@ def test_trainer_trains_evaluates_checkpoints_and_loads_best(tmp_path):
     nm = neat_fx.transform(model, patterns, example, rank=4, seed=0, trainable=["classifier*"])
     before = copy.deepcopy({k: v.clone() for k, v in nm.state_dict().items() if k.startswith("adapters.")})
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        learning_rate=1e-2, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", remove_unused_columns=False,
-        label_names=["labels"], report_to=[], use_cpu=True, logging_steps=2, disable_tqdm=True)
-    trainer = transformers.Trainer(model=nm, args=args, train_dataset=train, eval_dataset=evald,
-                                   callbacks=[NeatAdaptersCallback()])
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to=[],
+        use_cpu=True,
+        logging_steps=2,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=nm, args=args, train_dataset=train, eval_dataset=evald, callbacks=[NeatAdaptersCallback()]
+    )
     result = trainer.train()
     assert result.global_step == 6 and result.training_loss > 0
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
@@ -43,8 +60,10 @@ def test_trainer_trains_evaluates_checkpoints_and_loads_best(tmp_path):
     best = Path(trainer.state.best_model_checkpoint)
     assert (best / ADAPTERS_SUBFOLDER / "neat_config.json").exists()
     # load_best_model_at_end put the best checkpoint's adapters back into nm
-    saved = neat_fx.load_adapters(neat_fx.transform(zoo.bert()[0], patterns, example, rank=4, seed=0,
-                                                    trainable=["classifier*"]), best / ADAPTERS_SUBFOLDER)
+    saved = neat_fx.load_adapters(
+        neat_fx.transform(zoo.bert()[0], patterns, example, rank=4, seed=0, trainable=["classifier*"]),
+        best / ADAPTERS_SUBFOLDER,
+    )
     assert max_diff(saved.adapters.state_dict(), nm.adapters.state_dict()) == 0.0
     assert any(not torch.equal(v, nm.state_dict()[k]) for k, v in before.items())  # training moved them
     metrics = trainer.evaluate()

@@ -1,4 +1,5 @@
 """Adapters on disk: round trips, PEFT PEANuT interop both ways, atomic writes, refusals."""
+
 import copy
 import json
 
@@ -16,8 +17,9 @@ peft = pytest.importorskip("peft")
 
 def trained_nm(depth=2, activation="relu", trainable=("classifier*",)):
     model, example, other, patterns = zoo.bert()
-    nm = neat_fx.transform(model, patterns, example, rank=4, depth=depth, activation=activation, scale=0.5,
-                           trainable=trainable, seed=1)
+    nm = neat_fx.transform(
+        model, patterns, example, rank=4, depth=depth, activation=activation, scale=0.5, trainable=trainable, seed=1
+    )
     randomize_adapters(nm, std=0.3)
     nm.eval()
     return model, example, other, nm
@@ -70,7 +72,9 @@ def test_load_onto_another_base_fails_and_changes_nothing(tmp_path):
 def test_load_refuses_other_rank_and_other_sites(tmp_path):
     model, example, other, nm = trained_nm()
     neat_fx.save_adapters(nm, tmp_path / "ad")
-    other_rank = neat_fx.transform(copy.deepcopy(model), ["*query", "*value"], example, rank=8, trainable=["classifier*"])
+    other_rank = neat_fx.transform(
+        copy.deepcopy(model), ["*query", "*value"], example, rank=8, trainable=["classifier*"]
+    )
     with pytest.raises(neat_fx.AdapterMismatchError, match="rank=4"):
         neat_fx.load_adapters(other_rank, tmp_path / "ad")
     other_sites = neat_fx.transform(copy.deepcopy(model), ["*query"], example, rank=4, trainable=["classifier*"])
@@ -116,8 +120,9 @@ def test_failed_save_leaves_previous_save_intact(tmp_path, monkeypatch):
 
 
 def _peft_model(base, depth, act, scaling):
-    cfg = peft.PeanutConfig(r=4, depth=depth, act_fn=act, scaling=scaling, target_modules=["query", "value"],
-                            modules_to_save=["classifier"])
+    cfg = peft.PeanutConfig(
+        r=4, depth=depth, act_fn=act, scaling=scaling, target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
@@ -158,8 +163,16 @@ def test_peft_trained_peanut_loads_into_neat_fx(tmp_path, depth, act):
 def test_neat_fx_trained_adapters_load_into_peft(tmp_path, depth, act):
     base, example, other, _ = zoo.bert()
     base.eval()
-    nm = neat_fx.transform(copy.deepcopy(base), ["*query", "*value"], example, rank=4, depth=depth, activation=act,
-                           scale=0.5, trainable=["classifier*"])
+    nm = neat_fx.transform(
+        copy.deepcopy(base),
+        ["*query", "*value"],
+        example,
+        rank=4,
+        depth=depth,
+        activation=act,
+        scale=0.5,
+        trainable=["classifier*"],
+    )
     with torch.no_grad():
         for ad in nm.adapters.values():
             ad.B.normal_(std=0.1)
@@ -169,7 +182,9 @@ def test_neat_fx_trained_adapters_load_into_peft(tmp_path, depth, act):
         assert max_diff(want, base(**other).logits) > 1e-3
     neat_fx.save_adapters(nm, tmp_path / "out", format="peft")
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "PEANUT" and cfg["depth"] == (depth - 2) // 2 and cfg["modules_to_save"] == ["classifier"]
+    assert (
+        cfg["peft_type"] == "PEANUT" and cfg["depth"] == (depth - 2) // 2 and cfg["modules_to_save"] == ["classifier"]
+    )
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
     with torch.no_grad():
         assert rel_diff(pm(**other).logits, want) <= 1e-5

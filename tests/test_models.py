@@ -1,5 +1,6 @@
 """transform → train → fold on randomly initialised architectures: structure (op counts) and numbers
 (against an independent materialised reference), on an input of another batch size and length."""
+
 import pytest
 import torch
 
@@ -10,8 +11,13 @@ from neat_fx.numerics import flat_tensors
 import zoo
 from helpers import call, max_diff, op_counts, randomize_adapters, reference_model
 
-LINEAR_OPS = ("aten.linear.default", "aten.addmm.default", "aten.mm.default", "aten.matmul.default",
-              "aten.einsum.default")
+LINEAR_OPS = (
+    "aten.linear.default",
+    "aten.addmm.default",
+    "aten.mm.default",
+    "aten.matmul.default",
+    "aten.einsum.default",
+)
 GENERIC = [n for n in zoo.ZOO if n != "tied"]
 
 
@@ -156,6 +162,7 @@ def test_tied_weights_one_adapter_and_untied_fold():
         ws = model.shared.weight
         ads, adh = nm.adapters["shared"], nm.adapters["emb"]
         from helpers import ref_delta
+
         d_s = ref_delta(ws, ads.A, ads.B, [], [], "relu", 1.0).float()
         d_h = ref_delta(model.emb.weight, adh.A, adh.B, [], [], "relu", 1.0).float()
         h = model.emb(ids)

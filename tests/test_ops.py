@@ -4,6 +4,7 @@ For every entry, every call target it lists (aten, torch, operator, Tensor metho
 weight read directly and through a transpose: structure (the matcher finds exactly that op node, that weight,
 the expected layout and form) and numbers (the factorised adapter in that layout and form equals running the
 op on W0 + ΔW, in float64). A table entry without a case here fails `test_every_entry_has_cases`."""
+
 from __future__ import annotations
 
 import operator
@@ -64,8 +65,10 @@ def _table_cases():
         for target, is_method in targets:
             for slot in entry.slots:
                 for transposed in (False, True):
-                    name = f"{entry.kind}-{getattr(target, '__name__', target)}-{'method' if is_method else 'fn'}-" \
-                           f"{slot.form}-{'t' if transposed else 'direct'}"
+                    name = (
+                        f"{entry.kind}-{getattr(target, '__name__', target)}-{'method' if is_method else 'fn'}-"
+                        f"{slot.form}-{'t' if transposed else 'direct'}"
+                    )
                     yield pytest.param(entry, target, is_method, slot, transposed, id=name)
 
 
@@ -130,10 +133,12 @@ def _einsum_graph(equation, wi, w_shape, varargs: bool, target):
     return fx.GraphModule(root, graph), op
 
 
-@pytest.mark.parametrize("target, varargs", [(aten.einsum.default, False), (torch.einsum, False),
-                                             (torch.einsum, True)], ids=["aten", "torch-list", "torch-varargs"])
-@pytest.mark.parametrize("equation, wi, w_shape, x_shape, layout", EINSUM_CASES,
-                         ids=[c[0] for c in EINSUM_CASES])
+@pytest.mark.parametrize(
+    "target, varargs",
+    [(aten.einsum.default, False), (torch.einsum, False), (torch.einsum, True)],
+    ids=["aten", "torch-list", "torch-varargs"],
+)
+@pytest.mark.parametrize("equation, wi, w_shape, x_shape, layout", EINSUM_CASES, ids=[c[0] for c in EINSUM_CASES])
 def test_einsum_entry(target, varargs, equation, wi, w_shape, x_shape, layout):
     gm, op = _einsum_graph(equation, wi, w_shape, varargs, target)
     uses = [u for n in gm.graph.nodes for u in op_uses(n, _is_param(gm))]
@@ -142,11 +147,14 @@ def test_einsum_entry(target, varargs, equation, wi, w_shape, x_shape, layout):
     _adapter_matches_op_on_merged_weight(gm, uses[0], x_shape)
 
 
-@pytest.mark.parametrize("equation, w_shape", [
-    ("bd,bd->b", (4, D_IN)),  # the weight's indices both meet x: elementwise, not a projection
-    ("bd,dd->bd", (D_IN, D_IN)),  # a repeated index (the diagonal)
-    ("bd,oe->bdoe", (D_OUT, D_IN)),  # an outer product: nothing contracted
-])
+@pytest.mark.parametrize(
+    "equation, w_shape",
+    [
+        ("bd,bd->b", (4, D_IN)),  # the weight's indices both meet x: elementwise, not a projection
+        ("bd,dd->bd", (D_IN, D_IN)),  # a repeated index (the diagonal)
+        ("bd,oe->bdoe", (D_OUT, D_IN)),  # an outer product: nothing contracted
+    ],
+)
 def test_einsum_that_is_not_a_projection_is_no_site(equation, w_shape):
     gm, _ = _einsum_graph(equation, 1, w_shape, False, aten.einsum.default)
     assert [u for n in gm.graph.nodes for u in op_uses(n, _is_param(gm))] == []
@@ -160,30 +168,33 @@ def test_weight_times_weight_is_no_site():
     graph.placeholder("x")
     mm = graph.call_function(aten.matmul.default, (graph.get_attr("W"), graph.get_attr("V")))
     graph.output(mm)
-    gm = fx.GraphModule(root, graph)
+    fx.GraphModule(root, graph).graph.lint()
     params = lambda n: n.op == "get_attr"  # noqa: E731
     assert op_uses(mm, params) == []
 
 
-@pytest.mark.parametrize("make, counts", [
-    (lambda g, w: g.call_function(aten.t.default, (w,)), True),
-    (lambda g, w: g.call_function(aten.numpy_T.default, (w,)), True),
-    (lambda g, w: g.call_function(aten.transpose.int, (w, 0, 1)), True),
-    (lambda g, w: g.call_function(aten.transpose.int, (w, -1, -2)), True),
-    (lambda g, w: g.call_function(aten.permute.default, (w, [1, 0])), True),
-    (lambda g, w: g.call_function(torch.permute, (w, (-1, 0))), True),
-    (lambda g, w: g.call_function(getattr, (w, "T")), True),
-    (lambda g, w: g.call_function(getattr, (w, "mT")), True),
-    (lambda g, w: g.call_method("t", (w,)), True),
-    (lambda g, w: g.call_method("transpose", (w, 1, 0)), True),
-    (lambda g, w: g.call_method("permute", (w, 1, 0)), True),
-    (lambda g, w: g.call_method("permute", (w, [1, 0])), True),
-    (lambda g, w: g.call_function(aten.transpose.int, (w, 0, 0)), False),
-    (lambda g, w: g.call_function(aten.transpose.int, (w, 1, 2)), False),  # a 3-D transpose
-    (lambda g, w: g.call_function(aten.permute.default, (w, [0, 1])), False),
-    (lambda g, w: g.call_method("permute", (w, 0, 2, 1)), False),
-    (lambda g, w: g.call_function(aten.neg.default, (w,)), False),
-])
+@pytest.mark.parametrize(
+    "make, counts",
+    [
+        (lambda g, w: g.call_function(aten.t.default, (w,)), True),
+        (lambda g, w: g.call_function(aten.numpy_T.default, (w,)), True),
+        (lambda g, w: g.call_function(aten.transpose.int, (w, 0, 1)), True),
+        (lambda g, w: g.call_function(aten.transpose.int, (w, -1, -2)), True),
+        (lambda g, w: g.call_function(aten.permute.default, (w, [1, 0])), True),
+        (lambda g, w: g.call_function(torch.permute, (w, (-1, 0))), True),
+        (lambda g, w: g.call_function(getattr, (w, "T")), True),
+        (lambda g, w: g.call_function(getattr, (w, "mT")), True),
+        (lambda g, w: g.call_method("t", (w,)), True),
+        (lambda g, w: g.call_method("transpose", (w, 1, 0)), True),
+        (lambda g, w: g.call_method("permute", (w, 1, 0)), True),
+        (lambda g, w: g.call_method("permute", (w, [1, 0])), True),
+        (lambda g, w: g.call_function(aten.transpose.int, (w, 0, 0)), False),
+        (lambda g, w: g.call_function(aten.transpose.int, (w, 1, 2)), False),  # a 3-D transpose
+        (lambda g, w: g.call_function(aten.permute.default, (w, [0, 1])), False),
+        (lambda g, w: g.call_method("permute", (w, 0, 2, 1)), False),
+        (lambda g, w: g.call_function(aten.neg.default, (w,)), False),
+    ],
+)
 def test_transposes_that_count(make, counts):
     graph = fx.Graph()
     w = graph.placeholder("w")
@@ -213,8 +224,9 @@ def test_every_entry_has_cases():
     kinds = {e.kind for e in OPS}
     covered = {p.values[0].kind for p in _table_cases()} | {"einsum"}
     assert kinds == covered
-    assert all(k in ("linear", "matmul", "mm", "addmm", "einsum") for k in kinds), \
+    assert all(k in ("linear", "matmul", "mm", "addmm", "einsum") for k in kinds), (
         "a new kind: teach _activation_shape its shapes"
+    )
 
 
 def test_operator_matmul_and_functional_linear_are_in_the_table():

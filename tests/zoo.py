@@ -1,5 +1,6 @@
 """Small randomly initialised models for the tests: builders return (model, example_inputs, other_inputs,
 patterns). `other_inputs` has another batch size and sequence length, to prove the capture is dynamic."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,14 @@ def bert():
     torch.manual_seed(0)
 
     cfg = transformers.BertConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        num_labels=3, initializer_range=0.2, max_position_embeddings=64,
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+        initializer_range=0.2,
+        max_position_embeddings=64,
     )
     m = transformers.BertForSequenceClassification(cfg)
     g = torch.Generator().manual_seed(1)
@@ -32,8 +39,16 @@ def gpt2():
 
     torch.manual_seed(0)
 
-    cfg = transformers.GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2,
-                                  use_cache=False, attn_implementation="eager")
+    cfg = transformers.GPT2Config(
+        vocab_size=120,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        initializer_range=0.2,
+        use_cache=False,
+        attn_implementation="eager",
+    )
     m = transformers.GPT2LMHeadModel(cfg)
     g = torch.Generator().manual_seed(2)
     return m, dict(input_ids=_ids(120, 2, 10, g)), dict(input_ids=_ids(120, 3, 7, g)), ["*c_attn", "*mlp.c_fc"]
@@ -44,9 +59,17 @@ def llama():
 
     torch.manual_seed(0)
 
-    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   initializer_range=0.2, use_cache=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        use_cache=False,
+    )
     m = transformers.LlamaForCausalLM(cfg)
     g = torch.Generator().manual_seed(3)
     return m, dict(input_ids=_ids(120, 2, 10, g)), dict(input_ids=_ids(120, 3, 6, g)), ["*q_proj", "*v_proj"]
@@ -57,12 +80,25 @@ def vit():
 
     torch.manual_seed(0)
 
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=64, num_labels=5, initializer_range=0.2)
+    cfg = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+        initializer_range=0.2,
+    )
     m = transformers.ViTForImageClassification(cfg)
     g = torch.Generator().manual_seed(4)
-    return (m, dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g)),
-            dict(pixel_values=torch.randn(3, 3, 16, 16, generator=g)), ["*q_proj", "*v_proj"])
+    return (
+        m,
+        dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g)),
+        dict(pixel_values=torch.randn(3, 3, 16, 16, generator=g)),
+        ["*q_proj", "*v_proj"],
+    )
 
 
 def t5():
@@ -70,8 +106,16 @@ def t5():
 
     torch.manual_seed(0)
 
-    cfg = transformers.T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                decoder_start_token_id=0, use_cache=False)
+    cfg = transformers.T5Config(
+        vocab_size=120,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        use_cache=False,
+    )
     m = transformers.T5ForConditionalGeneration(cfg)
     g = torch.Generator().manual_seed(5)
     ex = dict(input_ids=_ids(120, 2, 10, g), decoder_input_ids=_ids(120, 2, 6, g))
@@ -84,7 +128,12 @@ def transformer_encoder():
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
     m = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     g = torch.Generator().manual_seed(6)
-    return m, (torch.randn(2, 10, 32, generator=g),), (torch.randn(3, 7, 32, generator=g),), ["*in_proj_weight", "*linear1"]
+    return (
+        m,
+        (torch.randn(2, 10, 32, generator=g),),
+        (torch.randn(3, 7, 32, generator=g),),
+        ["*in_proj_weight", "*linear1"],
+    )
 
 
 class HomeGrown(nn.Module):
@@ -107,7 +156,12 @@ class HomeGrown(nn.Module):
 
 def home_grown():
     g = torch.Generator().manual_seed(8)
-    return HomeGrown(), (torch.randn(2, 5, 16, generator=g),), (torch.randn(4, 3, 16, generator=g),), ["w_in", "w_mid", "w_out"]
+    return (
+        HomeGrown(),
+        (torch.randn(2, 5, 16, generator=g),),
+        (torch.randn(4, 3, 16, generator=g),),
+        ["w_in", "w_mid", "w_out"],
+    )
 
 
 class Projections(nn.Module):
@@ -133,15 +187,20 @@ class Projections(nn.Module):
 
 def projections():
     g = torch.Generator().manual_seed(13)
-    return Projections(), (torch.randn(2, 5, 16, generator=g),), (torch.randn(4, 3, 16, generator=g),), \
-        ["w_in", "w_mid", "w_left", "w_left_t"]
+    return (
+        Projections(),
+        (torch.randn(2, 5, 16, generator=g),),
+        (torch.randn(4, 3, 16, generator=g),),
+        ["w_in", "w_mid", "w_left", "w_left_t"],
+    )
 
 
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+        )
         self.dropout = nn.Dropout(0.2)
         self.head = nn.Linear(32, 10)
 
@@ -177,10 +236,23 @@ class Tied(nn.Module):
 
 def tied():
     g = torch.Generator().manual_seed(11)
-    return Tied(), (torch.randint(0, 50, (2, 7), generator=g),), (torch.randint(0, 50, (3, 4), generator=g),), ["shared", "head"]
+    return (
+        Tied(),
+        (torch.randint(0, 50, (2, 7), generator=g),),
+        (torch.randint(0, 50, (3, 4), generator=g),),
+        ["shared", "head"],
+    )
 
 
 ZOO = {
-    "bert": bert, "gpt2": gpt2, "llama": llama, "vit": vit, "t5": t5, "transformer_encoder": transformer_encoder,
-    "home_grown": home_grown, "projections": projections, "cnn": cnn, "tied": tied,
+    "bert": bert,
+    "gpt2": gpt2,
+    "llama": llama,
+    "vit": vit,
+    "t5": t5,
+    "transformer_encoder": transformer_encoder,
+    "home_grown": home_grown,
+    "projections": projections,
+    "cnn": cnn,
+    "tied": tied,
 }

@@ -1,6 +1,7 @@
 """Adapters on disk, in our format (`native`) or Hugging Face PEFT's PEANuT (`peft`): save, read, load.
 JSON and safetensors only — never pickles. Files are written under temporary names, checked, then renamed
 (neat_fx.atomic); nothing is changed by a load until every check has passed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,13 @@ def load_adapters(target, path, example_inputs=None, **transform_options):
         c = loaded.config
         names = list(loaded.sites)
         options = dict(
-            rank=c.rank, depth=c.depth, activation=c.activation, scale=c.scale,
-            trainable=["re:" + re.escape(n) for n in loaded.trainable], capture=c.capture, modes=c.modes,
+            rank=c.rank,
+            depth=c.depth,
+            activation=c.activation,
+            scale=c.scale,
+            trainable=["re:" + re.escape(n) for n in loaded.trainable],
+            capture=c.capture,
+            modes=c.modes,
             adapter_dtype=c.adapter_dtype,
         )
         options.update(transform_options)
@@ -93,7 +99,8 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
     c = loaded.config
     if c.rank != nm.neat_config.rank or c.depth != nm.neat_config.depth:
         problems.append(
-            f"the checkpoint has rank={c.rank}, depth={c.depth}; nm has rank={nm.neat_config.rank}, depth={nm.neat_config.depth} "
+            f"the checkpoint has rank={c.rank}, depth={c.depth}; "
+            f"nm has rank={nm.neat_config.rank}, depth={nm.neat_config.depth} "
             f"(transform with rank={c.rank}, depth={c.depth}, or load onto the plain model)"
         )
     by_alias: dict[str, SiteInfo] = {}
@@ -114,7 +121,10 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
         t = loaded.sites[name]
         ad = nm.adapters[s.key]
         if tuple(t["A"].shape) != tuple(ad.A.shape) or tuple(t["B"].shape) != tuple(ad.B.shape):
-            problems.append(f"{name}: checkpoint A{tuple(t['A'].shape)} B{tuple(t['B'].shape)}, nm A{tuple(ad.A.shape)} B{tuple(ad.B.shape)}")
+            problems.append(
+                f"{name}: checkpoint A{tuple(t['A'].shape)} B{tuple(t['B'].shape)}, "
+                f"nm A{tuple(ad.A.shape)} B{tuple(ad.B.shape)}"
+            )
         meta = loaded.site_meta.get(name)
         if meta is not None:
             if meta["layout"] != s.layout:
@@ -128,7 +138,9 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
     inv = {v: k for k, v in names.items()}
     for name, v in loaded.trainable.items():
         if name not in inv:
-            problems.append(f"{name} is trained in full in the checkpoint but not in nm (transform with trainable=[{name!r}])")
+            problems.append(
+                f"{name} is trained in full in the checkpoint but not in nm (transform with trainable=[{name!r}])"
+            )
         elif tuple(v.shape) != tuple(nm.trainable[inv[name]].shape):
             problems.append(f"{name}: checkpoint shape {tuple(v.shape)}, nm {tuple(nm.trainable[inv[name]].shape)}")
     for name in inv:
@@ -153,5 +165,12 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
     nm.neat_config = dataclasses.replace(nm.neat_config, activation=c.activation, scale=c.scale)
 
 
-__all__ = ["FORMATS", "LoadedAdapters", "fingerprint", "fingerprint_matches", "load_adapters", "read_adapters",
-           "save_adapters"]
+__all__ = [
+    "FORMATS",
+    "LoadedAdapters",
+    "fingerprint",
+    "fingerprint_matches",
+    "load_adapters",
+    "read_adapters",
+    "save_adapters",
+]

@@ -1,5 +1,6 @@
 """Fingerprints of base weights: saved with adapters, checked when they are loaded or served, because an adapter
 is only valid on the exact base it was trained on (H = σ(W0ᵀ A) depends on W0)."""
+
 from __future__ import annotations
 
 import torch

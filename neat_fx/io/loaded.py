@@ -1,4 +1,5 @@
 """`LoadedAdapters`: a checkpoint read into memory, in our terms, whatever format it came from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,6 @@
 """Our adapter format: `adapters.safetensors` + `neat_config.json` (options, sites with their layouts and base
 fingerprints, the weights' checksum). JSON and safetensors only — never pickles."""
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,16 @@ def save(nm: NeatModule, folder: Path):
             "base_model": type(nm.model).__name__,
             "sites": [
                 {
-                    "name": s.name, "aliases": list(s.aliases), "kinds": s.kinds, "layout": s.layout,
-                    "d_in": s.d_in, "d_out": s.d_out,
-                    "dtype": s.dtype, "fingerprint": fingerprint(nm.weight_of(s)),
-                    "activation": nm.adapters[s.key].activation, "scale": nm.adapters[s.key].scale,
+                    "name": s.name,
+                    "aliases": list(s.aliases),
+                    "kinds": s.kinds,
+                    "layout": s.layout,
+                    "d_in": s.d_in,
+                    "d_out": s.d_out,
+                    "dtype": s.dtype,
+                    "fingerprint": fingerprint(nm.weight_of(s)),
+                    "activation": nm.adapters[s.key].activation,
+                    "scale": nm.adapters[s.key].scale,
                 }
                 for s in nm.site_infos
             ],
@@ -81,7 +88,8 @@ def read(folder: Path) -> LoadedAdapters:
     for s in meta["sites"]:
         n = s["name"]
         sites[n] = {
-            "A": tensors[f"{n}.neat_A"], "B": tensors[f"{n}.neat_B"],
+            "A": tensors[f"{n}.neat_A"],
+            "B": tensors[f"{n}.neat_B"],
             "encoders": [tensors[f"{n}.neat_encoders.{i}"] for i in range(config.hidden_layers)],
             "decoders": [tensors[f"{n}.neat_decoders.{i}"] for i in range(config.hidden_layers)],
         }

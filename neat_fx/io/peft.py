@@ -1,6 +1,7 @@
 """Hugging Face PEFT's PEANuT checkpoints (`adapter_config.json` + `adapter_model.safetensors`): the same
 method (NEAT), read and written so users' existing checkpoints work both ways. PEFT records no base
 fingerprints or layouts, so loads of this format check shapes only."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,8 @@ def save(nm: NeatModule, folder: Path):
     if unsupported:
         raise AdapterMismatchError(
             "PEFT's PEANuT supports nn.Linear modules only; these sites are not: "
-            + "; ".join(unsupported) + ". Save with format='neat', or transform with exclude= for them."
+            + "; ".join(unsupported)
+            + ". Save with format='neat', or transform with exclude= for them."
         )
     tensors = {}
     for s in nm.site_infos:
@@ -98,7 +100,8 @@ def read(folder: Path) -> LoadedAdapters:
     act = from_peft(meta.get("act_fn", "relu"))
     if act is None:
         raise AdapterMismatchError(
-            f"PEFT activation {meta.get('act_fn')!r} has no neat_fx equivalent; supported: {peft_names()}")
+            f"PEFT activation {meta.get('act_fn')!r} has no neat_fx equivalent; supported: {peft_names()}"
+        )
     wfile = folder / WEIGHTS
     if not wfile.exists():
         raise FileNotFoundError(f"{wfile} is missing (neat_fx reads safetensors checkpoints only, never .bin pickles)")
@@ -109,7 +112,7 @@ def read(folder: Path) -> LoadedAdapters:
     for k, v in tensors.items():
         m = rx.match(k)
         if m is None:
-            name = k[len(PREFIX):] if k.startswith(PREFIX) else k
+            name = k[len(PREFIX) :] if k.startswith(PREFIX) else k
             trainable[name] = v
             continue
         site = sites.setdefault(m.group(1) + ".weight", {"encoders": {}, "decoders": {}})
@@ -125,10 +128,16 @@ def read(folder: Path) -> LoadedAdapters:
             raise AdapterMismatchError(f"{wfile}: site {name} lacks peanut_A or peanut_B")
         for part in ("encoders", "decoders"):
             if sorted(s[part]) != list(range(depth)):
-                raise AdapterMismatchError(f"{wfile}: site {name} has {part} {sorted(s[part])}, depth {depth} expects {list(range(depth))}")
+                raise AdapterMismatchError(
+                    f"{wfile}: site {name} has {part} {sorted(s[part])}, depth {depth} expects {list(range(depth))}"
+                )
             s[part] = [s[part][i] for i in range(depth)]
     config = NeatConfig(
-        patterns=tuple("re:" + re.escape(n) for n in sites), trainable=tuple("re:" + re.escape(n) for n in trainable),
-        rank=int(meta["r"]), depth=2 + 2 * depth, activation=act, scale=float(meta.get("scaling", 1.0)),
+        patterns=tuple("re:" + re.escape(n) for n in sites),
+        trainable=tuple("re:" + re.escape(n) for n in trainable),
+        rank=int(meta["r"]),
+        depth=2 + 2 * depth,
+        activation=act,
+        scale=float(meta.get("scaling", 1.0)),
     )
     return LoadedAdapters(config, sites, trainable, {}, "peft", folder)

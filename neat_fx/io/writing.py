@@ -1,4 +1,5 @@
 """Writing a checkpoint's two files (tensors + JSON config) atomically, gathering sharded tensors first."""
+
 from __future__ import annotations
 
 import json
