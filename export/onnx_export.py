@@ -7,6 +7,7 @@ import copy
 import inspect
 import logging
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -314,7 +315,7 @@ def _torch_export(module, args, kwargs, opts: ExportConfig):
         except Exception as exc:
             raise ExportError(
                 f"torch.onnx could not export {type(module).__name__}:\n    {cap.first_lines(exc)}"
-                f"{cap.user_frame(exc)}\n"
+                f"{cap.user_frame(exc, module)}{_untranslatable_ops(exc)}\n"
                 f"The usual causes: an op without an ONNX translation (pass a custom translation via "
                 f"torch.onnx.export directly) or data-dependent control flow."
             ) from exc
@@ -322,6 +323,26 @@ def _torch_export(module, args, kwargs, opts: ExportConfig):
     if opts.optimize != "none":
         done.append("exporter optimiser (constant folding, dead code)")
     return program, folded_first, done, reference_out
+
+
+def _untranslatable_ops(exc: BaseException) -> str:
+    """The ops torch.onnx found no translation for, from wherever in the exception chain it names them."""
+    text, seen = "", set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text += f"\n{exc}"
+        exc = exc.__cause__ or exc.__context__
+    ops = {f"{op}.{overload}" for op, overload in re.findall(r"OpOverload\(op='([^']+)', overload='([^']+)'\)", text)}
+    for block in re.findall(r"Unsupported FX nodes: (\{[^}]*\})", text):
+        ops.update(re.findall(r"'([^']+\.[^']+)'", block))
+    if not ops:
+        return ""
+    moe = any("grouped_mm" in op for op in ops)
+    return (
+        f"\n    ops without an ONNX translation: {', '.join(sorted(ops))} — give them one (torch.onnx.export's "
+        f"custom_translation_table), or make the model use another implementation of them"
+        + (" (Hugging Face MoE models: experts_implementation='batched_mm' exports)" if moe else "")
+    )
 
 
 def _optimized_proto(program, opts: ExportConfig, device: str):

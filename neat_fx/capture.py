@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -101,22 +102,101 @@ def first_lines(exc: BaseException, n: int = 3) -> str:
     return "\n    ".join(lines[:n])
 
 
-def user_frame(exc: BaseException) -> str:
-    """The innermost frame of the user's own code in the traceback: where capture failed."""
-    import os
+def _model_files(model: nn.Module | None) -> set[str]:
+    """The source files of the model's own classes (its modules' types): where its forward code lives."""
+    files = set()
+    for m in model.modules() if model is not None else ():
+        try:
+            files.add(os.path.realpath(inspect.getsourcefile(type(m)) or ""))
+        except TypeError:  # a built-in class
+            continue
+    return files
+
+
+def user_frame(exc: BaseException, model: nn.Module | None = None) -> str:
+    """Where capture failed, as the user would look for it: the innermost frame in the model's own code (the
+    files defining its modules' classes), else the innermost frame outside torch, numpy and neat_fx."""
     import traceback
 
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(__file__)
-    found = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        f = frame.filename
-        if f.startswith(torch_dir) or f.startswith(here) or "site-packages/torch" in f or f.startswith("<"):
-            continue
-        found = frame
+    libraries = [
+        os.path.dirname(torch.__file__),
+        os.path.dirname(os.path.dirname(__file__)),
+        "site-packages/numpy",
+        "site-packages/torch",
+    ]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    own = _model_files(model)
+    in_model = [f for f in frames if os.path.realpath(f.filename) in own]
+    outside = [f for f in frames if not any(lib in f.filename for lib in libraries)]
+    found = (in_model or outside or [None])[-1]
     if found is None:
         return ""
     return f"\n    at {found.filename}:{found.lineno} in {found.name}: {(found.line or '').strip()}"
+
+
+#: options of Hugging Face configs that switch on train-time stochastic code (masking, layer dropping) which
+#: torch.export cannot trace; capturing with them at 0 (or only the eval graph) avoids it.
+TRAIN_TIME_OPTIONS = (
+    "mask_time_prob",
+    "mask_feature_prob",
+    "layerdrop",
+    "encoder_layerdrop",
+    "decoder_layerdrop",
+    "drop_path_rate",
+    "stochastic_depth_prob",
+)
+
+
+def _export_fixes(model: nn.Module, exc: BaseException, mode: str, eval_captures: bool | None) -> str:
+    """The fixes worth trying for this failure, most specific first."""
+    text = f"{type(exc).__name__}: {exc}"
+    fixes = []
+    if mode == "train" and eval_captures:
+        config = getattr(model, "config", None)
+        on = [f"{k}={getattr(config, k)}" for k in TRAIN_TIME_OPTIONS if getattr(config, k, 0)]
+        switch = (
+            f"set {', '.join(k.split('=')[0] + '=0' for k in on)} in the model's config (now {', '.join(on)})"
+            if on
+            else "switch the train-only feature off in the model's code or config"
+        )
+        fixes.append(
+            f"the eval graph captures fine: the failing code runs only in training. Either {switch} and "
+            f"transform again, or capture the eval graph only with modes=('eval',) (no dropout in training)"
+        )
+    if "use_cache" in text or "DynamicCache" in text or "Cache" in type(exc).__name__:
+        fixes.append("Hugging Face decoders need use_cache=False in the example inputs or the config")
+    if any(s in text for s in ("Constraints violated", "ConstraintViolation", "specialized", "Dim.")):
+        fixes.append(
+            "a dimension the model fixes was left dynamic: pass dynamic=False, or a torch.export "
+            "dynamic_shapes spec that leaves only the axes that vary (e.g. the batch)"
+        )
+    if any(s in text for s in ("data-dependent", "DataDependent", "GuardOnDataDependent", "numpy")):
+        fixes.append(
+            "the model branches on tensor values or converts tensors to numpy at the line above: make that "
+            "code traceable (torch.cond, or a tensor expression) or turn the feature off"
+        )
+    if not fixes:
+        fixes.append(
+            "make the failing op traceable (data-dependent Python control flow and unregistered output "
+            "types are the usual causes); capture='fx' (torch.fx.symbolic_trace) serves simple modules"
+        )
+    return "Fixes: " + "; or ".join(fixes) + "."
+
+
+def refuse_non_finite(args: tuple, kwargs: dict):
+    """Example inputs must be finite: the capture is checked by comparing outputs on them, and NaN compares
+    unequal to itself (the error would blame the capture)."""
+    leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
+    for path, t in leaves:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            first, rest = path[1], pytree.keystr(path[2:])
+            name = f"positional argument {first.idx}{rest}" if path[0].idx == 0 else f"{first.key!r}{rest}"
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise CaptureError(
+                f"example input {name} holds {nan} NaN and {inf} infinite values of {t.numel()}; the capture is "
+                f"checked by running the model on the example inputs, so they must be finite. Pass example inputs "
+                f"with real values (a batch of your data)."
+            )
 
 
 def check_runs_eagerly(model: nn.Module, args: tuple, kwargs: dict):
@@ -134,6 +214,13 @@ def check_runs_eagerly(model: nn.Module, args: tuple, kwargs: dict):
         ) from exc
 
 
+def _export_module(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic_shapes) -> fx.GraphModule:
+    with train_mode(model, mode == "train"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        return ep.module()
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic) -> Capture:
     if dynamic is True:
         dynamic_shapes = auto_dynamic_shapes(model.forward, args, kwargs)
@@ -142,18 +229,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic) -> 
     else:
         dynamic_shapes = dynamic  # the caller's own torch.export dynamic_shapes
     try:
-        with train_mode(model, mode == "train"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-            gm = ep.module()
+        gm = _export_module(model, args, kwargs, mode, dynamic_shapes)
     except Exception as exc:
+        eval_captures = None
+        if mode == "train":  # worth one more capture on the error path: it tells which fix applies
+            try:
+                _export_module(model, args, kwargs, "eval", dynamic_shapes)
+                eval_captures = True
+            except Exception:
+                eval_captures = False
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {first_lines(exc)}"
-            f"{user_frame(exc)}\n"
-            f"Fixes: make the failing op traceable (data-dependent Python control flow and unregistered "
-            f"output types are the usual causes; Hugging Face decoders need use_cache=False), pass "
-            f"dynamic=False if a dynamic dimension is the problem, or capture='fx' to use "
-            f"torch.fx.symbolic_trace instead."
+            f"{user_frame(exc, model)}\n{_export_fixes(model, exc, mode, eval_captures)}"
         ) from exc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deepcopy of the pytree spec warns about a deprecated API
@@ -177,7 +264,7 @@ def _symbolic_trace(model: nn.Module, mode: str) -> Capture:
     except Exception as exc:
         raise CaptureError(
             f"torch.fx.symbolic_trace could not capture {type(model).__name__} in {mode} mode:\n"
-            f"    {first_lines(exc)}{user_frame(exc)}\n"
+            f"    {first_lines(exc)}{user_frame(exc, model)}\n"
             f"Use capture='export' (the default), which handles Python control flow on shapes and Hugging "
             f"Face models."
         ) from exc

@@ -16,6 +16,7 @@ dtype (an explicit float32 upcast cannot be told from an incidental one).
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,99 @@ def retarget_devices(graph: fx.Graph, old: torch.device, new: torch.device) -> i
             node.args = pytree.tree_map(swap, node.args)
             node.kwargs = pytree.tree_map(swap, node.kwargs)
     return changed
+
+
+_GUARD_EQUAL = re.compile(r"Guard failed: (\w+)\.size\(\)\[(\d+)\] == (\w+)\.size\(\)\[(\d+)\]\s*$")
+_GUARD = re.compile(r"Guard failed: (\w+)\.size\(\)\[(\d+)\] (==|<=|>=|<|>) (\d+)\s*$")
+
+
+def _example_size(gm: fx.GraphModule, name: str, dim: int) -> int | None:
+    """The size input `name` had along `dim` in the example inputs of the capture (from its placeholder)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target == name:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and dim < val.dim():
+                size = val.shape[dim]
+                if isinstance(size, torch.SymInt):
+                    hint = size.node.hint
+                    return int(hint) if hint is not None else None
+                return int(size)
+    return None
+
+
+def _explain_guard(message: str, arguments: dict, gm: fx.GraphModule, container) -> str:
+    """A guard failure of the captured graph, said in the user's terms: which input, which dimension, the range
+    the capture allows and why (a limit of the model, or a specialisation of the capture and its fix)."""
+    guard = message.split("Guard failed:", 1)[1].strip()
+    m = _GUARD.search(message)
+    pair = _GUARD_EQUAL.search(message)
+    if pair is not None:
+        (a, da), (b, db) = (pair.group(1), int(pair.group(2))), (pair.group(3), int(pair.group(4)))
+        size = {
+            n: arguments[n].shape[d]
+            for n, d in ((a, da), (b, db))
+            if isinstance(arguments.get(n), torch.Tensor) and d < arguments[n].dim()
+        }
+        return (
+            f"{type(container).__name__}: input {a!r} dimension {da} is {size.get(a, '?')}, but {b!r} dimension "
+            f"{db} is {size.get(b, '?')}; the captured model needs them equal (the model's code relates them, "
+            f"e.g. both are the batch). Pass inputs whose sizes agree."
+        )
+    if m is None:
+        shapes = {k: tuple(v.shape) for k, v in arguments.items() if isinstance(v, torch.Tensor)}
+        return (
+            f"{type(container).__name__} was captured for inputs satisfying {guard}, which these inputs (shapes "
+            f"{shapes}) do not. Call it with inputs like the example inputs, or transform with example inputs "
+            f"of the shapes you will use."
+        )
+    name, dim, op, bound = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+    value = arguments.get(name)
+    got = f"is {value.shape[dim]}" if isinstance(value, torch.Tensor) and dim < value.dim() else "differs"
+    what = f"{type(container).__name__}: input {name!r} dimension {dim} {got}"
+    if op == "==":
+        example = _example_size(gm, name, dim)
+        if bound <= 1 or example is None or example == bound:
+            return (
+                f"{what}, but the capture fixed it to {bound}: torch.export specialises a dimension whose example "
+                f"size was {bound}{' (sizes 0 and 1 always are)' if bound <= 1 else ' when the model makes it so'}. "
+                f"Transform again with example inputs of another size along that dimension (e.g. an example "
+                f"batch of 2 or more) to keep it dynamic."
+            )
+        return f"{what}; the captured model accepts only {bound} there."
+    limit = {"<=": "at most", "<": "less than", ">=": "at least", ">": "more than"}[op]
+    hint = ""
+    config = getattr(getattr(container, "model", None), "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if getattr(config, key, None) == bound:
+            hint = f" (the model's {key} = {bound})"
+            break
+    return (
+        f"{what}; the model allows {limit} {bound} there{hint}: a limit of the model itself, not of the "
+        f"capture. Shorten or split the input."
+    )
+
+
+def _unequal_dims(arguments: dict, gm: fx.GraphModule) -> str | None:
+    """If two inputs whose sizes along a dimension were equal in the example (a batch, a sequence) now differ,
+    say so — the usual cause of an index error inside a captured graph; else None."""
+    seen: dict[tuple[int, int], tuple[str, int]] = {}
+    for name, value in arguments.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for dim in range(min(value.dim(), 2)):
+            example = _example_size(gm, name, dim)
+            if example is None:
+                continue
+            key = (dim, example)
+            if key in seen and seen[key][1] != value.shape[dim]:
+                other, size = seen[key]
+                return (
+                    f"input {name!r} dimension {dim} is {value.shape[dim]}, but {other!r} dimension {dim} is "
+                    f"{size}; they were equal ({example}) in the example inputs the model was captured with. "
+                    f"Pass inputs whose batch (and sequence) sizes agree."
+                )
+            seen.setdefault(key, (name, value.shape[dim]))
+    return None
 
 
 class GraphContainer(nn.Module):
@@ -151,7 +245,7 @@ class GraphContainer(nn.Module):
         mode = "train" if self.training else "eval"
         gm = self.graph_module(mode)
         try:
-            self._signatures[mode].bind(*args, **kwargs)
+            bound = self._signatures[mode].bind(*args, **kwargs)
         except TypeError as exc:
             expected = ", ".join(self._signatures[mode].parameters)
             raise InputMismatchError(
@@ -160,7 +254,23 @@ class GraphContainer(nn.Module):
                 f"example inputs that include every argument you pass (e.g. labels=…)."
             ) from None
         self._sync_device()
-        return gm(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return gm(*args, **kwargs)
+        try:
+            return gm(*args, **kwargs)
+        except AssertionError as exc:  # torch.export's input guards
+            if "Guard failed" not in str(exc):
+                raise
+            raise InputMismatchError(_explain_guard(str(exc), bound.arguments, gm, self)) from None
+        except (IndexError, RuntimeError) as exc:
+            unequal = _unequal_dims(bound.arguments, gm)
+            if unequal is None:
+                raise
+            raise InputMismatchError(unequal) from exc
+
+
+#: attribute merge_into leaves on a parameter it wrote W0 + ΔW into: (W0, the parameter's version after the write).
+MERGED_MARK = "_neat_fx_merged_from"
 
 
 @dataclass(frozen=True)
@@ -212,9 +322,61 @@ class NeatModule(GraphContainer):
 
     def weight_of(self, site: SiteInfo) -> torch.Tensor:
         """W0 of a site: the base weight this module computes ΔW from."""
+        self.follow_merges()
         if site.key in self.base_weights._buffers:
             return self.base_weights._buffers[site.key]
         return self.model.get_parameter(site.name)
+
+    # -- the base weights: shared with the model until a merge writes W0 + ΔW into them ----------------
+    def own_base_weight(self, site: SiteInfo, w0: torch.Tensor):
+        """Keep `w0` as this module's own W0 of `site` and point the graphs at it (before a merge overwrites the
+        model's weight, or once another module has merged into a weight this one shares)."""
+        self.base_weights.register_buffer(site.key, w0)
+        targets = {"model." + a for a in (site.name, *site.aliases)}
+        for mode in self.modes:
+            gm = self.graph_module(mode)
+            changed = False
+            for node in gm.graph.nodes:
+                if node.op == "get_attr" and node.target in targets:
+                    node.target = "base_weights." + site.key
+                    changed = True
+            if changed:
+                gm._modules["base_weights"] = self.base_weights
+                gm.recompile()
+        object.__setattr__(self, "_shared_weights", None)
+
+    def _record_base_versions(self):
+        """The version counter of every shared base weight now: a merge mark newer than this is another
+        module's merge (see follow_merges)."""
+        versions = {s.key: self.model.get_parameter(s.name)._version for s in self.site_infos}
+        object.__setattr__(self, "_base_versions", versions)
+        object.__setattr__(self, "_shared_weights", None)
+
+    def follow_merges(self):
+        """If another NeatModule has merged W0 + ΔW into a weight this one shares, switch to that W0 (which the
+        merge leaves as a mark on the parameter), so this module goes on computing its own function."""
+        shared = self.__dict__.get("_shared_weights")
+        if shared is None:
+            shared = [
+                (s, self.model.get_parameter(s.name))
+                for s in self.site_infos
+                if s.key not in self.base_weights._buffers
+            ]
+            object.__setattr__(self, "_shared_weights", shared)
+        versions = self.__dict__.get("_base_versions", {})
+        for site, weight in shared:
+            mark = getattr(weight, MERGED_MARK, None)
+            if mark is not None and mark[1] == weight._version and versions.get(site.key) != weight._version:
+                self.own_base_weight(site, mark[0].clone())
+
+    def forward(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            self.follow_merges()
+        return super().forward(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        object.__setattr__(self, "_shared_weights", None)  # .to() may replace parameter objects
+        return super()._apply(fn, recurse)
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Hugging Face's `PreTrainedModel.num_parameters` contract (the Trainer calls it): an int. Embeddings

@@ -11,10 +11,11 @@ import torch
 from torch import fx, nn
 
 from . import capture as cap
-from .containers import FoldedModule, NeatModule, SiteInfo
+from .containers import MERGED_MARK, FoldedModule, NeatModule, SiteInfo
 from .distributed import any_sharded
 from .errors import MergeError
 from .ops import replace_weight
+from .transform import MASTER_CAST
 
 #: node.meta flag of the get_attr nodes fold creates for folded weights (their targets are already final).
 FOLDED = "neat_folded"
@@ -67,6 +68,9 @@ def fold(nm: NeatModule) -> FoldedModule:
                 node.replace_all_uses_with(y)
                 graph.erase_node(node)
                 _fold_use(graph, y, weight, site_by_key[key], values, folded[key])
+            elif node.meta.get(MASTER_CAST):  # the snapshot below is in the base dtype already
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
         for node in list(graph.nodes):
             if node.op in ("get_attr", "call_module") and not node.meta.get(FOLDED):
                 if node.op == "get_attr" and not node.users:
@@ -75,8 +79,9 @@ def fold(nm: NeatModule) -> FoldedModule:
                 old = node.target
                 new = _mirror_target(nm, old)
                 value = cap.resolve_attr(nm, old)
-                if old.startswith("trainable."):
-                    value = nn.Parameter(value.detach().clone(), requires_grad=False)  # a snapshot
+                if old.startswith("trainable."):  # a snapshot, in the base parameter's dtype
+                    base_dtype = nm.model.get_parameter(new.removeprefix("model.")).dtype
+                    value = nn.Parameter(value.detach().to(base_dtype, copy=True), requires_grad=False)
                 values.setdefault(new, value)
                 node.target = new
         graph.lint()
@@ -179,25 +184,10 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
 
     for site, target, new in plan:
         if nm.model.get_parameter(site.name) is target and site.key not in nm.base_weights._buffers:
-            _keep_base_weight(nm, site, target)
+            nm.own_base_weight(site, target.detach().clone())
         target.copy_(new.to(target.device))  # (not .data: copy_ moves the version counter compiled folds watch)
+        # Other NeatModules built on this weight see the mark and switch to W0 (NeatModule.follow_merges).
+        setattr(target, MERGED_MARK, (nm.weight_of(site).detach(), target._version))
     for target, value in train_plan:
         target.copy_(value.detach().to(device=target.device, dtype=target.dtype))
     return model
-
-
-def _keep_base_weight(nm: NeatModule, site: SiteInfo, weight: nn.Parameter):
-    """Before overwriting a weight nm shares, give nm its own copy of W0 and point its graphs at it."""
-    nm.base_weights.register_buffer(site.key, weight.detach().clone())
-    old = "model." + site.name
-    aliases = {"model." + a for a in site.aliases}
-    for mode in nm.modes:
-        gm = nm.graph_module(mode)
-        changed = False
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and (node.target == old or node.target in aliases):
-                node.target = "base_weights." + site.key
-                changed = True
-        if changed:
-            gm._modules["base_weights"] = nm.base_weights
-            gm.recompile()

@@ -24,6 +24,18 @@ def _numpy(t) -> np.ndarray:
     return np.asarray(t)
 
 
+def _float_difference(e: np.ndarray, a: np.ndarray) -> tuple[float, float]:
+    """(max |e - a| over finite positions, the output's scale); a NaN or infinity on one side only is an infinite
+    difference, the same NaN or infinity on both sides none (NaN ≠ NaN would otherwise fail every check)."""
+    finite = np.isfinite(e) & np.isfinite(a)
+    agree = (np.isnan(e) & np.isnan(a)) | (np.isinf(e) & (e == a))
+    if np.any(~finite & ~agree):
+        return float("inf"), 1.0
+    if not finite.any():
+        return 0.0, 1.0
+    return float(np.abs(e[finite] - a[finite]).max()), max(1.0, float(np.abs(e[finite]).max()))
+
+
 def compare(expected, actual, rtol: float | None = None) -> dict:
     """{"max_abs", "max_rel", "ok"[, "note"]} of `actual` (tensors or arrays, in the order of `expected`'s
     flattened tensors) against `expected`. ok: every floating output within `rtol` (loosened for
@@ -54,8 +66,8 @@ def compare(expected, actual, rtol: float | None = None) -> dict:
             if not np.array_equal(e_np, a_np):
                 return {"max_abs": float("inf"), "max_rel": float("inf"), "ok": False, "note": "integer outputs differ"}
             continue
-        d = float(np.abs(e_np.astype(np.float64) - a_np.astype(np.float64)).max())
-        rel = d / max(1.0, float(np.abs(e_np).max()))
+        d, scale = _float_difference(e_np.astype(np.float64), a_np.astype(np.float64))
+        rel = d / scale
         worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, rel)
         if rtol is not None:
             ok = ok and rel <= max(rtol, HALF_PRECISION_RTOL.get(e.dtype, 0.0))

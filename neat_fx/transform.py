@@ -3,6 +3,7 @@ the adapters (and the base parameters named by `trainable=`). (docs/design.md, "
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -73,21 +74,35 @@ def transform(
     args, kwargs = cap.split_example_inputs(example_inputs)
     _warn_static_batch(args, kwargs, dynamic)
 
+    cap.refuse_non_finite(args, kwargs)
     reference = cap.check_runs_eagerly(model, args, kwargs) if check else None
     captures = cap.capture(model, args, kwargs, method=config.capture, modes=config.modes, dynamic=dynamic)
     nm = NeatModule(model, config)
     graphs = {mode: _bind_targets(c, model, nm) for mode, c in captures.items()}
 
     chosen, train_params, other_uses = _select(nm, graphs, config)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    _make_trainable_copies(nm, train_params, graphs)
-    _insert_adapters(nm, chosen, config, other_uses)
-    _install_graphs(nm, model, graphs)
-
-    if check and "eval" in graphs:
-        _check_capture(nm, model, args, kwargs, reference)
+    with restoring_requires_grad(model):  # a failure below leaves the model as it was given
+        for p in model.parameters():
+            p.requires_grad_(False)
+        _make_trainable_copies(nm, train_params, graphs)
+        _insert_adapters(nm, chosen, config, other_uses)
+        _install_graphs(nm, model, graphs)
+        nm._record_base_versions()
+        if check and "eval" in graphs:
+            _check_capture(nm, model, args, kwargs, reference)
     return nm
+
+
+@contextlib.contextmanager
+def restoring_requires_grad(model: nn.Module):
+    """Run the block; if it raises, give every parameter of `model` back the requires_grad it had."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def _one_config(config: NeatConfig | None, given: dict) -> NeatConfig:
@@ -238,22 +253,38 @@ def _select_trainable(patterns, param_names, chosen: list[Site], aliases) -> lis
     return list(picked.values())
 
 
+#: base dtypes whose trained-in-full copies are kept in float32 (optimizer steps in fp16 overflow and underflow:
+#: AdamW's eps alone is 0 in float16), cast to the base dtype where the graph reads them.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: node.meta flag of the casts from a float32 master copy to the base dtype (fold removes them).
+MASTER_CAST = "neat_master_cast"
+
+
 def _make_trainable_copies(nm: NeatModule, params, graphs):
     if not params:
         return
     key_of = {}
     for name, p in params:
         key = adapter_key(name)
-        copy = nn.Parameter(p.detach().clone(), requires_grad=True)
-        nm.trainable[key] = copy
+        master = p.detach().clone().float() if p.dtype in HALF_DTYPES else p.detach().clone()
+        nm.trainable[key] = nn.Parameter(master, requires_grad=True)
         nm.trainable_names[key] = name
-        key_of[id(p)] = key
+        key_of[id(p)] = (key, p.dtype)
     for graph in graphs.values():
-        for node in graph.nodes:
-            if node.op == "get_attr":
-                obj = cap.resolve_attr(nm, node.target)
-                if id(obj) in key_of:
-                    node.target = "trainable." + key_of[id(obj)]
+        for node in list(graph.nodes):
+            if node.op != "get_attr":
+                continue
+            obj = cap.resolve_attr(nm, node.target)
+            if id(obj) not in key_of:
+                continue
+            key, dtype = key_of[id(obj)]
+            node.target = "trainable." + key
+            if dtype in HALF_DTYPES:
+                with graph.inserting_after(node):
+                    cast = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": dtype})
+                cast.meta[MASTER_CAST] = True
+                node.replace_all_uses_with(cast, delete_user_cb=lambda user, cast=cast: user is not cast)
 
 
 def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, other_uses):
