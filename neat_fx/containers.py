@@ -269,6 +269,14 @@ class GraphContainer(nn.Module):
             raise InputMismatchError(unequal) from exc
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """A tensor's version counter (None for inference tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 #: attribute merge_into leaves on a parameter it wrote W0 + ΔW into: (W0, the parameter's version after the write).
 MERGED_MARK = "_neat_fx_merged_from"
 
@@ -348,7 +356,7 @@ class NeatModule(GraphContainer):
     def _record_base_versions(self):
         """The version counter of every shared base weight now: a merge mark newer than this is another
         module's merge (see follow_merges)."""
-        versions = {s.key: self.model.get_parameter(s.name)._version for s in self.site_infos}
+        versions = {s.key: tensor_version(self.model.get_parameter(s.name)) for s in self.site_infos}
         object.__setattr__(self, "_base_versions", versions)
         object.__setattr__(self, "_shared_weights", None)
 
@@ -366,7 +374,7 @@ class NeatModule(GraphContainer):
         versions = self.__dict__.get("_base_versions", {})
         for site, weight in shared:
             mark = getattr(weight, MERGED_MARK, None)
-            if mark is not None and mark[1] == weight._version and versions.get(site.key) != weight._version:
+            if mark is not None and mark[1] == tensor_version(weight) and versions.get(site.key) != mark[1]:
                 self.own_base_weight(site, mark[0].clone())
 
     def forward(self, *args, **kwargs):

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from . import capture as cap
-from .containers import MERGED_MARK, FoldedModule, NeatModule, SiteInfo
+from .containers import MERGED_MARK, FoldedModule, NeatModule, SiteInfo, tensor_version
 from .distributed import any_sharded
 from .errors import MergeError
 from .ops import replace_weight
@@ -187,7 +187,7 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
             nm.own_base_weight(site, target.detach().clone())
         target.copy_(new.to(target.device))  # (not .data: copy_ moves the version counter compiled folds watch)
         # Other NeatModules built on this weight see the mark and switch to W0 (NeatModule.follow_merges).
-        setattr(target, MERGED_MARK, (nm.weight_of(site).detach(), target._version))
+        setattr(target, MERGED_MARK, (nm.weight_of(site).detach(), tensor_version(target)))
     for target, value in train_plan:
         target.copy_(value.detach().to(device=target.device, dtype=target.dtype))
     return model
