@@ -129,3 +129,38 @@ def previous_copy(folder: Path) -> Path:
     """Where `staged_folder` keeps the previous copy while it swaps the new one in."""
     folder = Path(folder)
     return folder.with_name(folder.name + ".old")
+
+
+def staged_temporaries(folder: Path) -> list[Path]:
+    """Temporary folders `staged_folder(folder)` left beside `folder` when a kill stopped it (`.<name>.tmp-*`)."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        return []
+    return [p for p in folder.parent.glob(f".{glob_escape(folder.name)}.tmp-*") if p.is_dir()]
+
+
+def file_temporaries(folder: Path, names) -> list[Path]:
+    """Temporary files `temp_beside` left in `folder` for destinations named `names` (globs allowed) when a kill
+    stopped their writer (`.<name>.<random>.tmp`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for name in names:
+        found += [p for p in folder.glob(f".{name}.*.tmp") if p.is_file()]
+    return found
+
+
+def remove_paths(paths):
+    """Remove files and folders, ignoring ones already gone (sweeping the temporaries of earlier kills)."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

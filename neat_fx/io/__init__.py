@@ -1,6 +1,7 @@
 """Adapters on disk, in our format (`native`) or Hugging Face PEFT's PEANuT (`peft`): save, read, load.
-JSON and safetensors only — never pickles. Files are written under temporary names, checked, then renamed
-(neat_fx.atomic); nothing is changed by a load until every check has passed."""
+JSON and safetensors only — never pickles. A save is one atomic switch (see `writing`): a kill at any instant
+leaves exactly the previous adapters or exactly the new ones; nothing is changed by a load until every check
+(checksum, fields, every tensor's shape and dtype) has passed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import previous_copy
 from ..containers import NeatModule, SiteInfo
 from ..distributed import copy_into
 from ..errors import AdapterMismatchError
@@ -28,6 +30,10 @@ def save_adapters(nm: NeatModule, path, *, format: str = "neat") -> Path:
     format="neat": `adapters.safetensors` + `neat_config.json` (options, patterns, sites, base shapes and
     fingerprints). format="peft": a Hugging Face PEFT PEANuT checkpoint, for sites PEFT supports
     (nn.Linear modules). Returns the folder.
+
+    A kill at any instant leaves exactly the previous adapters or exactly the new ones for `read_adapters` /
+    `load_adapters` (see `neat_fx.io.writing`); format="neat" never touches other files in the folder,
+    format="peft" swaps the whole folder in and so refuses one that holds other files.
     """
     if not isinstance(nm, NeatModule):
         raise TypeError(f"save_adapters expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
@@ -45,6 +51,8 @@ def read_adapters(path) -> LoadedAdapters:
     the weights' checksum), without touching any model. What `load_adapters`, the compile backend and the
     CLI read."""
     folder = Path(path)
+    if not folder.exists() and previous_copy(folder).is_dir():
+        folder = previous_copy(folder)  # a kill between the two renames of a PEFT save: the previous copy
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder save_adapters wrote")
     for fmt in FORMATS.values():
@@ -125,6 +133,16 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
                 f"{name}: checkpoint A{tuple(t['A'].shape)} B{tuple(t['B'].shape)}, "
                 f"nm A{tuple(ad.A.shape)} B{tuple(ad.B.shape)}"
             )
+        for part in ("encoders", "decoders"):
+            mine, theirs = list(getattr(ad, part)), t[part]
+            if len(mine) != len(theirs):
+                problems.append(f"{name}: checkpoint has {len(theirs)} {part}, nm {len(mine)}")
+                continue
+            for i, (p, v) in enumerate(zip(mine, theirs)):
+                if tuple(p.shape) != tuple(v.shape) or not v.dtype.is_floating_point:
+                    problems.append(
+                        f"{name}: checkpoint {part}[{i}] {tuple(v.shape)} {v.dtype}, nm {tuple(p.shape)} {p.dtype}"
+                    )
         meta = loaded.site_meta.get(name)
         if meta is not None:
             if meta["layout"] != s.layout:
@@ -143,6 +161,8 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
             )
         elif tuple(v.shape) != tuple(nm.trainable[inv[name]].shape):
             problems.append(f"{name}: checkpoint shape {tuple(v.shape)}, nm {tuple(nm.trainable[inv[name]].shape)}")
+        elif v.dtype.is_floating_point != nm.trainable[inv[name]].dtype.is_floating_point:
+            problems.append(f"{name}: checkpoint dtype {v.dtype}, nm {nm.trainable[inv[name]].dtype}")
     for name in inv:
         if name not in loaded.trainable:
             problems.append(f"{name} is trained in full in nm but missing from the checkpoint")

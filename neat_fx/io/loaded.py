@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import NeatConfig
+from ..errors import AdapterMismatchError
 
 
 @dataclass
@@ -31,3 +33,61 @@ class LoadedAdapters:
     path: Path
     base_model: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+_MISSING = object()
+
+
+def mismatch(path, field: str, problem: str, expected: str) -> AdapterMismatchError:
+    """The error for a malformed adapter file: names the file, the field, what is wrong and what was expected."""
+    return AdapterMismatchError(f"{path}: {field} {problem}; expected {expected}")
+
+
+def get_field(meta: dict, key: str, types, path, expected: str, *, prefix: str = "", default=_MISSING):
+    """`meta[key]`, checked to be of `types` (bool is never an int here), else AdapterMismatchError."""
+    name = f"{prefix}{key}"
+    if key not in meta:
+        if default is not _MISSING:
+            return default
+        raise mismatch(path, f"field {name!r}", "is missing", expected)
+    v = meta[key]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in _as_tuple(types)):
+        raise mismatch(path, f"field {name!r}", f"is {v!r} ({type(v).__name__})", expected)
+    return v
+
+
+def finite_number(meta: dict, key: str, path, *, prefix: str = "", default=_MISSING) -> float:
+    v = get_field(meta, key, (int, float), path, "a finite number", prefix=prefix, default=default)
+    if not math.isfinite(float(v)):
+        raise mismatch(
+            path, f"field {prefix + key!r}", f"is {v!r}", "a finite number (a NaN or inf scale poisons every output)"
+        )
+    return float(v)
+
+
+def _as_tuple(t):
+    return t if isinstance(t, tuple) else (t,)
+
+
+def check_site_tensors(path, site: str, parts: dict, keys: dict, rank: int, d_out: int | None, dtype=None):
+    """Shapes and dtypes of one site's tensors against the config, before anything is written anywhere:
+    A and B (d_out, r), every encoder and decoder (r, r), floating point (`dtype` when the config records it).
+    `keys` maps "A", "B", ("encoders", i), ("decoders", i) to the tensor's name in the file."""
+    d = d_out if d_out is not None else (parts["A"].shape[0] if parts["A"].dim() == 2 else None)
+    want = {"A": (d, rank), "B": (d, rank)}
+    for part in ("encoders", "decoders"):
+        for i in range(len(parts[part])):
+            want[(part, i)] = (rank, rank)
+    for k, shape in want.items():
+        t = parts[k] if isinstance(k, str) else parts[k[0]][k[1]]
+        what = {"A": "(d_out, r)", "B": "(d_out, r)"}.get(k, "(r, r)") if isinstance(k, str) else "(r, r)"
+        if tuple(t.shape) != shape:
+            raise AdapterMismatchError(
+                f"{path}: tensor {keys[k]} of site {site} has shape {tuple(t.shape)}; expected {shape} = {what} "
+                f"for rank {rank}; nothing was loaded (the file does not belong to this config: save again)"
+            )
+        if not t.dtype.is_floating_point or (dtype is not None and t.dtype != dtype):
+            raise AdapterMismatchError(
+                f"{path}: tensor {keys[k]} of site {site} has dtype {t.dtype}; expected "
+                f"{dtype if dtype is not None else 'a floating-point dtype'}; nothing was loaded"
+            )

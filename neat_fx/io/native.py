@@ -3,19 +3,15 @@ fingerprints, the weights' checksum). JSON and safetensors only — never pickle
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from .._version import __version__
-from ..atomic import sha256_file
 from ..config import NeatConfig
 from ..containers import NeatModule
-from ..errors import AdapterMismatchError
+from ..errors import AdapterMismatchError, ConfigError
 from .fingerprint import fingerprint
-from .loaded import LoadedAdapters
-from .writing import write_pair
+from .loaded import LoadedAdapters, check_site_tensors, finite_number, get_field, mismatch
+from .writing import committed_weights, load_tensors, read_json, write_committed
 
 CONFIG = "neat_config.json"
 WEIGHTS = "adapters.safetensors"
@@ -64,35 +60,100 @@ def save(nm: NeatModule, folder: Path):
             "weights": {"file": WEIGHTS, "sha256": sha},
         }
 
-    write_pair(folder, WEIGHTS, tensors, CONFIG, make_config)
+    write_committed(folder, WEIGHTS, tensors, CONFIG, make_config)
 
 
 def read(folder: Path) -> LoadedAdapters:
-    meta = json.loads((folder / CONFIG).read_text())
+    cpath = folder / CONFIG
+    meta = read_json(cpath, "a neat_fx adapter config")
     if meta.get("format") != FORMAT:
-        raise AdapterMismatchError(f"{folder / CONFIG} is not a neat_fx adapter config")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterMismatchError(
-            f"{folder} was written by a newer neat_fx (format {meta['format_version']}); upgrade neat_fx"
+        raise AdapterMismatchError(f"{cpath} is not a neat_fx adapter config (field 'format' is not {FORMAT!r})")
+    version = get_field(meta, "format_version", int, cpath, f"an integer ≤ {FORMAT_VERSION}", default=0)
+    if version > FORMAT_VERSION:
+        raise AdapterMismatchError(f"{folder} was written by a newer neat_fx (format {version}); upgrade neat_fx")
+    weights = get_field(meta, "weights", dict, cpath, "an object {'file': …, 'sha256': …}")
+    wname = get_field(weights, "file", str, cpath, "a file name inside the folder", prefix="weights.")
+    if wname in ("", ".", "..") or Path(wname).name != wname or "/" in wname or "\\" in wname:
+        raise mismatch(
+            cpath,
+            "field 'weights.file'",
+            f"is {wname!r}, not a plain file name",
+            f"the name of a file inside {folder} (e.g. {WEIGHTS!r}); neat_fx reads no file outside the adapter "
+            f"folder — fix the field or save again",
         )
-    wfile = folder / meta["weights"]["file"]
-    if not wfile.exists():
-        raise FileNotFoundError(f"{wfile} is missing; the adapter folder is incomplete")
-    if sha256_file(wfile) != meta["weights"]["sha256"]:
+    sha = get_field(weights, "sha256", str, cpath, "the weights' sha256 (64 hex digits)", prefix="weights.")
+    cfg = get_field(meta, "config", dict, cpath, "an object of NeatConfig options")
+    try:
+        config = NeatConfig.from_dict(cfg)
+    except (ConfigError, TypeError) as exc:
+        field = next((f"config.{k}" for k in NeatConfig.field_names() if str(exc).startswith(f"{k} ")), "config")
+        raise mismatch(cpath, f"field {field!r}", f"is invalid ({exc})", "the options save_adapters wrote") from None
+    sites_meta = get_field(meta, "sites", list, cpath, "a list of sites")
+    trainable_meta = get_field(meta, "trainable", list, cpath, "a list of parameters trained in full")
+    for i, s in enumerate(sites_meta):
+        if not isinstance(s, dict):
+            raise mismatch(cpath, f"field 'sites[{i}]'", f"is {s!r}", "an object describing a site")
+        p = f"sites[{i}]."
+        get_field(s, "name", str, cpath, "the adapted parameter's name", prefix=p)
+        get_field(s, "layout", str, cpath, "the site's layout ('out_in' or 'in_out')", prefix=p)
+        fp = get_field(s, "fingerprint", dict, cpath, "the base weight's fingerprint", prefix=p)
+        get_field(fp, "shape", list, cpath, "a list of integers", prefix=p + "fingerprint.")
+        get_field(fp, "sample", list, cpath, "a list of numbers", prefix=p + "fingerprint.")
+        finite_number(fp, "norm", cpath, prefix=p + "fingerprint.")
+        get_field(s, "d_out", int, cpath, "an integer", prefix=p, default=None)
+        if "scale" in s:
+            finite_number(s, "scale", cpath, prefix=p)
+    for i, t in enumerate(trainable_meta):
+        if not isinstance(t, dict):
+            raise mismatch(cpath, f"field 'trainable[{i}]'", f"is {t!r}", "an object {'name': …, 'shape': …}")
+        get_field(t, "name", str, cpath, "a parameter name", prefix=f"trainable[{i}].")
+        get_field(t, "shape", list, cpath, "a list of integers", prefix=f"trainable[{i}].")
+    found = committed_weights(folder, wname, sha)
+    if found is None:
+        wfile = folder / wname
+        if not wfile.exists():
+            raise FileNotFoundError(f"{wfile} is missing; the adapter folder is incomplete")
         raise AdapterMismatchError(
             f"{wfile} does not match the checksum in {CONFIG} (an interrupted or mixed save); save again"
         )
-    tensors = load_file(str(wfile))
-    config = NeatConfig.from_dict(meta["config"])
+    wfile, data = found
+    tensors = load_tensors(wfile, data)
+
+    def tensor(key, where):
+        if key not in tensors:
+            raise mismatch(
+                wfile,
+                f"tensor {key!r}",
+                f"is missing (named by {CONFIG} field {where})",
+                "the tensors of every site and trained parameter the config lists — a site was renamed, or the "
+                "weights are from another save: save again",
+            )
+        return tensors[key]
+
     sites, site_meta = {}, {}
-    for s in meta["sites"]:
+    for i, s in enumerate(sites_meta):
         n = s["name"]
-        sites[n] = {
-            "A": tensors[f"{n}.neat_A"],
-            "B": tensors[f"{n}.neat_B"],
-            "encoders": [tensors[f"{n}.neat_encoders.{i}"] for i in range(config.hidden_layers)],
-            "decoders": [tensors[f"{n}.neat_decoders.{i}"] for i in range(config.hidden_layers)],
+        keys = {"A": f"{n}.neat_A", "B": f"{n}.neat_B"}
+        for part in ("encoders", "decoders"):
+            for j in range(config.hidden_layers):
+                keys[(part, j)] = f"{n}.neat_{part}.{j}"
+        where = f"sites[{i}].name"
+        parts = {
+            "A": tensor(keys["A"], where),
+            "B": tensor(keys["B"], where),
+            "encoders": [tensor(keys[("encoders", j)], where) for j in range(config.hidden_layers)],
+            "decoders": [tensor(keys[("decoders", j)], where) for j in range(config.hidden_layers)],
         }
+        check_site_tensors(wfile, n, parts, keys, config.rank, s.get("d_out"), config.dtype)
+        sites[n] = parts
         site_meta[n] = s
-    trainable = {t["name"]: tensors[t["name"]] for t in meta["trainable"]}
+    trainable = {}
+    for i, t in enumerate(trainable_meta):
+        v = tensor(t["name"], f"trainable[{i}].name")
+        if list(v.shape) != list(t["shape"]) or not v.dtype.is_floating_point:
+            raise AdapterMismatchError(
+                f"{wfile}: tensor {t['name']} has shape {tuple(v.shape)} and dtype {v.dtype}; expected shape "
+                f"{tuple(t['shape'])} ({CONFIG} field trainable[{i}].shape), floating point; nothing was loaded"
+            )
+        trainable[t["name"]] = v
     return LoadedAdapters(config, sites, trainable, site_meta, "neat", folder, base_model=meta.get("base_model"))

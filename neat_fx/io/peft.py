@@ -4,20 +4,18 @@ fingerprints or layouts, so loads of this format check shapes only."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import nn
 
 from ..activations import from_peft, peft_names, to_peft
 from ..config import NeatConfig
 from ..containers import NeatModule
-from ..errors import AdapterMismatchError
+from ..errors import AdapterMismatchError, ConfigError
 from ..names import module_name
-from .loaded import LoadedAdapters
-from .writing import write_pair
+from .loaded import LoadedAdapters, check_site_tensors, finite_number, get_field, mismatch
+from .writing import load_tensors, read_json, write_swapped
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -88,41 +86,60 @@ def save(nm: NeatModule, folder: Path):
             "auto_mapping": None,
         }
 
-    write_pair(folder, WEIGHTS, tensors, CONFIG, make_config)
+    write_swapped(folder, WEIGHTS, tensors, CONFIG, make_config)
 
 
 def read(folder: Path) -> LoadedAdapters:
-    meta = json.loads((folder / CONFIG).read_text())
+    cpath = folder / CONFIG
+    meta = read_json(cpath, "a PEFT adapter config")
     if meta.get("peft_type") != "PEANUT":
         raise AdapterMismatchError(
-            f"{folder / CONFIG} has peft_type {meta.get('peft_type')!r}; neat_fx reads PEFT 'PEANUT' checkpoints only"
+            f"{cpath} has peft_type {meta.get('peft_type')!r}; neat_fx reads PEFT 'PEANUT' checkpoints only"
         )
-    act = from_peft(meta.get("act_fn", "relu"))
+    act_fn = get_field(meta, "act_fn", str, cpath, f"a PEFT activation name ({peft_names()})", default="relu")
+    act = from_peft(act_fn)
     if act is None:
         raise AdapterMismatchError(
-            f"PEFT activation {meta.get('act_fn')!r} has no neat_fx equivalent; supported: {peft_names()}"
+            f"{cpath}: PEFT activation {act_fn!r} (field 'act_fn') has no neat_fx equivalent; supported: {peft_names()}"
         )
+    rank = get_field(meta, "r", int, cpath, "the rank, a positive integer")
+    depth = get_field(meta, "depth", int, cpath, "the number of r×r encoder layers, an integer ≥ 0", default=0)
+    if rank < 1:
+        raise mismatch(cpath, "field 'r'", f"is {rank}", "a positive integer")
+    if depth < 0:
+        raise mismatch(cpath, "field 'depth'", f"is {depth}", "an integer ≥ 0")
+    scale = finite_number(meta, "scaling", cpath, default=1.0)
     wfile = folder / WEIGHTS
     if not wfile.exists():
         raise FileNotFoundError(f"{wfile} is missing (neat_fx reads safetensors checkpoints only, never .bin pickles)")
-    tensors = load_file(str(wfile))
-    depth = int(meta.get("depth", 0))
-    sites, trainable = {}, {}
+    tensors = load_tensors(wfile)
+    sites, trainable, keys = {}, {}, {}
     rx = re.compile(r"^(?:base_model\.model\.)?(.*)\.peanut_(A|B|encoders|decoders)(?:\.(\d+))?\.weight$")
     for k, v in tensors.items():
         m = rx.match(k)
         if m is None:
             name = k[len(PREFIX) :] if k.startswith(PREFIX) else k
+            if not v.dtype.is_floating_point:
+                raise AdapterMismatchError(f"{wfile}: tensor {k} has dtype {v.dtype}; expected a floating-point dtype")
             trainable[name] = v
             continue
-        site = sites.setdefault(m.group(1) + ".weight", {"encoders": {}, "decoders": {}})
+        site_name = m.group(1) + ".weight"
+        site = sites.setdefault(site_name, {"encoders": {}, "decoders": {}})
+        kd = keys.setdefault(site_name, {})
         part, idx = m.group(2), m.group(3)
-        if part == "A":
-            site["A"] = v.t()
-        elif part == "B":
-            site["B"] = v
+        if part in ("A", "B"):
+            if v.dim() != 2:
+                raise AdapterMismatchError(
+                    f"{wfile}: tensor {k} has shape {tuple(v.shape)}; expected a matrix "
+                    f"({'(r, d_out)' if part == 'A' else '(d_out, r)'} for r={rank})"
+                )
+            site[part] = v.t() if part == "A" else v
+            kd[part] = k
+        elif idx is None:
+            raise AdapterMismatchError(f"{wfile}: tensor {k} has no layer index; expected peanut_{part}.<i>.weight")
         else:
             site[part][int(idx)] = v
+            kd[(part, int(idx))] = k
     for name, s in sites.items():
         if "A" not in s or "B" not in s:
             raise AdapterMismatchError(f"{wfile}: site {name} lacks peanut_A or peanut_B")
@@ -132,12 +149,16 @@ def read(folder: Path) -> LoadedAdapters:
                     f"{wfile}: site {name} has {part} {sorted(s[part])}, depth {depth} expects {list(range(depth))}"
                 )
             s[part] = [s[part][i] for i in range(depth)]
-    config = NeatConfig(
-        patterns=tuple("re:" + re.escape(n) for n in sites),
-        trainable=tuple("re:" + re.escape(n) for n in trainable),
-        rank=int(meta["r"]),
-        depth=2 + 2 * depth,
-        activation=act,
-        scale=float(meta.get("scaling", 1.0)),
-    )
+        check_site_tensors(wfile, name, s, keys[name], rank, None)
+    try:
+        config = NeatConfig(
+            patterns=tuple("re:" + re.escape(n) for n in sites),
+            trainable=tuple("re:" + re.escape(n) for n in trainable),
+            rank=rank,
+            depth=2 + 2 * depth,
+            activation=act,
+            scale=scale,
+        )
+    except ConfigError as exc:
+        raise AdapterMismatchError(f"{cpath}: {exc}") from None
     return LoadedAdapters(config, sites, trainable, {}, "peft", folder)
