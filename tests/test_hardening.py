@@ -296,3 +296,17 @@ def test_mixtral_default_experts_export_error_names_grouped_mm(tmp_path):
         r"experts_implementation='batched_mm'",
     ):
         to_onnx(model, dict(input_ids=torch.randint(0, 64, (2, 8)), use_cache=False), tmp_path / "m.onnx")
+
+
+def test_a_failed_load_onto_a_plain_model_leaves_it_trainable(tmp_path):
+    """The checkpoint's base fingerprints do not match this model: the transform succeeds, the check after it
+    fails — the model's requires_grad flags are given back."""
+    model, example, _, patterns = zoo.home_grown()
+    nm = neat_fx.transform(model, patterns, example, rank=4)
+    neat_fx.save_adapters(nm, tmp_path / "ad")
+    other, _, _, _ = zoo.home_grown()
+    with torch.no_grad():
+        other.w_in.add_(1.0)  # another base
+    with pytest.raises(neat_fx.AdapterMismatchError, match="fingerprint"):
+        neat_fx.load_adapters(other, tmp_path / "ad", example_inputs=example)
+    assert all(p.requires_grad for p in other.parameters())

@@ -72,34 +72,43 @@ def load_adapters(target, path, example_inputs=None, **transform_options):
     required). Nothing is changed unless every site, shape and base-weight fingerprint matches.
     """
     loaded = read_adapters(path)
-    if not isinstance(target, NeatModule):
-        if not isinstance(target, nn.Module):
-            raise TypeError(f"load_adapters expects a NeatModule or an nn.Module, got {type(target).__name__}")
-        if example_inputs is None:
-            raise AdapterMismatchError(
-                "load_adapters onto a plain model transforms it first: pass example_inputs= (as for neat_fx.transform)"
-            )
-        from ..transform import transform
-
-        c = loaded.config
-        names = list(loaded.sites)
-        options = dict(
-            rank=c.rank,
-            depth=c.depth,
-            activation=c.activation,
-            scale=c.scale,
-            trainable=["re:" + re.escape(n) for n in loaded.trainable],
-            capture=c.capture,
-            modes=c.modes,
-            adapter_dtype=c.adapter_dtype,
+    if isinstance(target, NeatModule):
+        _check_and_copy(target, loaded, path)
+        return target
+    if not isinstance(target, nn.Module):
+        raise TypeError(f"load_adapters expects a NeatModule or an nn.Module, got {type(target).__name__}")
+    if example_inputs is None:
+        raise AdapterMismatchError(
+            "load_adapters onto a plain model transforms it first: pass example_inputs= (as for neat_fx.transform)"
         )
-        options.update(transform_options)
-        try:
-            target = transform(target, ["re:" + re.escape(n) for n in names], example_inputs, **options)
-        except Exception as exc:
-            raise AdapterMismatchError(f"the adapters in {path} do not fit this model: {exc}") from exc
-    _check_and_copy(target, loaded, path)
-    return target
+    from ..transform import restoring_requires_grad
+
+    with restoring_requires_grad(target):  # a load that fails after the transform leaves the model as given
+        nm = _transform_for(target, loaded, path, example_inputs, transform_options)
+        _check_and_copy(nm, loaded, path)
+    return nm
+
+
+def _transform_for(model: nn.Module, loaded: LoadedAdapters, path, example_inputs, transform_options) -> NeatModule:
+    """`model` transformed with the checkpoint's options and exactly its sites."""
+    from ..transform import transform
+
+    c = loaded.config
+    options = dict(
+        rank=c.rank,
+        depth=c.depth,
+        activation=c.activation,
+        scale=c.scale,
+        trainable=["re:" + re.escape(n) for n in loaded.trainable],
+        capture=c.capture,
+        modes=c.modes,
+        adapter_dtype=c.adapter_dtype,
+    )
+    options.update(transform_options)
+    try:
+        return transform(model, ["re:" + re.escape(n) for n in loaded.sites], example_inputs, **options)
+    except Exception as exc:
+        raise AdapterMismatchError(f"the adapters in {path} do not fit this model: {exc}") from exc
 
 
 def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
