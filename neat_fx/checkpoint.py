@@ -4,11 +4,13 @@
     state = load_checkpoint(folder, nm, opt, sched)         # after a crash: state["step"] steps were done
 
 A checkpoint is a folder: `adapters/` (the `save_adapters` format), `trainer_state.safetensors` (optimizer
-tensors, torch RNG) and `trainer_state.json` (step, optimizer hyper-parameters, scheduler, Python RNG, and
-what it was made for). It is written whole under a temporary name, read back, then swapped in with renames
+tensors, torch RNG) and `trainer_state.json` (step, optimizer class and hyper-parameters, scheduler, Python RNG,
+and what it was made for). It is written whole under a temporary name, read back, then swapped in with renames
 (neat_fx.atomic.staged_folder): a kill at any moment leaves the previous checkpoint or the new one, never a
-mix (a kill between the two renames leaves `<folder>.old`, which `load_checkpoint` falls back to). JSON and
-safetensors only.
+mix (a kill between the two renames leaves `<folder>.old`, which `load_checkpoint` falls back to, as it does
+when a copy is damaged). `load_checkpoint` checks everything (the model, the adapters' configuration, the
+run's settings given as `expect=`, the optimizer's class and the shape of each state tensor) before it
+restores anything. JSON and safetensors only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .atomic import previous_copy, staged_folder
 from .containers import NeatModule
 from .distributed import any_sharded
 from .errors import AdapterMismatchError
-from .io import load_adapters, save_adapters
+from .io import load_adapters, read_adapters, save_adapters
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -85,6 +87,7 @@ def save_checkpoint(
             "step": int(step),
             "signature": _signature(nm),
             "optimizer": opt_meta,
+            "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng_python": _to_json(random.getstate()),
             "extra": extra or {},
@@ -114,11 +117,50 @@ def _from_json(v):
     return v
 
 
+#: fields of trainer_state.json and the types they must have
+_FIELDS = {
+    "step": int,
+    "signature": dict,
+    "optimizer": (dict, type(None)),
+    "scheduler": (dict, type(None)),
+    "rng_python": dict,
+    "extra": dict,
+}
+
+
 def _read(folder: Path):
-    meta = json.loads((folder / STATE_JSON).read_text())
-    if meta.get("format") != FORMAT:
-        raise AdapterMismatchError(f"{folder / STATE_JSON} is not a neat_fx checkpoint")
-    return meta, load_file(str(folder / STATE_TENSORS))
+    """(meta, tensors) of the checkpoint in `folder`, checked; AdapterMismatchError naming the file otherwise."""
+    path = folder / STATE_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AdapterMismatchError(f"{path} cannot be read as JSON ({exc}); the checkpoint is damaged") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterMismatchError(f'{path} is not a neat_fx checkpoint (no "format": "{FORMAT}")')
+    bad = [
+        f"{k} (expected {' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}, "
+        f"got {type(meta.get(k)).__name__ if k in meta else 'nothing'})"
+        for k, kind in _FIELDS.items()
+        if k not in meta or not isinstance(meta[k], kind) or (kind is int and isinstance(meta[k], bool))
+    ]
+    if bad:
+        raise AdapterMismatchError(f"{path} lacks or has malformed fields: " + ", ".join(bad))
+    tpath = folder / STATE_TENSORS
+    try:
+        tensors = load_file(str(tpath))
+    except Exception as exc:  # SafetensorError (truncated, bad header), OSError
+        raise AdapterMismatchError(f"{tpath} cannot be read ({exc}); the checkpoint is damaged") from exc
+    missing = [k for k in _tensor_names(meta) if k not in tensors]
+    if missing:
+        raise AdapterMismatchError(f"{tpath} lacks the tensors {missing} that {STATE_JSON} refers to")
+    return meta, tensors
+
+
+def _tensor_names(meta) -> list[str]:
+    names = ["rng.torch"]
+    for entry in (meta["optimizer"] or {}).get("state", {}).values():
+        names += [v["tensor"] for v in entry.values() if isinstance(v, dict) and "tensor" in v]
+    return names
 
 
 def find_checkpoint(folder) -> Path | None:
@@ -130,35 +172,106 @@ def find_checkpoint(folder) -> Path | None:
     return None
 
 
-def load_checkpoint(folder, nm: NeatModule, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict:
+def _read_first(folder: Path):
+    """(path, meta, tensors) of the first readable copy: `folder`, else `<folder>.old`. When a copy is damaged
+    and no other is readable, AdapterMismatchError names the damaged file."""
+    first_error = None
+    for f in (folder, previous_copy(folder)):
+        if not (f / STATE_JSON).exists():
+            continue
+        try:
+            meta, tensors = _read(f)
+            _read_adapters(f / "adapters")
+            return f, meta, tensors
+        except AdapterMismatchError as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+    raise FileNotFoundError(f"no neat_fx checkpoint in {folder} (expected {STATE_JSON}); start without resuming")
+
+
+def _read_adapters(folder: Path):
+    """Read (and checksum) the checkpoint's adapters, so a damaged copy is found before anything is loaded."""
+    try:
+        read_adapters(folder)
+    except Exception as exc:  # a damaged folder: the reader's own error, or a raw one from malformed files
+        raise AdapterMismatchError(
+            f"the adapters in {folder} cannot be read ({exc}); the checkpoint is damaged"
+        ) from exc
+
+
+def _optimizer_problems(meta, opt_sd, optimizer) -> list[str]:
+    """Why the saved optimizer state cannot go into `optimizer` (type, groups, each state tensor's shape)."""
+    problems = []
+    saved_class, this_class = meta.get("optimizer_class"), type(optimizer).__name__
+    if saved_class is not None and saved_class != this_class:
+        problems.append(f"optimizer: checkpoint {saved_class}, this run {this_class}")
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    saved = [len(g["params"]) for g in opt_sd["param_groups"]]
+    if groups != saved:
+        problems.append(
+            f"optimizer parameter groups: checkpoint sizes {saved}, this run {groups}; build the optimizer as "
+            f"the saved run did"
+        )
+        return problems
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = [i for g in opt_sd["param_groups"] for i in g["params"]]  # saved ids, in the order of `params`
+    by_id = {i: params[n] for n, i in enumerate(index)}
+    for idx, entry in opt_sd["state"].items():
+        p = by_id.get(idx)
+        if p is None:
+            problems.append(f"optimizer state for parameter {idx}, which no parameter group holds")
+            continue
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                problems.append(
+                    f"optimizer state {k} of parameter {idx}: shape {tuple(v.shape)}, the parameter is {tuple(p.shape)}"
+                )
+    return problems
+
+
+def load_checkpoint(
+    folder,
+    nm: NeatModule,
+    optimizer=None,
+    scheduler=None,
+    *,
+    restore_rng: bool = True,
+    expect: dict | None = None,
+) -> dict:
     """Restore a run saved by `save_checkpoint` into `nm`, `optimizer`, `scheduler` (and the RNGs).
-    Returns {"step": …, "extra": …}. Every check runs before anything is changed."""
+    Returns {"step": …, "extra": …, "path": …}. `expect`: values the saved `extra` must hold (e.g. this run's
+    batch size and learning rate); a key the checkpoint did not record is not compared. Every check (model and
+    adapter configuration, `expect`, the optimizer's type, groups and state shapes) runs before anything is
+    changed; all differences are listed in one AdapterMismatchError. A damaged copy falls back to `<folder>.old`."""
     _check_module(nm, "load_checkpoint")
-    found = find_checkpoint(folder)
-    if found is None:
-        raise FileNotFoundError(f"no neat_fx checkpoint in {folder} (expected {STATE_JSON}); start without resuming")
-    meta, tensors = _read(found)
+    found, meta, tensors = _read_first(Path(folder))
     want, have = meta["signature"], _signature(nm)
-    if want != have:
-        diff = [
-            f"{k}: checkpoint {want.get(k)!r}, this run {have.get(k)!r}" for k in want if want.get(k) != have.get(k)
-        ]
+    differ = [k for k in want if want.get(k) != have.get(k)]
+    diff = [f"{k}: checkpoint {want.get(k)!r}, this run {have.get(k)!r}" for k in differ]
+    saved_extra = meta["extra"]
+    diff += [
+        f"{k}: checkpoint {saved_extra[k]!r}, this run {v!r}"
+        for k, v in (expect or {}).items()
+        if k in saved_extra and saved_extra[k] != v and k not in differ  # each difference listed once
+    ]
+    opt_sd = None
+    if optimizer is not None:
+        if meta["optimizer"] is None:
+            diff.append("optimizer: the checkpoint holds no optimizer state")
+        else:
+            try:
+                opt_sd = _join_optimizer(meta["optimizer"], tensors)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise AdapterMismatchError(
+                    f"{found / STATE_JSON}: malformed optimizer state ({exc!r}); the checkpoint is damaged"
+                ) from exc
+            diff += _optimizer_problems(meta, opt_sd, optimizer)
+    if diff:
         raise AdapterMismatchError(
             f"the checkpoint in {found} was made for another model or configuration; "
             f"nothing was restored:\n  - " + "\n  - ".join(diff)
         )
-    opt_sd = None
-    if optimizer is not None:
-        if meta["optimizer"] is None:
-            raise AdapterMismatchError(f"the checkpoint in {found} holds no optimizer state")
-        opt_sd = _join_optimizer(meta["optimizer"], tensors)
-        groups = [len(g["params"]) for g in optimizer.state_dict()["param_groups"]]
-        saved = [len(g["params"]) for g in opt_sd["param_groups"]]
-        if groups != saved:
-            raise AdapterMismatchError(
-                f"the checkpoint's optimizer has parameter groups of sizes {saved}, this "
-                f"optimizer {groups}; build the optimizer as the saved run did"
-            )
     load_adapters(nm, found / "adapters")  # checks sites, shapes and base-weight fingerprints before copying
     if opt_sd is not None:
         optimizer.load_state_dict(opt_sd)

@@ -136,16 +136,27 @@ def main(argv=None) -> int:
     )
     ex.add_argument("--approximate", action="store_true", help="GELU tanh approximation (faster; drift reported)")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where ONNX Runtime verifies the model")
-    ex.add_argument("--num-labels", type=int, help="classification labels (default: from the saved head)")
-    ex.add_argument("--batch-size", type=int, default=2, help="example batch used to trace (default 2)")
-    ex.add_argument("--seq-len", type=int, default=64, help="example sequence length used to trace (default 64)")
-    args = parser.parse_args(argv)
-    if args.command == "export":
-        return _export(args)
-    if args.command == "finetune":
-        return finetune.run(args)
-    parser.print_help()
-    return 0
+    ex.add_argument(
+        "--num-labels", type=finetune.positive_int, help="classification labels (default: from the saved head)"
+    )
+    ex.add_argument(
+        "--batch-size", type=finetune.positive_int, default=2, help="example batch used to trace (default 2)"
+    )
+    ex.add_argument(
+        "--seq-len", type=finetune.positive_int, default=64, help="example sequence length used to trace (default 64)"
+    )
+    args = parser.parse_args(argv)  # bad arguments: argparse's message and exit code 2
+    commands = {"export": _export, "finetune": finetune.run}
+    if args.command not in commands:
+        parser.print_help()
+        return 0
+    from .errors import NeatError
+
+    try:
+        return commands[args.command](args)
+    except NeatError as exc:  # the library's own errors say what is wrong and how to fix it: no traceback
+        print(f"neat-fx {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

