@@ -153,6 +153,8 @@ def measure(route: str, path: str | None, runs: int) -> dict:
         import onnx
         import onnxruntime as ort
 
+        from neat_fx.export.onnx_export import FUSED_OPS  # the fused ops the export report counts
+
         opt_path = tempfile.mktemp(suffix=".onnx")
         if route.startswith("neat"):
             from neat_fx.export import session
@@ -167,23 +169,7 @@ def measure(route: str, path: str | None, runs: int) -> dict:
 
         ops = Counter(n.op_type for n in onnx.load(opt_path, load_external_data=False).graph.node)
         os.unlink(opt_path)
-        fused = {
-            k: v
-            for k, v in ops.items()
-            if k
-            in (
-                "Attention",
-                "MultiHeadAttention",
-                "SkipLayerNormalization",
-                "EmbedLayerNormalization",
-                "BiasGelu",
-                "FastGelu",
-                "Gelu",
-                "LayerNormalization",
-                "FusedMatMul",
-                "FusedGemm",
-            )
-        }
+        fused = {k: v for k, v in ops.items() if k in FUSED_OPS}
         names = [i.name for i in sess.get_inputs()]
         fn = {}
         for b in (1, 32):

@@ -69,6 +69,11 @@ class ExportConfig:
             raise ConfigError("quantize='int8' applies to fp32 models; leave dtype='fp32'")
         if self.task is not None and self.via != "optimum":
             raise ConfigError("task= chooses Optimum's task and applies only with via='optimum'")
+        if self.via == "optimum" and (self.dtype != "fp32" or self.quantize or self.approximate):
+            raise ConfigError(
+                "via='optimum' exports fp32 as Optimum does (no dtype='fp16', quantize= or "
+                "approximate=); use via='neat_fx' (the default) for those"
+            )
 
     @property
     def rewrites_attention(self) -> bool:

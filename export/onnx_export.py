@@ -652,8 +652,6 @@ def _via_optimum(module, example_inputs, path: Path, opts: ExportConfig, device:
     ok, why = optimum_route.available()
     if not ok:
         raise ExportError(why)
-    if opts.dtype != "fp32":
-        raise ExportError("via='optimum' exports fp32 here; use via='neat_fx' for fp16")
     args, kwargs = cap.split_example_inputs(example_inputs)
     with cap.train_mode(module, False), Staging() as st:
         tmp = st.path(path, ".onnx")
@@ -668,19 +666,4 @@ def _via_optimum(module, example_inputs, path: Path, opts: ExportConfig, device:
                 tmp, device, module, args, kwargs, reference_out, opts.verify_inputs, second, TOLERANCE["fp32"]
             )
         st.commit()
-    counts = _count_ops(onnx.load(str(path), load_external_data=False))
-    return ExportReport(
-        path=path,
-        size_bytes=path.stat().st_size,
-        dtype="fp32",
-        device=device,
-        opset=opts.opset,
-        optimizations=done,
-        fused_ops={k: v for k, v in counts.items() if k in FUSED_OPS},
-        op_counts=counts,
-        parity=parity,
-        tolerance=TOLERANCE["fp32"],
-        input_names=[i.name for i in proto.graph.input],
-        output_names=[o.name for o in proto.graph.output],
-        seconds=time.perf_counter() - t_start,
-    )
+    return _report(onnx, path, None, False, opts, device, done, parity, TOLERANCE["fp32"], proto, False, t_start)

@@ -20,13 +20,14 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .atomic import previous_copy, staged_folder
 from .containers import NeatModule
 from .distributed import any_sharded
 from .errors import AdapterMismatchError
 from .io import load_adapters, read_adapters, save_adapters
+from .io.writing import load_tensors, read_json
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -132,10 +133,10 @@ def _read(folder: Path):
     """(meta, tensors) of the checkpoint in `folder`, checked; AdapterMismatchError naming the file otherwise."""
     path = folder / STATE_JSON
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AdapterMismatchError(f"{path} cannot be read as JSON ({exc}); the checkpoint is damaged") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = read_json(path, "a neat_fx checkpoint's trainer state")
+    except OSError as exc:
+        raise AdapterMismatchError(f"{path} cannot be read ({exc}); the checkpoint is damaged") from exc
+    if meta.get("format") != FORMAT:
         raise AdapterMismatchError(f'{path} is not a neat_fx checkpoint (no "format": "{FORMAT}")')
     bad = [
         f"{k} (expected {' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}, "
@@ -146,10 +147,9 @@ def _read(folder: Path):
     if bad:
         raise AdapterMismatchError(f"{path} lacks or has malformed fields: " + ", ".join(bad))
     tpath = folder / STATE_TENSORS
-    try:
-        tensors = load_file(str(tpath))
-    except Exception as exc:  # SafetensorError (truncated, bad header), OSError
-        raise AdapterMismatchError(f"{tpath} cannot be read ({exc}); the checkpoint is damaged") from exc
+    if not tpath.is_file():
+        raise AdapterMismatchError(f"{tpath} is missing; the checkpoint is damaged")
+    tensors = load_tensors(tpath)
     missing = [k for k in _tensor_names(meta) if k not in tensors]
     if missing:
         raise AdapterMismatchError(f"{tpath} lacks the tensors {missing} that {STATE_JSON} refers to")

@@ -101,10 +101,9 @@ def lookup(node: fx.Node) -> LinearOp | None:
 
 
 def _swaps_2d(dims) -> bool:
-    dims = [d for d in dims]
-    if not all(isinstance(d, int) and -2 <= d <= 1 for d in dims):
-        return False
-    return [d % 2 for d in dims] == [1, 0] if len(dims) == 2 else False
+    """Whether a permutation of a 2-D tensor's dimensions swaps them ((1, 0), (-1, -2), …)."""
+    dims = list(dims)
+    return len(dims) == 2 and all(isinstance(d, int) and -2 <= d <= 1 for d in dims) and [d % 2 for d in dims] == [1, 0]
 
 
 def transposed_source(node) -> fx.Node | None:

@@ -190,6 +190,9 @@ def test_scale_must_be_a_finite_number(value):
         ({"dynamic": "yes"}, "dynamic must be"),
         ({"verify_inputs": {"x": 1}}, "verify_inputs must be a list"),
         ({"task": "text-classification"}, "applies only with via='optimum'"),
+        ({"via": "optimum", "dtype": "fp16"}, "via='optimum' exports fp32"),
+        ({"via": "optimum", "quantize": "int8"}, "via='optimum' exports fp32"),
+        ({"via": "optimum", "approximate": True}, "via='optimum' exports fp32"),
     ],
 )
 def test_export_options_validated_in_one_place(options, message):
