@@ -95,6 +95,8 @@ def _example_inputs(model_dir, model, batch: int, seq: int):
 
 
 def main(argv=None) -> int:
+    from neat_fx.export.config import DEVICES, OPTIMIZE  # (no ONNX import: the options' one home)
+
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -128,14 +130,14 @@ def main(argv=None) -> int:
     ex.add_argument(
         "--optimize",
         default="auto",
-        choices=("auto", "fusions", "exporter", "none"),
+        choices=OPTIMIZE,
         help="auto: exact rewrites (unread positions skipped, attention scale in the query weights, "
         "attention as MatMul/Softmax) + ONNX Runtime optimisations saved offline (default); "
         "fusions: also attention/skip-LayerNorm/bias-GELU fusions; exporter: the exporter's "
         "optimiser only; none",
     )
     ex.add_argument("--approximate", action="store_true", help="GELU tanh approximation (faster; drift reported)")
-    ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where ONNX Runtime verifies the model")
+    ex.add_argument("--device", default="cpu", choices=DEVICES, help="where ONNX Runtime verifies the model")
     ex.add_argument(
         "--num-labels", type=finetune.positive_int, help="classification labels (default: from the saved head)"
     )
