@@ -11,11 +11,14 @@ Needs the extra `demo` (transformers, tqdm, onnx, onnxruntime). `make demo` runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,16 +442,10 @@ class _Job:
                         loss=f"{loss.item():.3f}", sent_per_s=f"{self.seen / (time.perf_counter() - t0):.0f}"
                     )
                     if a.save_every and self.step % a.save_every == 0 and self.rank == 0:
-                        # Both atomic: an interrupt or a kill keeps the previous save.
-                        neat_fx.save_adapters(nm, self.adapters_dir)
-                        save_checkpoint(
-                            a.out / "checkpoint",
-                            nm,
-                            opt,
-                            sched,
-                            step=self.step,
-                            extra=self.settings(),
-                        )
+                        # Both atomic: a kill keeps the previous save; Ctrl-C lands once they are done.
+                        with interrupts_deferred():
+                            neat_fx.save_adapters(nm, self.adapters_dir)
+                            save_checkpoint(a.out / "checkpoint", nm, opt, sched, step=self.step, extra=self.settings())
         self.train_s = time.perf_counter() - t0
 
     def training_rows(self) -> list[tuple[str, str]]:
@@ -529,6 +526,27 @@ class _Job:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Run the block with Ctrl-C held back, then raise KeyboardInterrupt if one came. A KeyboardInterrupt raised
+    inside a C extension mid-save (safetensors' read-back) can surface as another error (a ValueError from its
+    tensor conversion), which would end the run with a traceback instead of the last save kept."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
+        signal.SIG_IGN,
+        None,
+    ):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _session_latency(sess, feed, runs=15) -> float:

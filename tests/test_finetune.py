@@ -272,3 +272,20 @@ def test_checkpoint_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="no neat_fx checkpoint"):
         neat_fx.load_checkpoint(tmp_path / "missing", nm)
     assert not list(tmp_path.iterdir())  # nothing written by the failed calls
+
+
+def test_ctrl_c_during_a_save_lands_after_it():
+    """A SIGINT that arrives while the adapters are being written is held until the save is complete."""
+    import os
+
+    from neat_fx.finetune import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("save finished")
+    assert done == ["save finished"]
+    with interrupts_deferred():  # no signal: nothing raised, the handler restored
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
