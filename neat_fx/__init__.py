@@ -6,6 +6,7 @@
     folded = neat_fx.fold(nm)          # plain graph, W0 + ΔW as constants
     neat_fx.merge_into(model, nm)      # or write W0 + ΔW into the model in place
     torch.compile(nm, backend="neat")  # NEAT-aware lowering, then Inductor
+    neat_fx.generate(nm, input_ids, max_new_tokens=32)  # a decoder LM: its own generate(), KV cache, W0 + ΔW
 
 The stages and how they fit: docs/design.md.
 """
@@ -20,12 +21,14 @@ from .errors import (
     AdapterMismatchError,
     CaptureError,
     ConfigError,
+    GenerationError,
     InputMismatchError,
     MergeError,
     NeatError,
     PatternError,
 )
 from .fold import fold, merge_into
+from .generate import generate
 from .io import LoadedAdapters, load_adapters, read_adapters, save_adapters
 from .transform import transform
 
@@ -41,6 +44,7 @@ __all__ = [
     "CaptureError",
     "ConfigError",
     "FoldedModule",
+    "GenerationError",
     "InputMismatchError",
     "LoadedAdapters",
     "MergeError",
@@ -52,6 +56,7 @@ __all__ = [
     "__version__",
     "backend",
     "fold",
+    "generate",
     "load_adapters",
     "load_checkpoint",
     "merge_into",

@@ -42,7 +42,8 @@ def _as_tuple(value, what: str) -> tuple[str, ...]:
 class NeatConfig:
     """Options of `neat_fx.transform`.
 
-    patterns:   fnmatch globs or ``re:``-prefixed regexes on weight names (with and without ``.weight``).
+    patterns:   fnmatch globs or ``re:``-prefixed regexes on weight names (with and without ``.weight``), or
+                ``"all-linear"``: every linear-like weight except the output head (PEFT's meaning).
     rank:       r, the width of the adapter network.
     depth:      2 (A and B only) or an even number > 2: (depth-2) extra r×r layers with mirrored residuals.
     activation: σ, one of ACTIVATIONS.

@@ -296,6 +296,14 @@ class SiteInfo:
     shape: tuple[int, ...]
     dtype: str
     shared_with_other_ops: bool  # also used outside linear ops (e.g. an embedding tied to the head)
+    # the aliases through which the linear ops read it (all of them unless tied to an embedding): where
+    # merge_into and generate put W0 + ΔW; the other aliases keep W0.
+    linear_paths: tuple[str, ...] = ()
+
+    @property
+    def untied_paths(self) -> tuple[str, ...]:
+        """The aliases that keep W0 when the linear uses get W0 + ΔW (the embedding of a tied head)."""
+        return tuple(a for a in self.aliases if a not in self.linear_paths) if self.shared_with_other_ops else ()
 
 
 class NeatModule(GraphContainer):
@@ -376,6 +384,10 @@ class NeatModule(GraphContainer):
             mark = getattr(weight, MERGED_MARK, None)
             if mark is not None and mark[1] == tensor_version(weight) and versions.get(site.key) != mark[1]:
                 self.own_base_weight(site, mark[0].clone())
+            elif site.shared_with_other_ops:  # another module's merge untied the head: its path holds W0 + ΔW now
+                head = self.model.get_parameter(site.linear_paths[0])
+                if head is not weight and getattr(head, MERGED_MARK, None) is not None:
+                    self.own_base_weight(site, weight.detach())  # the embedding keeps W0, never written
 
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
@@ -409,9 +421,14 @@ class NeatModule(GraphContainer):
         rows = [("site", "ops", "d_in", "d_out", "adapter params")]
         for s in self.site_infos:
             n = self.adapters[s.key].num_parameters()
+            name = s.name
+            if s.shared_with_other_ops:  # the row is the head; its embedding twin keeps W0
+                name = (
+                    f"{', '.join(s.linear_paths) or s.name} [tied to {', '.join(s.untied_paths) or 'non-linear ops'}]"
+                )
             rows.append(
                 (
-                    s.name + (f" (×{s.uses})" if s.uses > len(self.modes) else ""),
+                    name + (f" (×{s.uses})" if s.uses > len(self.modes) else ""),
                     s.kinds,
                     str(s.d_in),
                     str(s.d_out),
@@ -431,6 +448,11 @@ class NeatModule(GraphContainer):
                 lines.append("  ".join("-" * w for w in widths))
         trainable, total = self.parameter_counts()
         c = self.neat_config
+        if any(s.shared_with_other_ops for s in self.site_infos):
+            lines.append(
+                "[tied to …]: the weight is also read by non-linear ops (an embedding), which keep W0; fold and"
+            )
+            lines.append("merge_into untie it, the adapted uses get their own W0 + ΔW.")
         lines.append("")
         lines.append(
             f"NEAT rank={c.rank} depth={c.depth} activation={c.activation} scale={c.scale:g} · "

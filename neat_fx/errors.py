@@ -27,3 +27,7 @@ class AdapterMismatchError(NeatError, ValueError):
 
 class MergeError(NeatError, RuntimeError):
     """Merging adapters into a model would not preserve the function `nm` computes."""
+
+
+class GenerationError(NeatError, ValueError):
+    """`neat_fx.generate` was asked for something the model or the inputs cannot give."""

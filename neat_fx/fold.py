@@ -97,7 +97,23 @@ def fold(nm: NeatModule) -> FoldedModule:
         ref = next((n for n, b in out.named_buffers() if b.is_floating_point()), None)
     out._set_reference(ref)
     out.train(nm.training)
+    # For neat_fx.generate, which runs the model's own code with the folded tensors in place of its own.
+    object.__setattr__(out, "_source_model", nm.model)
+    object.__setattr__(out, "_linear_paths", _generation_paths(nm))
     return out
+
+
+def _generation_paths(nm: NeatModule) -> dict[str, str]:
+    """Attribute path in the model → attribute of the folded module holding W0 + ΔW, for every path a linear use
+    reads a site through (a tied embedding's own path keeps W0)."""
+    paths = {}
+    for site in nm.site_infos:
+        attr = f"folded.{site.key}" if site.shared_with_other_ops else "model." + site.name
+        for path in site.linear_paths or site.aliases or (site.name,):
+            paths[path] = attr
+    for name in nm.trainable_names.values():
+        paths[name] = "model." + name
+    return paths
 
 
 def _refuse_sharded(nm: NeatModule, what: str):
@@ -145,12 +161,13 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
         raise TypeError(f"merge_into expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
     _refuse_sharded(nm, "merge_into")
     plan = []
+    untie = []  # (site, W0 holder in model, new W0 + ΔW): tied to non-linear uses, written at the linear paths only
     for site in nm.site_infos:
-        if site.shared_with_other_ops:
+        if site.shared_with_other_ops and not site.linear_paths:
             raise MergeError(
-                f"{site.name} is also read by ops that are not linear (e.g. an embedding tied to an output "
-                f"head); writing W0 + ΔW into it would change those ops too. Use neat_fx.fold(nm) (which unties "
-                f"it), or transform with exclude=[{site.name!r}]."
+                f"{site.name} is read by linear and by other ops (e.g. an embedding and an output head) through "
+                f"the same attribute, so merge_into cannot give the linear uses their own W0 + ΔW. Use "
+                f"neat_fx.fold(nm) (which unties it in its graph), or transform with exclude=[{site.name!r}]."
             )
         try:
             target = model.get_parameter(site.name)
@@ -162,6 +179,14 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
         if tuple(target.shape) != tuple(w0.shape):
             raise MergeError(f"{site.name} has shape {tuple(target.shape)} in the model, {tuple(w0.shape)} in nm")
         new = folded_weight(nm, site)
+        if site.shared_with_other_ops:
+            if not torch.equal(target.cpu(), w0.cpu()):
+                raise MergeError(
+                    f"{site.name} in {type(model).__name__} differs from the base weight nm was built on; merge into "
+                    f"the model nm was transformed from, or a fresh copy of it."
+                )
+            untie.append((site, target, new))
+            continue
         if target is not w0:
             shared_live = nm.model.get_parameter(site.name) is target
             if not shared_live and not (torch.equal(target.cpu(), w0.cpu()) or torch.equal(target.cpu(), new.cpu())):
@@ -188,6 +213,48 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
         target.copy_(new.to(target.device))  # (not .data: copy_ moves the version counter compiled folds watch)
         # Other NeatModules built on this weight see the mark and switch to W0 (NeatModule.follow_merges).
         setattr(target, MERGED_MARK, (nm.weight_of(site).detach(), tensor_version(target)))
+    for site, w0_holder, new in untie:
+        _untie(model, nm, site, w0_holder, new)
     for target, value in train_plan:
         target.copy_(value.detach().to(device=target.device, dtype=target.dtype))
     return model
+
+
+def _untie(model: nn.Module, nm: NeatModule, site: SiteInfo, w0_holder: nn.Parameter, new: torch.Tensor):
+    """Give the linear uses of a weight tied to non-linear ones (an output head tied to the input embedding) their
+    own parameter W0 + ΔW; the other uses keep W0. Writes into that parameter when an earlier merge made it."""
+    current = model.get_parameter(site.linear_paths[0])
+    if current is w0_holder:  # still tied: a new parameter, shared by the linear paths only
+        if nm.model is model and site.key not in nm.base_weights._buffers:
+            nm.own_base_weight(site, w0_holder.detach())  # nm's graphs read W0 through the head's path too
+        head = nn.Parameter(new.to(w0_holder.device), requires_grad=w0_holder.requires_grad)
+        for path in site.linear_paths:
+            owner, _, field = path.rpartition(".")
+            setattr(model.get_submodule(owner), field, head)
+        _record_untied(model, site.linear_paths)
+    else:
+        head = current
+        head.copy_(new.to(head.device))
+    setattr(head, MERGED_MARK, (nm.weight_of(site).detach(), tensor_version(head)))
+
+
+def _record_untied(model: nn.Module, paths: tuple[str, ...]):
+    """Tell a Hugging Face model (transformers ≥ 5: `all_tied_weights_keys`, `config.tie_word_embeddings`) that
+    `paths` are no longer tied, so `save_pretrained` writes them and `from_pretrained` does not tie them again."""
+    maps = []
+    for prefix, sub in model.named_modules():
+        tied = getattr(sub, "all_tied_weights_keys", None)
+        if not isinstance(tied, dict):
+            continue
+        for path in paths:
+            if not prefix or path.startswith(prefix + "."):
+                tied.pop(path[len(prefix) + 1 :] if prefix else path, None)
+        maps.append((sub, tied))
+    # The flag also ties encoder and decoder embeddings (BART, T5): cleared only when nothing else stays tied. A
+    # checkpoint holding the head and the embedding with different values keeps them apart at load anyway.
+    if maps and not any(tied for _, tied in maps):
+        for sub, _ in maps:
+            config = getattr(sub, "config", None)
+            for c in (config, config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else None):
+                if getattr(c, "tie_word_embeddings", False):
+                    c.tie_word_embeddings = False

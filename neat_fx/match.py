@@ -58,6 +58,9 @@ def find_uses(graph: fx.Graph, resolve) -> tuple[list[Use], dict[str, list[fx.No
     linear_nodes = {u.node for u in uses} | {u.via_transpose for u in uses if u.via_transpose is not None}
     other: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
+        if node.op == "call_module":  # a module left whole (capture="fx") reads its own parameters
+            for name, _ in resolve(node.target).named_parameters():
+                other.setdefault(f"{node.target}.{name}", []).append(node)
         if node.op != "get_attr":
             continue
         for user in node.users:
@@ -92,17 +95,43 @@ def describe_use(node: fx.Node) -> str:
     return getattr(t, "__name__", None) or str(t) if node.op == "call_function" else f"{node.op} {t}"
 
 
+#: the pattern preset with PEFT's meaning of `target_modules="all-linear"` (any case).
+ALL_LINEAR = "all-linear"
+
+#: names of sequence-classification heads, which "all-linear" leaves out when a model has no output embeddings
+#: (PEFT's SEQ_CLS_HEAD_NAMES).
+CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """The parameter names of the model's output head, which "all-linear" leaves out: the weights of the module
+    `get_output_embeddings()` returns (a language-model head), else of a top-level `score` / `classifier` module
+    of a model that has that method (a Hugging Face classifier). Empty for other models."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return set()
+    head = getter()
+    if not isinstance(head, nn.Module):
+        head = next((m for n in CLASSIFIER_HEADS if isinstance(m := getattr(model, n, None), nn.Module)), None)
+    if head is None:
+        return set()
+    owned = {id(p) for p in head.parameters()}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in owned}
+
+
 def select(
     sites: list[Site],
     patterns,
     exclude,
     param_names: dict[str, nn.Parameter],
     other_uses: dict[str, list[str]],
+    output_heads: set[str] = frozenset(),
 ) -> list[Site]:
     """Sites whose weight name matches a pattern and no exclude pattern.
 
     `param_names`: every qualified parameter name of the model (aliases included) → parameter.
     `other_uses`: parameter name → descriptions of its non-linear uses, for error messages.
+    `output_heads`: the names "all-linear" leaves out (output_head_names).
     """
     if not patterns:
         raise PatternError(
@@ -113,7 +142,10 @@ def select(
     site_names = [s.name for s in sites]
     chosen: dict[str, Site] = {}
     for pattern in patterns:
-        hit = [s for s in sites if matches(pattern, s.aliases or (s.name,))]
+        if pattern.lower() == ALL_LINEAR:
+            hit = [s for s in sites if not output_heads.intersection(s.aliases or (s.name,))]
+        else:
+            hit = [s for s in sites if matches(pattern, s.aliases or (s.name,))]
         if not hit:
             raise PatternError(_no_match_message(pattern, site_names, param_names, other_uses))
         for s in hit:

@@ -14,7 +14,7 @@ from .adapters import NeatAdapter
 from .config import NeatConfig
 from .containers import FoldedModule, NeatModule, SiteInfo
 from .errors import CaptureError, ConfigError, PatternError
-from .match import Site, describe_use, find_uses, matches, name_list, select
+from .match import Site, describe_use, find_uses, matches, name_list, output_head_names, select
 from .names import adapter_key
 from .numerics import compare, flat_tensors
 from .ops import Use
@@ -45,7 +45,8 @@ def transform(
     """Insert a NEAT adapter at every linear-like op whose weight matches `patterns`.
 
     model:          any nn.Module. Its parameters are frozen (requires_grad=False) and shared, not copied.
-    patterns:       globs on weight names (with or without '.weight'), 're:' regexes, or '*' for all.
+    patterns:       globs on weight names (with or without '.weight'), 're:' regexes, '*' for all, or
+                    "all-linear": every linear-like weight but the output head (PEFT's meaning).
     example_inputs: a tuple of positional arguments or a dict of keyword arguments the model accepts.
     rank, depth, activation, scale, exclude, trainable, adapter_dtype, capture, modes, seed: the fields of
                     `NeatConfig` (documented there; None = its default: rank 8, depth 2, relu, scale 1.0,
@@ -126,7 +127,7 @@ def _select(nm: NeatModule, graphs: dict, config: NeatConfig):
     aliases = _aliases(nm.model)
     sites, other_uses = _collect_sites(graphs, resolve, aliases)
     param_names = dict(nm.model.named_parameters(remove_duplicate=False))
-    chosen = select(sites, config.patterns, config.exclude, param_names, other_uses)
+    chosen = select(sites, config.patterns, config.exclude, param_names, other_uses, output_head_names(nm.model))
     train_params = _select_trainable(config.trainable, param_names, chosen, aliases)
     return chosen, train_params, other_uses
 
@@ -311,6 +312,7 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
         )
         for use in site.uses:
             _insert_one(use, key)
+        shared = any(a in other_uses for a in site.aliases)
         nm.site_infos.append(
             SiteInfo(
                 name=site.name,
@@ -323,9 +325,26 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
                 aliases=site.aliases,
                 shape=site.shape,
                 dtype=str(weight.dtype).removeprefix("torch."),
-                shared_with_other_ops=any(a in other_uses for a in site.aliases),
+                shared_with_other_ops=shared,
+                linear_paths=linear_attribute_paths(nm.model, site) if shared else site.aliases,
             )
         )
+
+
+def linear_attribute_paths(model: nn.Module, site: Site) -> tuple[str, ...]:
+    """The aliases of a tied weight through which its linear ops read it: the attributes of the modules those
+    ops ran in (the capture's nn_module_stack), else the aliases not owned by an nn.Embedding. Empty when one
+    attribute serves both kinds of use (then nothing can be untied by module attribute)."""
+    owners = {a: a.rpartition(".")[0] for a in site.aliases}
+    modules = set()
+    for use in site.uses:
+        stack = use.node.meta.get("nn_module_stack") or {}
+        if stack:
+            modules.add(list(stack.values())[-1][0])
+    linear = tuple(a for a in site.aliases if owners[a] in modules)
+    if not modules:
+        linear = tuple(a for a in site.aliases if not isinstance(model.get_submodule(owners[a]), nn.Embedding))
+    return linear if len(linear) < len(site.aliases) else ()
 
 
 def _insert_one(use: Use, key: str):

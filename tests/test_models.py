@@ -1,6 +1,8 @@
 """transform → train → fold on randomly initialised architectures: structure (op counts) and numbers
 (against an independent materialised reference), on an input of another batch size and length."""
 
+import copy
+
 import pytest
 import torch
 
@@ -179,8 +181,17 @@ def test_tied_weights_one_adapter_and_untied_fold():
         emb = [n for n in folded.graph("eval").nodes if n.target is torch.ops.aten.embedding.default]
         assert len(emb) == 1
         assert torch.equal(cap.resolve_attr(folded, emb[0].args[0].target), model.emb.weight)
-    with pytest.raises(neat_fx.MergeError, match="tied"):
-        neat_fx.merge_into(model, nm)
+    # merge_into unties like fold: the head gets its own W0 + ΔW, the embedding keeps W0; nm computes the same
+    merged = neat_fx.merge_into(copy.deepcopy(model), nm)
+    assert merged.head.weight is not merged.emb.weight
+    assert torch.equal(merged.emb.weight, model.emb.weight)
+    with torch.no_grad():
+        assert max_diff(merged(*other), want) <= 1e-5
+        neat_fx.merge_into(model, nm)  # the model nm shares: nm keeps W0 for both of its readers
+        assert model.head.weight is not model.emb.weight
+        assert max_diff(nm(*other), want) <= 1e-5 and max_diff(model(*other), want) <= 1e-5
+        neat_fx.merge_into(model, nm)  # again: idempotent
+        assert max_diff(model(*other), want) <= 1e-5
 
 
 def test_summary_and_counts():

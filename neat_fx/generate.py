@@ -1,0 +1,222 @@
+"""Generation from a transformed (or folded) decoder, with a KV cache.
+
+The captured graphs are cache-free (decoders are captured with `use_cache=False`), so generating through them
+would recompute the whole prefix for every new token. Instead `generate` runs the model's own `generate()` —
+its own cache classes, sliding windows, soft-capping and stopping rules — with the adapted weights `W0 + ΔW`
+put in place of the base weights for the duration of the call (`torch.func.functional_call`, nothing copied
+into the model, nothing left behind). ΔW is computed from the adapters as they are at the call, so the tokens
+always follow the latest training step; the cost of one new token is the model's own cached decode step.
+(docs/design.md, "Generation")
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import capture as cap
+from .containers import FoldedModule, NeatModule
+from .errors import GenerationError
+from .fold import folded_weight
+
+#: config fields that bound the positions a model can embed (learned tables: GPT-2's n_positions).
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def adapted_weights(module: NeatModule | FoldedModule) -> dict[str, torch.Tensor]:
+    """The tensors to use in place of the model's own, by attribute path in the model: `W0 + ΔW` of every site
+    at the paths its linear uses read it through (a tied embedding keeps W0), and the parameters trained in
+    full. For a folded module: every tensor it holds, at the model's paths."""
+    if isinstance(module, NeatModule):
+        out: dict[str, torch.Tensor] = {}
+        for site in module.site_infos:
+            weight = folded_weight(module, site)
+            for path in site.linear_paths or site.aliases or (site.name,):
+                out[path] = weight
+        for key, name in module.trainable_names.items():
+            base = module.model.get_parameter(name)
+            out[name] = module.trainable[key].detach().to(base.dtype)
+        return out
+    if module.__dict__.get("_source_model") is None:  # capture_plain: its `model` is the model itself
+        return {}
+    out = dict(module.model.named_parameters(remove_duplicate=False))
+    out.update(module.model.named_buffers(remove_duplicate=False))
+    out.update({path: cap.resolve_attr(module, attr) for path, attr in module.__dict__["_linear_paths"].items()})
+    return out
+
+
+def source_model(module) -> nn.Module:
+    """The model whose code generates for `module` (a NeatModule's model, the model a folded module came from)."""
+    if isinstance(module, NeatModule):
+        return module.model
+    if isinstance(module, FoldedModule):
+        source = module.__dict__.get("_source_model")
+        return source if source is not None else module.model
+    raise GenerationError(
+        f"generate expects a NeatModule (neat_fx.transform) or a FoldedModule (neat_fx.fold), got "
+        f"{type(module).__name__}; for a plain Hugging Face model call its own generate()."
+    )
+
+
+class _Generation(nn.Module):
+    """A holder whose forward is the model's generate(), so functional_call can swap the weights around it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, kwargs):
+        return self.model.generate(**kwargs)
+
+
+@torch.no_grad()
+def generate(
+    module: NeatModule | FoldedModule,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    **generate_kwargs,
+):
+    """Generate from a transformed or folded Hugging Face decoder LM with a KV cache.
+
+    Returns what Hugging Face `generate` returns: the prompt followed by the new tokens, `[batch, prompt +
+    new]`, a row padded with `pad_token_id` once it has produced `eos_token_id`. Batches of prompts of
+    different lengths are left-padded (`tokenizer.padding_side = "left"`) with an `attention_mask`.
+    `do_sample=False` is greedy decoding; `do_sample=True` samples with `temperature`, `top_p`, `top_k`
+    (seed with `torch.manual_seed`). Other keyword arguments go to the model's `generate` unchanged
+    (`repetition_penalty=`, `return_dict_in_generate=`, …).
+
+    The adapters are folded into the weights once per call (`W0 + ΔW`, from their current values: train a
+    step and the next call follows it); the model runs in eval mode (no dropout) and is given back as it
+    was. To generate many times from the same adapters, fold once: `generate(neat_fx.fold(nm), …)`.
+    While the call runs, the model's weight attributes point at the adapted tensors: do not run the same
+    model from another thread meanwhile.
+    """
+    model = source_model(module)
+    _check_generative(model)
+    input_ids, attention_mask = _check_prompts(model, input_ids, attention_mask, max_new_tokens)
+    _check_sampling(do_sample, temperature, top_p, top_k)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        use_cache=True,
+        **generate_kwargs,
+    )
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k is not None else 0)
+    else:  # a model's generation_config may carry sampling defaults that would only warn with greedy decoding
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if eos_token_id is not None:
+        kwargs["eos_token_id"] = eos_token_id
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id
+    elif getattr(model.generation_config, "pad_token_id", None) is None:
+        eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+        if eos is not None:  # HF's own fallback, without its warning
+            kwargs["pad_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos
+    weights = adapted_weights(module)
+    holder = _Generation(model)
+    with cap.train_mode(model, False), _quiet_generation():
+        return torch.func.functional_call(
+            holder, {"model." + k: v for k, v in weights.items()}, (kwargs,), tie_weights=False, strict=False
+        )
+
+
+def _check_generative(model: nn.Module):
+    can = getattr(model, "can_generate", None)
+    if not callable(getattr(model, "generate", None)) or not callable(can) or not can():
+        raise GenerationError(
+            f"{type(model).__name__} cannot generate text: generate needs a Hugging Face language model with a "
+            f"generation head (…ForCausalLM, …LMHeadModel, …ForConditionalGeneration); an encoder or a classifier "
+            f"has none. Evaluate it by calling the module instead."
+        )
+
+
+def _check_prompts(model: nn.Module, input_ids, attention_mask, max_new_tokens):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype
+        not in (
+            torch.int64,
+            torch.int32,
+        )
+    ):
+        what = f"a {input_ids.dim()}-D {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor) else input_ids
+        raise GenerationError(
+            f"input_ids must be a 2-D integer tensor [batch, prompt length], got {what}; one prompt: ids[None]"
+        )
+    if input_ids.shape[1] == 0:
+        raise GenerationError("input_ids holds empty prompts (length 0); give each row at least one token")
+    device = next((p.device for p in model.parameters()), input_ids.device)
+    input_ids = input_ids.to(device)
+    batch, length = input_ids.shape
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, length):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise GenerationError(
+                f"attention_mask has shape {got}, input_ids {tuple(input_ids.shape)}: they must match (1 = token, "
+                f"0 = padding)"
+            )
+        attention_mask = attention_mask.to(device)
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
+        mask = attention_mask.long()
+        if bool((mask.sum(1) == 0).any()):
+            raise GenerationError(f"attention_mask row {int((mask.sum(1) == 0).nonzero()[0])} has no token (all 0)")
+        right = (mask[:, 1:] < mask[:, :-1]).any(1)
+        if bool(right.any()):
+            raise GenerationError(
+                f"attention_mask row {int(right.nonzero()[0])} has padding after its tokens: decoder generation "
+                f"needs the padding on the left (tokenizer.padding_side = 'left'), where new tokens do not follow it"
+            )
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    limit = next((getattr(text, k) for k in POSITION_LIMITS if isinstance(getattr(text, k, None), int)), None)
+    if limit is not None and length + max_new_tokens > limit:
+        raise GenerationError(
+            f"the prompt ({length} tokens, padding included) plus max_new_tokens={max_new_tokens} is "
+            f"{length + max_new_tokens} positions, more than {type(model).__name__}'s position table holds "
+            f"({limit}); shorten the prompt or ask for fewer tokens"
+        )
+    return input_ids, attention_mask
+
+
+def _check_sampling(do_sample, temperature, top_p, top_k):
+    if not do_sample:
+        return
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise GenerationError(f"temperature must be > 0 when sampling, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise GenerationError(f"top_k must be a non-negative integer or None, got {top_k!r}")
+
+
+@contextlib.contextmanager
+def _quiet_generation():
+    """transformers logs a notice per call for settings we choose on purpose (pad = eos)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - generate() needs transformers anyway
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
