@@ -15,6 +15,7 @@ import contextlib
 import copy
 import inspect
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -163,8 +164,11 @@ def _export_fixes(model: nn.Module, exc: BaseException, mode: str, eval_captures
             f"the eval graph captures fine: the failing code runs only in training. Either {switch} and "
             f"transform again, or capture the eval graph only with modes=('eval',) (no dropout in training)"
         )
-    if "use_cache" in text or "DynamicCache" in text or "Cache" in type(exc).__name__:
-        fixes.append("Hugging Face decoders need use_cache=False in the example inputs or the config")
+    if "use_cache" in text or "cache_utils" in text or re.search(r"[A-Za-z]Cache\b", text):
+        fixes.append(
+            "Hugging Face decoders are captured without a KV cache: pass use_cache=False in the example inputs or "
+            "set model.config.use_cache = False (neat_fx.generate brings the cache back for generation)"
+        )
     if any(s in text for s in ("Constraints violated", "ConstraintViolation", "specialized", "Dim.")):
         fixes.append(
             "a dimension the model fixes was left dynamic: pass dynamic=False, or a torch.export "

@@ -384,7 +384,8 @@ class NeatModule(GraphContainer):
             mark = getattr(weight, MERGED_MARK, None)
             if mark is not None and mark[1] == tensor_version(weight) and versions.get(site.key) != mark[1]:
                 self.own_base_weight(site, mark[0].clone())
-            elif site.shared_with_other_ops:  # another module's merge untied the head: its path holds W0 + ΔW now
+            elif site.linear_paths and site.shared_with_other_ops:
+                # another module's merge untied the head: its path holds that module's W0 + ΔW now
                 head = self.model.get_parameter(site.linear_paths[0])
                 if head is not weight and getattr(head, MERGED_MARK, None) is not None:
                     self.own_base_weight(site, weight.detach())  # the embedding keeps W0, never written
