@@ -123,8 +123,9 @@ def generate(
         kwargs["pad_token_id"] = pad_token_id
     elif getattr(model.generation_config, "pad_token_id", None) is None:
         eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
-        if eos is not None:  # HF's own fallback, without its warning
-            kwargs["pad_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if eos and eos[0] is not None:  # HF's own fallback, without its warning
+            kwargs["pad_token_id"] = eos[0]
     weights = adapted_weights(module)
     holder = _Generation(model)
     with cap.train_mode(model, False), _quiet_generation():
