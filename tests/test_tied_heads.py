@@ -157,3 +157,23 @@ def test_all_linear_on_a_plain_module_is_every_linear_weight():
     every = {s.name for s in neat_fx.transform(model, ["*"], example, rank=2, modes=("eval",)).sites()}
     nm = neat_fx.transform(model, ["ALL-LINEAR"], example, rank=2, modes=("eval",))
     assert {s.name for s in nm.sites()} == every
+
+
+def test_tied_head_saved_for_peft_under_the_head_name(tmp_path):
+    """PEFT knows the adapted head by its nn.Linear (lm_head), not by the embedding it is tied to."""
+    import json
+
+    from peft import PeftModel
+
+    model = decoders.build("gpt2")
+    example = decoders.example_inputs()
+    nm = neat_fx.transform(model, ["lm_head"], example, rank=4, modes=("eval",))
+    randomize_adapters(nm, std=0.2)
+    neat_fx.save_adapters(nm, tmp_path, format="peft")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["lm_head"]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    again = neat_fx.load_adapters(model, tmp_path, example)
+    with torch.no_grad():
+        want = nm(**example).logits
+        assert max_diff(peft_model(**example).logits, want) <= 1e-5 * want.abs().max().item()
+        assert max_diff(again(**example).logits, want) == 0.0

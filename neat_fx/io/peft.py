@@ -31,10 +31,10 @@ def save(nm: NeatModule, folder: Path):
     unsupported = []
     for s in nm.site_infos:
         try:
-            mod = nm.model.get_submodule(module_name(s.name))
+            mod = nm.model.get_submodule(module_name(_linear_name(s)))
         except AttributeError:
             mod = None
-        if not s.name.endswith(".weight") or not isinstance(mod, nn.Linear) or s.layout != "out_in":
+        if not _linear_name(s).endswith(".weight") or not isinstance(mod, nn.Linear) or s.layout != "out_in":
             unsupported.append(f"{s.name} ({s.kinds}, {type(mod).__name__ if mod is not None else 'no module'})")
     if unsupported:
         raise AdapterMismatchError(
@@ -45,7 +45,7 @@ def save(nm: NeatModule, folder: Path):
     tensors = {}
     for s in nm.site_infos:
         ad = nm.adapters[s.key]
-        stem = PREFIX + module_name(s.name)
+        stem = PREFIX + module_name(_linear_name(s))
         tensors[f"{stem}.peanut_A.weight"] = ad.A.t()
         tensors[f"{stem}.peanut_B.weight"] = ad.B
         for i, e in enumerate(ad.encoders):
@@ -75,7 +75,7 @@ def save(nm: NeatModule, folder: Path):
             "depth": nm.neat_config.hidden_layers,
             "act_fn": to_peft(act),
             "scaling": nm.neat_config.scale,
-            "target_modules": sorted(module_name(s.name) for s in nm.site_infos),
+            "target_modules": sorted(module_name(_linear_name(s)) for s in nm.site_infos),
             "exclude_modules": None,
             "modules_to_save": sorted(modules_to_save) or None,
             "layers_to_transform": None,
@@ -87,6 +87,11 @@ def save(nm: NeatModule, folder: Path):
         }
 
     write_swapped(folder, WEIGHTS, tensors, CONFIG, make_config)
+
+
+def _linear_name(site) -> str:
+    """The name PEFT knows a site by: its nn.Linear's weight (a head tied to an embedding: the head's)."""
+    return site.linear_paths[0] if site.shared_with_other_ops and site.linear_paths else site.name
 
 
 def read(folder: Path) -> LoadedAdapters:
