@@ -215,3 +215,20 @@ def test_adapters_of_another_decoder_are_refused(tmp_path):
     with pytest.raises(neat_fx.AdapterMismatchError):
         neat_fx.load_adapters(other, tmp_path / "a", decoders.example_inputs())
     assert all(torch.equal(other.state_dict()[n], state[n]) for n in state)
+
+
+def test_bf16_base_with_a_parameter_trained_in_full():
+    """The trained-in-full copy (float32 master of a bf16 parameter) is used, cast like the graph casts it."""
+    model = decoders.build("llama").to(torch.bfloat16)
+    nm = neat_fx.transform(
+        model, ["*q_proj", "*v_proj"], decoders.example_inputs(), rank=4, modes=("eval",), trainable=["model.norm"]
+    )
+    randomize_adapters(nm, std=0.3, seed=5)
+    with torch.no_grad():
+        nm.trainable[next(iter(nm.trainable_names))].mul_(torch.linspace(0.5, 1.5, 32))
+    ids, mask = decoders.left_padded()
+    ours = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW)
+    assert torch.equal(ours, _hf_generate(neat_fx.merge_into(copy.deepcopy(model), nm), ids, mask))
+    assert model.model.norm.weight.dtype == torch.bfloat16 and torch.equal(
+        model.model.norm.weight, decoders.build("llama").to(torch.bfloat16).model.norm.weight
+    )
