@@ -16,12 +16,12 @@ from ..atomic import previous_copy
 from ..containers import NeatModule, SiteInfo
 from ..distributed import copy_into
 from ..errors import AdapterMismatchError
-from . import native, peft
+from . import lora, native, peft
 from .fingerprint import fingerprint, fingerprint_matches
 from .loaded import LoadedAdapters
 
-#: format name → module with save(nm, folder) and read(folder).
-FORMATS = {"neat": native, "peft": peft}
+#: format name → module with save(nm, folder) (and read(folder), except the export-only LoRA form).
+FORMATS = {"neat": native, "peft": peft, "lora": lora}
 
 
 def save_adapters(nm: NeatModule, path, *, format: str = "neat") -> Path:
@@ -29,7 +29,9 @@ def save_adapters(nm: NeatModule, path, *, format: str = "neat") -> Path:
 
     format="neat": `adapters.safetensors` + `neat_config.json` (options, patterns, sites, base shapes and
     fingerprints). format="peft": a Hugging Face PEFT PEANuT checkpoint, for sites PEFT supports
-    (nn.Linear modules). Returns the folder.
+    (nn.Linear modules). format="lora": the exact LoRA form (`lora_A = Hᵀ`, `lora_B = B`, `lora_alpha = s·r`),
+    a PEFT LoRA checkpoint any LoRA server loads, valid on this exact base only (export only: it cannot be
+    loaded back as NEAT adapters). Returns the folder.
 
     A kill at any instant leaves exactly the previous adapters or exactly the new ones for `read_adapters` /
     `load_adapters` (see `neat_fx.io.writing`); format="neat" never touches other files in the folder,
@@ -55,7 +57,7 @@ def read_adapters(path) -> LoadedAdapters:
         folder = previous_copy(folder)  # a kill between the two renames of a PEFT save: the previous copy
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder save_adapters wrote")
-    for fmt in FORMATS.values():
+    for fmt in (native, peft):  # peft.read tells a LoRA checkpoint (ours or not) apart and refuses it
         if (folder / fmt.CONFIG).exists():
             return fmt.read(folder)
     raise FileNotFoundError(

@@ -31,10 +31,10 @@ def save(nm: NeatModule, folder: Path):
     unsupported = []
     for s in nm.site_infos:
         try:
-            mod = nm.model.get_submodule(module_name(_linear_name(s)))
+            mod = nm.model.get_submodule(module_name(peft_name(s)))
         except AttributeError:
             mod = None
-        if not _linear_name(s).endswith(".weight") or not isinstance(mod, nn.Linear) or s.layout != "out_in":
+        if not peft_name(s).endswith(".weight") or not isinstance(mod, nn.Linear) or s.layout != "out_in":
             unsupported.append(f"{s.name} ({s.kinds}, {type(mod).__name__ if mod is not None else 'no module'})")
     if unsupported:
         raise AdapterMismatchError(
@@ -45,25 +45,14 @@ def save(nm: NeatModule, folder: Path):
     tensors = {}
     for s in nm.site_infos:
         ad = nm.adapters[s.key]
-        stem = PREFIX + module_name(_linear_name(s))
+        stem = PREFIX + module_name(peft_name(s))
         tensors[f"{stem}.peanut_A.weight"] = ad.A.t()
         tensors[f"{stem}.peanut_B.weight"] = ad.B
         for i, e in enumerate(ad.encoders):
             tensors[f"{stem}.peanut_encoders.{i}.weight"] = e
         for i, d in enumerate(ad.decoders):
             tensors[f"{stem}.peanut_decoders.{i}.weight"] = d
-    modules_to_save = set()
-    for key, name in nm.trainable_names.items():
-        tensors[PREFIX + name] = nm.trainable[key]
-        modules_to_save.add(name.rsplit(".", 1)[0] if "." in name else name)
-    for mod_name in sorted(modules_to_save):
-        params = {f"{mod_name}.{n}" for n, _ in nm.model.get_submodule(mod_name).named_parameters()}
-        missing = sorted(params - set(nm.trainable_names.values()))
-        if missing:
-            raise AdapterMismatchError(
-                f"PEFT saves whole modules (modules_to_save); {mod_name} has parameters not trained in full: "
-                f"{', '.join(missing)}. Add them to trainable= or save with format='neat'."
-            )
+    modules_to_save = trained_modules(nm, tensors)
 
     def make_config(_sha):
         model_cfg = getattr(nm.model, "config", None)
@@ -75,7 +64,7 @@ def save(nm: NeatModule, folder: Path):
             "depth": nm.neat_config.hidden_layers,
             "act_fn": to_peft(act),
             "scaling": nm.neat_config.scale,
-            "target_modules": sorted(module_name(_linear_name(s)) for s in nm.site_infos),
+            "target_modules": sorted(module_name(peft_name(s)) for s in nm.site_infos),
             "exclude_modules": None,
             "modules_to_save": sorted(modules_to_save) or None,
             "layers_to_transform": None,
@@ -89,7 +78,25 @@ def save(nm: NeatModule, folder: Path):
     write_swapped(folder, WEIGHTS, tensors, CONFIG, make_config)
 
 
-def _linear_name(site) -> str:
+def trained_modules(nm: NeatModule, tensors: dict) -> list[str]:
+    """PEFT's `modules_to_save` for nm's parameters trained in full (whole modules only), their tensors added to
+    `tensors` under PEFT's names."""
+    modules = set()
+    for key, name in nm.trainable_names.items():
+        tensors[PREFIX + name] = nm.trainable[key]
+        modules.add(name.rsplit(".", 1)[0] if "." in name else name)
+    for mod_name in sorted(modules):
+        params = {f"{mod_name}.{n}" for n, _ in nm.model.get_submodule(mod_name).named_parameters()}
+        missing = sorted(params - set(nm.trainable_names.values()))
+        if missing:
+            raise AdapterMismatchError(
+                f"PEFT saves whole modules (modules_to_save); {mod_name} has parameters not trained in full: "
+                f"{', '.join(missing)}. Add them to trainable= or save with format='neat'."
+            )
+    return sorted(modules)
+
+
+def peft_name(site) -> str:
     """The name PEFT knows a site by: its nn.Linear's weight (a head tied to an embedding: the head's)."""
     return site.linear_paths[0] if site.shared_with_other_ops and site.linear_paths else site.name
 
@@ -97,6 +104,12 @@ def _linear_name(site) -> str:
 def read(folder: Path) -> LoadedAdapters:
     cpath = folder / CONFIG
     meta = read_json(cpath, "a PEFT adapter config")
+    if meta.get("peft_type") == "LORA":
+        raise AdapterMismatchError(
+            f"{cpath} is a LoRA checkpoint (peft_type 'LORA'). If it is a LoRA-form export of NEAT adapters, it "
+            f"cannot be loaded back as NEAT adapters (H = σ(W0ᵀ A) cannot be turned back into A): load the neat or "
+            f"peft folder it was exported from; serve it with PEFT's LoRA or any LoRA server"
+        )
     if meta.get("peft_type") != "PEANUT":
         raise AdapterMismatchError(
             f"{cpath} has peft_type {meta.get('peft_type')!r}; neat_fx reads PEFT 'PEANUT' checkpoints only"

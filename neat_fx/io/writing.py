@@ -84,8 +84,8 @@ def _gathered(tensors: dict, make_config, write):
         dist.barrier()
 
 
-def _save_checked(tensors: dict, path: Path):
-    save_file(tensors, str(path))
+def _save_checked(tensors: dict, path: Path, metadata: dict[str, str] | None = None):
+    save_file(tensors, str(path), metadata=metadata)
     if not same_tensors(load_file(str(path)), tensors):
         raise OSError(f"verification of {path} failed: what was read back differs from what was written")
 
@@ -173,16 +173,21 @@ def committed_weights(folder: Path, weights_name: str, sha: str) -> tuple[Path, 
 
 
 # -- PEFT's: a new folder swapped in ---------------------------------------------------------------------
-def write_swapped(folder: Path, weights_name: str, tensors: dict, config_name: str, make_config):
-    """Write the pair into a new sibling folder and swap it in (see the module docstring)."""
-    _gathered(tensors, make_config, lambda t: _write_swapped(folder, weights_name, t, config_name, make_config))
+def write_swapped(
+    folder: Path, weights_name: str, tensors: dict, config_name: str, make_config, metadata: dict | None = None
+):
+    """Write the pair into a new sibling folder and swap it in (see the module docstring). `metadata`: strings
+    stored in the safetensors header (readers that do not know them ignore them)."""
+    _gathered(
+        tensors, make_config, lambda t: _write_swapped(folder, weights_name, t, config_name, make_config, metadata)
+    )
 
 
 def _only(folder: Path, names: set) -> bool:
     return all(p.name in names for p in folder.iterdir())
 
 
-def _write_swapped(folder: Path, weights_name: str, tensors: dict, config_name: str, make_config):
+def _write_swapped(folder: Path, weights_name: str, tensors: dict, config_name: str, make_config, metadata=None):
     ours = {weights_name, config_name}
     if folder.is_dir():
         remove_paths(file_temporaries(folder, ours))
@@ -202,7 +207,7 @@ def _write_swapped(folder: Path, weights_name: str, tensors: dict, config_name: 
         mode = 0o777 & ~umask
     with staged_folder(folder) as tmp:
         os.chmod(tmp, mode)  # mkdtemp's 0700 would make the swapped-in folder private
-        _save_checked(tensors, tmp / weights_name)
+        _save_checked(tensors, tmp / weights_name, metadata)
         (tmp / config_name).write_text(_dump(make_config(sha256_file(tmp / weights_name))))
 
 
