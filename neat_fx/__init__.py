@@ -30,6 +30,7 @@ from .errors import (
 from .fold import fold, merge_into
 from .generate import generate
 from .io import LoadedAdapters, load_adapters, read_adapters, save_adapters
+from .serving import AdapterBank, serve
 from .transform import transform
 
 
@@ -40,6 +41,7 @@ def sites(nm: NeatModule) -> list[SiteInfo]:
 
 __all__ = [
     "ACTIVATIONS",
+    "AdapterBank",
     "AdapterMismatchError",
     "CaptureError",
     "ConfigError",
@@ -63,6 +65,7 @@ __all__ = [
     "read_adapters",
     "save_adapters",
     "save_checkpoint",
+    "serve",
     "sites",
     "transform",
 ]

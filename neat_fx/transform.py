@@ -79,7 +79,7 @@ def transform(
     reference = cap.check_runs_eagerly(model, args, kwargs) if check else None
     captures = cap.capture(model, args, kwargs, method=config.capture, modes=config.modes, dynamic=dynamic)
     nm = NeatModule(model, config)
-    graphs = {mode: _bind_targets(c, model, nm) for mode, c in captures.items()}
+    graphs = {mode: bind_targets(c, model, nm) for mode, c in captures.items()}
 
     chosen, train_params, other_uses = _select(nm, graphs, config)
     with restoring_requires_grad(model):  # a failure below leaves the model as it was given
@@ -169,11 +169,11 @@ def capture_plain(model: nn.Module, example_inputs, *, modes=("eval",), dynamic=
     captures = cap.capture(model, args, kwargs, method=method, modes=modes, dynamic=dynamic)
     out = FoldedModule()
     out.model = model
-    _install_graphs(out, model, {mode: _bind_targets(c, model, out) for mode, c in captures.items()})
+    _install_graphs(out, model, {mode: bind_targets(c, model, out) for mode, c in captures.items()})
     return out
 
 
-def _bind_targets(c: cap.Capture, model: nn.Module, nm: nn.Module) -> fx.Graph:
+def bind_targets(c: cap.Capture, model: nn.Module, nm: nn.Module) -> fx.Graph:
     """Point get_attr / call_module targets at `model.<name>` (shared state) or `nm.extras.<name>`."""
     graph = c.graph
     for node in graph.nodes:

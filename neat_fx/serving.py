@@ -1,0 +1,325 @@
+"""Serving many NEAT adapters on one base: `neat_fx.serve(model, {"a": dir_a, "b": dir_b}, example_inputs)`.
+
+At inference a trained NEAT site is a rank-r update: `H = σ(W0ᵀ A)` depends only on W0 and the adapter, so
+`y + s·(x H) Bᵀ` is LoRA with `lora_A = Hᵀ`, `lora_B = B` (neat_fx.io.lora). The base is captured once; at
+every adapted op the graph gets a `SiteBank` holding every adapter's `H` and `s·B` stacked (ranks padded with
+zeros, an adapter without that site: zeros), indexed by one tensor, `active_index`. Parameters trained in
+full (a classification head) are stacked the same way and read as `bank[active_index]`. So:
+
+- switching the active adapter is one in-place write of `active_index` — no new graph, no recompilation
+  under torch.compile, microseconds of host time;
+- a **mixed batch** (`adapter_names=[...]`, one per row, like PEFT's) runs each adapter's rows as one
+  sub-batch and puts the rows back in order: every row is computed exactly as its own adapter computes it.
+
+Adapters of different ranks, depths, activations or site sets share one bank. Every adapter is checked
+against the base (our format's fingerprints) before anything is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from . import capture as cap
+from .adapters import neat_hidden
+from .containers import FoldedModule
+from .errors import AdapterMismatchError, ConfigError
+from .io import fingerprint_matches, read_adapters
+from .match import find_uses
+from .names import adapter_key
+from .transform import bind_targets
+
+#: node.meta flag of the bank nodes serve() inserts.
+BANK = "neat_bank"
+
+
+class SiteBank(nn.Module):
+    """Every adapter's `H` (N, d_in, r) and `s·B` (N, d_out, r) of one site, float32. Called as
+    `bank(x, y, index, form)` → `y + (x H[index]) (s·B[index])ᵀ` in the op's form."""
+
+    def __init__(self, h: torch.Tensor, sb: torch.Tensor):
+        super().__init__()
+        self.register_buffer("h", h)
+        self.register_buffer("sb", sb)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, form: str = "right") -> torch.Tensor:
+        h, sb = self.h.index_select(0, index)[0], self.sb.index_select(0, index)[0]
+        x = x.to(h.dtype)
+        if form == "right":
+            return y + ((x @ h) @ sb.t()).to(y.dtype)
+        if form == "left":
+            return y + (sb @ (h.t() @ x)).to(y.dtype)
+        eq_h, eq_b = form[len("einsum:") :].split(";")
+        return y + torch.einsum(eq_b, torch.einsum(eq_h, x, h), sb).to(y.dtype)
+
+
+class AdapterBank(FoldedModule):
+    """What `serve` returns: the base model's graph with every adapter's update on each site. Called like the
+    model (plus `adapter_names=` for a mixed batch); `set_adapter(name)` switches; `adapter_names` lists them."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = list(names)
+        self.banks = nn.ModuleDict()
+        self.trained = nn.Module()  # stacked parameters trained in full, one buffer per parameter
+        # shape (1,), read with index_select: no data-dependent scalar, so no guard or graph break under compile
+        self.register_buffer("active_index", torch.zeros(1, dtype=torch.long))
+
+    @property
+    def active(self) -> str:
+        return self.names[int(self.active_index)]
+
+    def index_of(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ConfigError(
+                f"no adapter named {name!r}; this bank serves {', '.join(map(repr, self.names))}"
+            ) from None
+
+    @torch.no_grad()
+    def set_adapter(self, name: str):
+        """Make `name` the adapter every row uses (an in-place write: no recompilation)."""
+        self.active_index.fill_(self.index_of(name))
+
+    def forward(self, *args, adapter_names=None, **kwargs):
+        if adapter_names is None:
+            return super().forward(*args, **kwargs)
+        return self._mixed(args, kwargs, adapter_names)
+
+    def _mixed(self, args, kwargs, adapter_names):
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ConfigError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        rows = [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if not rows:
+            raise ConfigError("a mixed batch needs tensor inputs whose first dimension is the batch")
+        batch = rows[0].shape[0]
+        if len(adapter_names) != batch:
+            raise ConfigError(f"adapter_names has {len(adapter_names)} names for a batch of {batch} rows")
+        index = torch.tensor([self.index_of(n) for n in adapter_names])
+        saved = self.active_index.clone()
+        pieces = []
+        try:
+            for i in index.unique().tolist():
+                where = (index == i).nonzero().flatten()
+                part = [
+                    t.index_select(0, where.to(t.device))
+                    if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch
+                    else t
+                    for t in leaves
+                ]
+                self.active_index.fill_(i)
+                a, k = pytree.tree_unflatten(part, spec)
+                pieces.append((where, super().forward(*a, **k)))
+        finally:
+            self.active_index.copy_(saved)
+        return _scatter_rows(pieces, batch)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.names}, active={self.active!r}, sites={len(self.banks)}"
+
+
+def _scatter_rows(pieces: list, batch: int):
+    """The outputs of sub-batches put back in row order (tensors whose first dimension is the sub-batch)."""
+    flat = [pytree.tree_flatten(out) for _, out in pieces]
+    spec = flat[0][1]
+    merged = []
+    for j, first in enumerate(flat[0][0]):
+        if not isinstance(first, torch.Tensor) or first.dim() == 0:
+            merged.append(first)  # a scalar (e.g. a loss): per-sub-batch values have no row to go to
+            continue
+        full = first.new_empty((batch, *first.shape[1:]))
+        for (where, _), (leaves, _) in zip(pieces, flat):
+            full.index_copy_(0, where.to(full.device), leaves[j])
+        merged.append(full)
+    return pytree.tree_unflatten(merged, spec)
+
+
+def serve(model: nn.Module, adapters, example_inputs, *, active: str | None = None, dynamic=True) -> AdapterBank:
+    """Serve several saved adapters (neat_fx or PEFT PEANuT folders) on one base model.
+
+    adapters: {name: folder}, or a list of folders (named after the folders). The model is captured once in
+    eval mode and shared (not copied, not modified). Returns an AdapterBank: call it like the model, switch
+    with `bank.set_adapter(name)`, or pass `adapter_names=[...]` (one per row) for a mixed batch.
+    """
+    named = _named_folders(adapters)
+    loaded = {name: read_adapters(folder) for name, folder in named.items()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    aliases: dict[int, tuple[str, ...]] = {}
+    for n, p in params.items():
+        aliases[id(p)] = (*aliases.get(id(p), ()), n)
+    _check_against_base(loaded, params)
+
+    args, kwargs = cap.split_example_inputs(example_inputs)
+    cap.refuse_non_finite(args, kwargs)
+    with cap.train_mode(model, False):
+        cap.check_runs_eagerly(model, args, kwargs)
+        captures = cap.capture(model, args, kwargs, method="export", modes=("eval",), dynamic=dynamic)
+    bank = AdapterBank(list(named))
+    bank.model = model
+    graph = bind_targets(captures["eval"], model, bank)
+    uses, _ = find_uses(graph, lambda t: cap.resolve_attr(bank, t))
+    by_param: dict[int, list] = {}
+    for u in uses:
+        by_param.setdefault(id(cap.resolve_attr(bank, u.weight.target)), []).append(u)
+
+    wanted = {n for lo in loaded.values() for n in lo.sites}
+    site_param = {}
+    for name in sorted(wanted):
+        p = params[name]
+        if id(p) not in by_param:
+            raise AdapterMismatchError(
+                f"{name} has adapters in {_who(loaded, name)} but is not used as a linear weight in "
+                f"{type(model).__name__}'s captured graph"
+            )
+        site_param.setdefault(id(p), name)
+
+    index = None
+    for pid, name in site_param.items():
+        key = adapter_key(name)
+        site_uses = by_param[pid]
+        bank.banks[key] = _site_bank(loaded, params[name], aliases[pid], site_uses[0].layout)
+        for u in site_uses:
+            if index is None:
+                first = next(n for n in graph.nodes if n.op != "placeholder")
+                with graph.inserting_before(first):
+                    index = graph.get_attr("active_index")
+            args = (u.x, u.node, index) + ((u.form,) if u.form != "right" else ())
+            with graph.inserting_after(u.node):
+                new = graph.call_module("banks." + key, args)
+            new.meta[BANK] = key
+            u.node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    _stack_trained(bank, graph, loaded, params, aliases, index)
+
+    graph.lint()
+    bank._set_graph("eval", graph)
+    ref = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
+    bank._set_reference("model." + ref if ref else None)
+    bank.eval()
+    if active is not None:
+        bank.set_adapter(active)
+    return bank
+
+
+def _named_folders(adapters) -> dict[str, Path]:
+    if isinstance(adapters, (str, Path)):
+        adapters = [adapters]
+    if isinstance(adapters, dict):
+        named = {str(k): Path(v) for k, v in adapters.items()}
+    else:
+        named = {}
+        for folder in adapters:
+            name = Path(folder).name
+            if name in named:
+                raise ConfigError(f"two adapter folders are both named {name!r}; pass a dict {{name: folder}}")
+            named[name] = Path(folder)
+    if not named:
+        raise ConfigError("serve needs at least one adapter folder")
+    for name in named:
+        if not name:
+            raise ConfigError("adapter names must be non-empty strings")
+    return named
+
+
+def _who(loaded: dict, site: str) -> str:
+    return ", ".join(repr(n) for n, lo in loaded.items() if site in lo.sites)
+
+
+def _check_against_base(loaded: dict, params: dict):
+    """Every site and trained parameter exists in the model with the adapter's shapes, and our format's base
+    fingerprints match (an adapter is only valid on the base it was trained on). Errors list every problem."""
+    problems = []
+    for adapter, lo in loaded.items():
+        for name, t in lo.sites.items():
+            p = params.get(name)
+            if p is None:
+                problems.append(f"{adapter!r}: site {name} is not a parameter of the model")
+                continue
+            meta = lo.site_meta.get(name) or {}
+            layout = meta.get("layout", "out_in")
+            d_out = p.shape[0] if layout == "out_in" else p.shape[1]
+            if p.dim() != 2 or t["A"].shape[0] != d_out or t["B"].shape[0] != d_out:
+                problems.append(
+                    f"{adapter!r}: site {name} has A{tuple(t['A'].shape)} B{tuple(t['B'].shape)}, the model's "
+                    f"weight is {tuple(p.shape)}"
+                )
+            elif meta.get("fingerprint") and not fingerprint_matches(meta["fingerprint"], p):
+                problems.append(f"{adapter!r}: site {name} was trained on another base weight (fingerprint)")
+        for name, t in lo.trainable.items():
+            p = params.get(name)
+            if p is None or tuple(p.shape) != tuple(t.shape):
+                where = "is not a parameter of the model" if p is None else f"has shape {tuple(p.shape)} in the model"
+                problems.append(f"{adapter!r}: parameter {name} (trained in full, {tuple(t.shape)}) {where}")
+    if problems:
+        raise AdapterMismatchError(
+            "these adapters do not fit this base model; nothing was built: " + "; ".join(problems[:10])
+        )
+
+
+@torch.no_grad()
+def _site_bank(loaded: dict, weight: torch.Tensor, names: tuple[str, ...], layout: str) -> SiteBank:
+    hs, sbs = [], []
+    for lo in loaded.values():
+        t = next((lo.sites[n] for n in names if n in lo.sites), None)
+        if t is None:
+            hs.append(None)
+            sbs.append(None)
+            continue
+        c = lo.config
+        h = neat_hidden(
+            weight,
+            t["A"].float(),
+            [e.float() for e in t["encoders"]],
+            [d.float() for d in t["decoders"]],
+            c.activation,
+            layout,
+            torch.float32,
+        )
+        hs.append(h)
+        sbs.append(c.scale * t["B"].float())
+    rank = max(h.shape[1] for h in hs if h is not None)
+    d_in = next(h.shape[0] for h in hs if h is not None)
+    d_out = next(sb.shape[0] for sb in sbs if sb is not None)
+    h_all = torch.zeros(len(hs), d_in, rank, device=weight.device)
+    sb_all = torch.zeros(len(hs), d_out, rank, device=weight.device)
+    for i, (h, sb) in enumerate(zip(hs, sbs)):
+        if h is not None:  # ranks padded with zero columns, which add nothing
+            h_all[i, :, : h.shape[1]] = h
+            sb_all[i, :, : sb.shape[1]] = sb
+    return SiteBank(h_all, sb_all)
+
+
+def _stack_trained(bank: AdapterBank, graph: fx.Graph, loaded: dict, params: dict, aliases: dict, index):
+    """Parameters trained in full by some adapter: one stacked buffer (the base value for adapters that did not
+    train it), read by the graph as `stack[active_index]`."""
+    trained = {n for lo in loaded.values() for n in lo.trainable}
+    done: set[int] = set()
+    for name in sorted(trained):
+        p = params[name]
+        if id(p) in done:
+            continue
+        done.add(id(p))
+        names = aliases[id(p)]
+        values = []
+        for lo in loaded.values():
+            t = next((lo.trainable[n] for n in names if n in lo.trainable), None)
+            values.append((t if t is not None else p).detach().to(device=p.device, dtype=p.dtype))
+        key = adapter_key(name)
+        bank.trained.register_buffer(key, torch.stack(values))
+        targets = {"model." + n for n in names}
+        for node in list(graph.nodes):
+            if node.op == "get_attr" and node.target in targets:
+                if index is None:
+                    first = next(n for n in graph.nodes if n.op != "placeholder")
+                    with graph.inserting_before(first):
+                        index = graph.get_attr("active_index")
+                with graph.inserting_before(node):
+                    stack = graph.get_attr("trained." + key)
+                    picked = graph.call_function(torch.ops.aten.index_select.default, (stack, 0, index))
+                    pick = graph.call_function(torch.ops.aten.select.int, (picked, 0, 0))
+                node.replace_all_uses_with(pick)
+                graph.erase_node(node)

@@ -1,0 +1,117 @@
+"""neat_fx.serve: several adapters on one captured base. Each adapter computes what its own nm computes, a
+mixed batch computes every row as its own adapter would, switching under torch.compile compiles nothing new,
+and adapters of another base or unknown names are refused before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neat_fx
+from neat_fx.serving import BANK
+
+import zoo
+from helpers import max_diff, randomize_adapters
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    """Two adapters of one BERT that differ in everything a bank must absorb: sites, rank, depth, activation,
+    a head trained in full; and a third saved in PEFT's PEANuT format."""
+    model, example, other, _ = zoo.bert()
+    model.eval()
+    root = tmp_path_factory.mktemp("adapters")
+    a = neat_fx.transform(model, ["*query", "*value"], example, rank=4, modes=("eval",), trainable=["classifier*"])
+    randomize_adapters(a, std=0.2, seed=1)
+    with torch.no_grad():
+        for p in a.trainable.parameters():
+            p.add_(0.3)
+    b = neat_fx.transform(model, ["*value", "*dense"], example, rank=2, depth=4, activation="gelu", modes=("eval",))
+    randomize_adapters(b, std=0.2, seed=2)
+    c = neat_fx.transform(model, ["*key"], example, rank=3, modes=("eval",), activation="silu")
+    randomize_adapters(c, std=0.2, seed=3)
+    neat_fx.save_adapters(a, root / "a")
+    neat_fx.save_adapters(b, root / "b")
+    neat_fx.save_adapters(c, root / "c", format="peft")
+    return model, example, other, {"a": a.eval(), "b": b.eval(), "c": c.eval()}, root
+
+
+def test_each_adapter_computes_what_its_module_computes(two_adapters):
+    model, example, other, modules, root = two_adapters
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    bank = neat_fx.serve(model, {n: root / n for n in modules}, example)
+    counts = {}
+    for node in bank.graph("eval").nodes:
+        if node.meta.get(BANK):
+            counts[node.meta[BANK]] = counts.get(node.meta[BANK], 0) + 1
+    # the union of the three adapters' sites, one bank node each
+    assert len(counts) == len({s.name for m in modules.values() for s in m.sites()}) and set(counts.values()) == {1}
+    with torch.no_grad():
+        for name, nm in modules.items():
+            bank.set_adapter(name)
+            assert bank.active == name
+            want = nm(**other).logits
+            assert max_diff(bank(**other).logits, want) <= 1e-5 * want.abs().max().item()
+    assert all(torch.equal(model.state_dict()[n], before[n]) for n in before)  # the base is untouched
+
+
+def test_mixed_batch_rows_equal_their_own_adapter(two_adapters):
+    model, example, other, modules, root = two_adapters
+    bank = neat_fx.serve(model, [root / "a", root / "b", root / "c"], example)  # named after the folders
+    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}  # 6 rows
+    names = ["b", "a", "c", "a", "b", "b"]
+    bank.set_adapter("c")
+    with torch.no_grad():
+        mixed = bank(**batch, adapter_names=names).logits
+        for i, name in enumerate(names):
+            row = modules[name](**{k: v[i : i + 1] for k, v in batch.items()}).logits
+            assert max_diff(mixed[i : i + 1], row) <= 1e-5 * row.abs().max().item()
+    assert bank.active == "c"  # the active adapter is given back
+
+
+def test_switching_under_torch_compile_compiles_nothing_new(two_adapters):
+    from torch._dynamo.utils import counters
+
+    model, example, other, modules, root = two_adapters
+    bank = neat_fx.serve(model, {"a": root / "a", "b": root / "b"}, example)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(bank, backend="aot_eager", dynamic=False)
+    with torch.no_grad():
+        bank.set_adapter("a")
+        out_a = compiled(**other).logits
+        frames = counters["stats"]["unique_graphs"]
+        bank.set_adapter("b")
+        out_b = compiled(**other).logits
+        bank.set_adapter("a")
+        again = compiled(**other).logits
+    assert counters["stats"]["unique_graphs"] == frames >= 1  # no recompilation on a switch
+    assert max_diff(out_a, modules["a"](**other).logits) <= 1e-5 * out_a.abs().max().item()
+    assert max_diff(out_b, modules["b"](**other).logits) <= 1e-5 * out_b.abs().max().item()
+    assert torch.equal(again, out_a)
+    torch._dynamo.reset()
+
+
+def test_unknown_names_are_refused(two_adapters):
+    model, example, other, _, root = two_adapters
+    bank = neat_fx.serve(model, {"a": root / "a", "b": root / "b"}, example)
+    with pytest.raises(neat_fx.ConfigError, match="no adapter named 'z'.*'a', 'b'"):
+        bank.set_adapter("z")
+    with pytest.raises(neat_fx.ConfigError, match="no adapter named 'z'"):
+        bank(**other, adapter_names=["a", "z", "b"])
+    with pytest.raises(neat_fx.ConfigError, match="2 names for a batch of 3"):
+        bank(**other, adapter_names=["a", "b"])
+    assert bank.active == "a"
+
+
+def test_adapters_of_another_base_are_refused(two_adapters, tmp_path):
+    model, example, _, _, root = two_adapters
+    other_model, _, _, _ = zoo.bert()
+    with torch.no_grad():
+        for p in other_model.parameters():
+            p.mul_(1.5)  # same architecture, other weights
+    with pytest.raises(neat_fx.AdapterMismatchError, match="'a'.*another base weight"):
+        neat_fx.serve(other_model.eval(), {"a": root / "a", "b": root / "b"}, example)
+    llama, lex, _, _ = zoo.llama()
+    with pytest.raises(neat_fx.AdapterMismatchError, match="not a parameter of the model"):
+        neat_fx.serve(llama, {"a": root / "a"}, lex)
