@@ -100,6 +100,7 @@ def fold(nm: NeatModule) -> FoldedModule:
     # For neat_fx.generate, which runs the model's own code with the folded tensors in place of its own.
     object.__setattr__(out, "_source_model", nm.model)
     object.__setattr__(out, "_linear_paths", _generation_paths(nm))
+    object.__setattr__(out, "_site_infos", list(nm.site_infos))
     return out
 
 

@@ -30,6 +30,7 @@ def adapted_weights(module: NeatModule | FoldedModule) -> dict[str, torch.Tensor
     at the paths its linear uses read it through (a tied embedding keeps W0), and the parameters trained in
     full. For a folded module: every tensor it holds, at the model's paths."""
     if isinstance(module, NeatModule):
+        _refuse_untieable(module.site_infos)
         out: dict[str, torch.Tensor] = {}
         for site in module.site_infos:
             weight = folded_weight(module, site)
@@ -41,10 +42,21 @@ def adapted_weights(module: NeatModule | FoldedModule) -> dict[str, torch.Tensor
         return out
     if module.__dict__.get("_source_model") is None:  # capture_plain: its `model` is the model itself
         return {}
+    _refuse_untieable(module.__dict__.get("_site_infos", ()))
     out = dict(module.model.named_parameters(remove_duplicate=False))
     out.update(module.model.named_buffers(remove_duplicate=False))
     out.update({path: cap.resolve_attr(module, attr) for path, attr in module.__dict__["_linear_paths"].items()})
     return out
+
+
+def _refuse_untieable(sites):
+    both = [s.name for s in sites if s.shared_with_other_ops and not s.linear_paths]
+    if both:
+        raise GenerationError(
+            f"{', '.join(both)} is read as a linear weight and by other ops through the same attribute, so the "
+            f"model's own code cannot be given W0 + ΔW for the linear uses only; transform with "
+            f"exclude={both!r} to generate"
+        )
 
 
 def source_model(module) -> nn.Module:

@@ -232,3 +232,17 @@ def test_bf16_base_with_a_parameter_trained_in_full():
     assert model.model.norm.weight.dtype == torch.bfloat16 and torch.equal(
         model.model.norm.weight, decoders.build("llama").to(torch.bfloat16).model.norm.weight
     )
+
+
+def test_a_weight_tied_through_one_attribute_cannot_generate():
+    """Embedding and head read one attribute: the model's own code cannot give only the head W0 + ΔW."""
+    model = decoders.build("gpt2")
+    nm = neat_fx.transform(model, ["lm_head"], decoders.example_inputs(), rank=2, modes=("eval",))
+    site = nm.sites()[0]
+    # what a model reading one attribute both ways looks like to generate (the capture cannot separate them)
+    nm.site_infos[0] = type(site)(**{**site.__dict__, "linear_paths": ()})
+    ids, mask = decoders.left_padded()
+    with pytest.raises(neat_fx.GenerationError, match="exclude="):
+        neat_fx.generate(nm, ids, mask, max_new_tokens=4)
+    with pytest.raises(neat_fx.GenerationError, match="exclude="):
+        neat_fx.generate(neat_fx.fold(nm), ids, mask, max_new_tokens=4)
