@@ -3,12 +3,14 @@
     from neat_fx.export import to_onnx, session
     report = to_onnx(neat_fx.fold(nm), batch, "model.onnx")
     sess = session("model.onnx")
+    to_onnx(base_model, batch, "many.onnx", adapters={"a": dir_a, "b": dir_b})  # + a.onnx_adapter, b.onnx_adapter
+    AdapterSession("many.onnx").run(None, feed, adapter="a")
 
 Needs the extra `onnx` (CPU) or `gpu` (CUDA). Importing neat_fx never imports this package.
 """
 
 from .config import ExportConfig
 from .onnx_export import ExportError, ExportReport, to_onnx
-from .runtime import BoundRunner, session
+from .runtime import AdapterSession, BoundRunner, session
 
-__all__ = ["BoundRunner", "ExportConfig", "ExportError", "ExportReport", "session", "to_onnx"]
+__all__ = ["AdapterSession", "BoundRunner", "ExportConfig", "ExportError", "ExportReport", "session", "to_onnx"]

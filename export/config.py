@@ -35,6 +35,7 @@ class ExportConfig:
     via: str = "neat_fx"
     optimum_level: str | None = "O2"
     task: str | None = None
+    adapters: object = None  # None, or saved adapter folders: {name: folder} or a list of folders
 
     def __post_init__(self):
         _choice("dtype", self.dtype, DTYPES)
@@ -74,6 +75,20 @@ class ExportConfig:
                 "via='optimum' exports fp32 as Optimum does (no dtype='fp16', quantize= or "
                 "approximate=); use via='neat_fx' (the default) for those"
             )
+
+        if self.adapters is not None:
+            if isinstance(self.adapters, (str, bytes)) or not isinstance(self.adapters, (dict, list, tuple)):
+                raise ConfigError(
+                    "adapters= takes saved adapter folders as a list (named after the folders) or a dict "
+                    f"{{name: folder}}, got {type(self.adapters).__name__}"
+                )
+            if not self.adapters:
+                raise ConfigError("adapters= needs at least one adapter folder")
+            if self.dtype != "fp32" or self.quantize or self.via != "neat_fx":
+                raise ConfigError(
+                    "adapters= (one model, one ONNX Runtime adapter file per adapter) exports fp32 by the "
+                    "neat_fx route only: leave dtype='fp32', quantize=None and via='neat_fx'"
+                )
 
     @property
     def rewrites_attention(self) -> bool:

@@ -97,6 +97,10 @@ class ExportReport:
     external_data: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # multi-adapter export (to_onnx(..., adapters=...)): adapter name -> its ONNX Runtime adapter file, and the
+    # graph inputs (with defaults) that the adapter files override
+    adapters: dict[str, Path] = field(default_factory=dict)
+    adapter_inputs: list[str] = field(default_factory=list)
 
     @property
     def max_rel_diff(self) -> float:
@@ -110,7 +114,15 @@ class ExportReport:
             f"(tolerance {self.tolerance:g} of each output's scale)",
         ]
         for p in self.parity:
-            lines.append(f"parity       inputs {p['shapes']}: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e}")
+            who = f"adapter {p['adapter']!r}, " if p.get("adapter") else ("no adapter, " if "adapter" in p else "")
+            lines.append(
+                f"parity       {who}inputs {p['shapes']}: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e}"
+            )
+        if self.adapters:
+            lines.append(
+                f"adapters     {len(self.adapters)} ONNX Runtime adapter files overriding {len(self.adapter_inputs)} "
+                f"inputs: " + ", ".join(f"{k} ({v.name})" for k, v in self.adapters.items())
+            )
         lines.append(f"optimised    {', '.join(self.optimizations) or 'no'}")
         if self.fused_ops:
             lines.append("fused ops    " + ", ".join(f"{k} ×{v}" for k, v in sorted(self.fused_ops.items())))
@@ -196,6 +208,7 @@ def to_onnx(
     via: str = "neat_fx",
     optimum_level: str | None = "O2",
     task: str | None = None,
+    adapters=None,
 ) -> ExportReport:
     """Export `module` to ONNX at `path`, optimised for ONNX Runtime and verified against PyTorch.
 
@@ -216,6 +229,11 @@ def to_onnx(
     verify:   run ONNX Runtime on `device` against PyTorch on the example inputs and on a batch of another
               batch size and length; fp32 within 1e-4, fp16 within 1e-2 of each output's scale. On failure
               nothing is written at `path`.
+    adapters: saved adapter folders ({name: folder}, or a list named after the folders) to serve from one
+              model: `module` is then the untouched base model; each adapted site reads its H and s·B as graph
+              inputs with zero defaults (the bare file is the base model), and `<name>.onnx_adapter` beside
+              `path` holds each adapter's values for ONNX Runtime's LoRA mechanism (run with
+              `neat_fx.export.AdapterSession`). fp32 only; see export/multi.py.
     """
     t_start = time.perf_counter()
     opts = ExportConfig(
@@ -231,6 +249,7 @@ def to_onnx(
         via=via,
         optimum_level=optimum_level,
         task=task,
+        adapters=adapters,
     )
     _onnx_modules()
     if not isinstance(module, nn.Module):
@@ -243,6 +262,10 @@ def to_onnx(
     device, _ = runtime.resolve_device(device) if verify or device != "cpu" else ("cpu", None)
     if via == "optimum":
         return _via_optimum(module, example_inputs, path, opts, device, t_start)
+    if adapters is not None:
+        from . import multi
+
+        return multi.export(module, example_inputs, path, opts, device, t_start)
     args, kwargs = cap.split_example_inputs(example_inputs)
     with cap.train_mode(module, False):
         return _to_onnx(module, args, kwargs, path, opts, device, t_start)
@@ -283,9 +306,10 @@ def _to_onnx(module, args, kwargs, path: Path, opts: ExportConfig, device: str, 
     )
 
 
-def _torch_export(module, args, kwargs, opts: ExportConfig):
+def _torch_export(module, args, kwargs, opts: ExportConfig, optimize_program: bool = True):
     """The module's eval graph, with the FX passes applied, exported by torch.onnx's dynamo exporter.
-    Returns (ONNX program, whether the module was folded first, what was done, the module's own outputs)."""
+    Returns (ONNX program, whether the module was folded first, what was done, the module's own outputs).
+    optimize_program=False leaves the exporter's optimiser to the caller (program.optimize())."""
     container, folded_first = _as_graph(module, args, kwargs)  # a plain model's bad inputs are reported here
     container.eval()
     with torch.no_grad():
@@ -306,7 +330,7 @@ def _torch_export(module, args, kwargs, opts: ExportConfig):
                 None,
                 kwargs=inputs,
                 dynamo=True,
-                optimize=opts.optimize != "none",
+                optimize=opts.optimize != "none" and optimize_program,
                 opset_version=opts.opset,
                 dynamic_shapes=dynamic_shapes,
                 output_names=ver.output_names(reference_out),
@@ -511,10 +535,12 @@ def _save(onnx, proto, tmp: Path, tmp_data: Path, external: bool):
         onnx.save_model(proto, str(tmp))
 
 
-def _ort_offline(tmp: Path, device: str, disabled: list[str]):
+def _ort_offline(tmp: Path, device: str, disabled: list[str], quiet: bool = False):
     ort = runtime._ort()
     _, providers = runtime.resolve_device(device)
     so = ort.SessionOptions()
+    if quiet:  # errors only (a multi-adapter model: one warning per overridable initializer)
+        so.log_severity_level = 3
     # EXTENDED, not ALL: layout transforms of level ALL are specific to the machine that runs them.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     out = tmp.with_name(tmp.name + ".opt.onnx")  # the suffix picks the format: .ort would be flatbuffers

@@ -3,11 +3,16 @@ recorded in the model's metadata (`neat_fx.ort.*`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 META_DISABLED = "neat_fx.ort.disabled_optimizers"
+# A multi-adapter export (to_onnx(..., adapters=...)) records its adapters, {name: file beside the model}, and
+# the graph inputs they override (JSON).
+META_ADAPTERS = "neat_fx.adapters"
+META_ADAPTER_INPUTS = "neat_fx.adapter_inputs"
 
 
 def _ort():
@@ -64,6 +69,10 @@ def session(path, device: str = "auto", *, threads: int | None = None, options=N
     if threads:
         so.intra_op_num_threads = threads
     meta = recorded_options(path)
+    if options is None and META_ADAPTERS in meta:
+        # errors only: ONNX Runtime warns once per initializer that is also a graph input, which is what an
+        # adapter input is by design
+        so.log_severity_level = 3
     disabled = [s for s in meta.get(META_DISABLED + "." + device, "").split(",") if s]
     return ort.InferenceSession(str(path), so, providers=providers, disabled_optimizers=disabled or None)
 
@@ -84,3 +93,74 @@ class BoundRunner:
     def __call__(self):
         self.sess.run_with_iobinding(self.binding)
         return self.binding
+
+
+class AdapterSession:
+    """A multi-adapter ONNX model (`to_onnx(base, example, path, adapters=...)`) in ONNX Runtime, with every
+    adapter file it records loaded (`onnxruntime.LoraAdapter`) and a `RunOptions` per adapter:
+
+        runner = AdapterSession("model.onnx")
+        runner.run(None, feed, adapter="sst2")   # adapter=None: the base model
+        sess, opts = runner.session, runner.run_options("sst2")   # or ONNX Runtime directly
+
+    Switching adapters is passing another prepared RunOptions: nothing is reloaded or recompiled. The adapter
+    files stay on the host (ONNX Runtime copies them to a CUDA device per run)."""
+
+    def __init__(self, path, device: str = "auto", *, threads: int | None = None, options=None, tf32: bool = False):
+        from neat_fx.errors import ConfigError
+
+        ort = _ort()
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        meta = recorded_options(path)
+        if META_ADAPTERS not in meta:
+            raise ConfigError(
+                f"{path} records no adapters: it was not exported with to_onnx(..., adapters=...); "
+                f"run it with neat_fx.export.session"
+            )
+        files = json.loads(meta[META_ADAPTERS])
+        self.path = path
+        self.adapter_inputs: list[str] = json.loads(meta.get(META_ADAPTER_INPUTS, "[]"))
+        self.adapter_files = {name: path.parent / file for name, file in files.items()}
+        missing = [f"{name!r} ({f})" for name, f in self.adapter_files.items() if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path.name} serves adapters whose files are missing: {', '.join(missing)}; to_onnx writes "
+                f"them beside the model: copy them along with it"
+            )
+        self.session = session(path, device, threads=threads, options=options, tf32=tf32)
+        self._adapters, self._options = {}, {None: ort.RunOptions()}
+        for name, f in self.adapter_files.items():
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(f))
+            ro = ort.RunOptions()
+            ro.add_active_adapter(adapter)
+            self._adapters[name] = adapter  # kept alive as long as its RunOptions
+            self._options[name] = ro
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_files)
+
+    def run_options(self, adapter: str | None = None):
+        """The `onnxruntime.RunOptions` that make `adapter` active (None: the base model)."""
+        try:
+            return self._options[adapter]
+        except (KeyError, TypeError):
+            from neat_fx.errors import ConfigError
+
+            raise ConfigError(
+                f"no adapter named {adapter!r}; {self.path.name} serves {', '.join(map(repr, self.adapter_names))} "
+                f"(or adapter=None for the base model)"
+            ) from None
+
+    def run(self, output_names, feed: dict, adapter: str | None = None) -> list:
+        """`session.run(output_names, feed)` with `adapter` active (None: the base model)."""
+        return self.session.run(output_names, feed, self.run_options(adapter))
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()

@@ -67,6 +67,10 @@ class AdapterBank(FoldedModule):
         self.trained = nn.Module()  # stacked parameters trained in full, one buffer per parameter
         # shape (1,), read with index_select: no data-dependent scalar, so no guard or graph break under compile
         self.register_buffer("active_index", torch.zeros(1, dtype=torch.long))
+        # where each bank came from: bank key -> (parameter name, names of the adapters that have it); read by
+        # the multi-adapter ONNX export (neat_fx.export) to name its inputs and write each adapter's file
+        self.site_sources: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.trained_sources: dict[str, tuple[str, tuple[str, ...]]] = {}
 
     @property
     def active(self) -> str:
@@ -183,6 +187,10 @@ def serve(model: nn.Module, adapters, example_inputs, *, active: str | None = No
         key = adapter_key(name)
         site_uses = by_param[pid]
         bank.banks[key] = _site_bank(loaded, params[name], aliases[pid], site_uses[0].layout)
+        bank.site_sources[key] = (
+            name,
+            tuple(a for a, lo in loaded.items() if any(n in lo.sites for n in aliases[pid])),
+        )
         for u in site_uses:
             if index is None:
                 first = next(n for n in graph.nodes if n.op != "placeholder")
@@ -304,11 +312,14 @@ def _stack_trained(bank: AdapterBank, graph: fx.Graph, loaded: dict, params: dic
             continue
         done.add(id(p))
         names = aliases[id(p)]
-        values = []
-        for lo in loaded.values():
+        values, trained_by = [], []
+        for adapter, lo in loaded.items():
             t = next((lo.trainable[n] for n in names if n in lo.trainable), None)
             values.append((t if t is not None else p).detach().to(device=p.device, dtype=p.dtype))
+            if t is not None:
+                trained_by.append(adapter)
         key = adapter_key(name)
+        bank.trained_sources[key] = (name, tuple(trained_by))
         bank.trained.register_buffer(key, torch.stack(values))
         targets = {"model." + n for n in names}
         for node in list(graph.nodes):
