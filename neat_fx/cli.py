@@ -3,6 +3,7 @@
 neat-fx --version
 neat-fx finetune [--model DIR] [--data DIR] [--rank 8] … (the main job: train, fold, export, verify)
 neat-fx export --model DIR --adapters DIR --out model.onnx [--fp16] [--optimize auto] [--device cpu]
+neat-fx export --model DIR --adapters DIR_A DIR_B … --out model.onnx (one model, one .onnx_adapter per folder)
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ neat_fx.save_adapters, or a PEFT PEANuT checkpoint), folds W0 + ΔW into the wei
 torch.onnx dynamo exporter (batch and sequence axes dynamic), optimises for ONNX Runtime and verifies
 ONNX Runtime against PyTorch on two batches of different shapes before the file is renamed into place
 (fp32 within 1e-4, fp16 within 1e-2 of each output's scale). Needs the extra `onnx` (or `gpu`).
+
+With several --adapters folders: one fp32 model serving them all (nothing folded: each adapted site reads
+its H and s·B as graph inputs whose defaults are zeros, so the bare model is the base model) and, beside
+--out, <folder name>.onnx_adapter for each (ONNX Runtime's LoRA adapter format; run them with
+neat_fx.export.AdapterSession or RunOptions.add_active_adapter). Each adapter is verified against PyTorch.
 """
 
 
@@ -35,20 +41,25 @@ def _export(args) -> int:
     from neat_fx.export import to_onnx
 
     transformers.logging.set_verbosity_error()
-    for flag, folder, marker in (("--model", args.model, "config.json"), ("--adapters", args.adapters, None)):
+    folders = list(args.adapters)
+    checks = [("--model", args.model, "config.json")] + [("--adapters", f, None) for f in folders]
+    for flag, folder, marker in checks:
         if not Path(folder).is_dir() or (marker and not (Path(folder) / marker).is_file()):
             what = "a Hugging Face model folder (with config.json)" if marker else "the folder save_adapters wrote"
             print(f"neat-fx export: {flag} {folder} is not {what}", file=sys.stderr)
             return 2
-    try:
-        saved = neat_fx.read_adapters(args.adapters)
-    except (OSError, neat_fx.NeatError) as exc:
-        print(f"neat-fx export: --adapters {args.adapters}: {exc}", file=sys.stderr)
-        return 2
-    class_name, num_labels = saved.base_model, args.num_labels
-    for name, tensor in saved.trainable.items():
-        if num_labels is None and name.endswith(HEAD_WEIGHTS):
-            num_labels = tensor.shape[0]
+    saved_all = []
+    for folder in folders:
+        try:
+            saved_all.append(neat_fx.read_adapters(folder))
+        except (OSError, neat_fx.NeatError) as exc:
+            print(f"neat-fx export: --adapters {folder}: {exc}", file=sys.stderr)
+            return 2
+    class_name, num_labels = next((s.base_model for s in saved_all if s.base_model), None), args.num_labels
+    for s in saved_all:
+        for name, tensor in s.trainable.items():
+            if num_labels is None and name.endswith(HEAD_WEIGHTS):
+                num_labels = tensor.shape[0]
     cls = getattr(transformers, class_name, None) if class_name else None
     if cls is None:
         cls = transformers.AutoModelForSequenceClassification if num_labels else transformers.AutoModel
@@ -61,16 +72,12 @@ def _export(args) -> int:
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     example = _example_inputs(args.model, model, args.batch_size, args.seq_len)
-    nm = neat_fx.load_adapters(model, args.adapters, example_inputs=example)
-    report = to_onnx(
-        nm,
-        example,
-        args.out,
-        dtype="fp16" if args.fp16 else "fp32",
-        optimize=args.optimize,
-        device=args.device,
-        approximate=args.approximate,
-    )
+    options = dict(optimize=args.optimize, device=args.device, approximate=args.approximate)
+    if len(folders) > 1:  # one model, one ONNX Runtime adapter file per folder (named after it) beside --out
+        report = to_onnx(model, example, args.out, adapters=folders, dtype="fp16" if args.fp16 else "fp32", **options)
+    else:
+        nm = neat_fx.load_adapters(model, folders[0], example_inputs=example)
+        report = to_onnx(nm, example, args.out, dtype="fp16" if args.fp16 else "fp32", **options)
     print(report)
     return 0
 
@@ -124,7 +131,13 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ex.add_argument("--model", required=True, help="Hugging Face model folder (the base the adapters were trained on)")
-    ex.add_argument("--adapters", required=True, help="adapter folder from neat_fx.save_adapters (or PEFT PEANuT)")
+    ex.add_argument(
+        "--adapters",
+        required=True,
+        nargs="+",
+        help="adapter folder from neat_fx.save_adapters (or PEFT PEANuT); several folders: one ONNX model serving "
+        "them all, with <folder name>.onnx_adapter beside --out for each (ONNX Runtime's LoRA adapters)",
+    )
     ex.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
     ex.add_argument("--fp16", action="store_true", help="fp16 weights and math, float32 inputs and outputs")
     ex.add_argument(

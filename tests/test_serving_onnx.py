@@ -1,0 +1,210 @@
+"""to_onnx(base, example, path, adapters=...): one ONNX model, one ONNX Runtime adapter file per adapter.
+Structure (inputs with defaults, adapter files, counted), numbers (each adapter through ONNX Runtime's LoRA
+mechanism = its own NeatModule; the bare model = the base model), and bad input (another base, unknown names,
+options, a failed verification leaves no file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import neat_fx
+from neat_fx.names import module_name
+
+import zoo
+from helpers import randomize_adapters
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from neat_fx.export import AdapterSession, ExportError, multi, to_onnx  # noqa: E402
+
+TOL = 1e-4
+
+
+def rel(want: torch.Tensor, got: np.ndarray) -> float:
+    w = want.detach().float().numpy()
+    return float(np.abs(w - got).max()) / max(1e-12, float(np.abs(w).max()))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Three adapters of one BERT that differ in sites, rank, depth and activation, one with a head trained in
+    full and one saved in PEFT's PEANuT format, exported as one model."""
+    model, example, other, _ = zoo.bert()
+    model.eval()
+    root = tmp_path_factory.mktemp("adapters")
+    a = neat_fx.transform(model, ["*query", "*value"], example, rank=4, modes=("eval",), trainable=["classifier*"])
+    randomize_adapters(a, std=0.2, seed=1)
+    with torch.no_grad():
+        for p in a.trainable.parameters():
+            p.add_(0.3)
+    b = neat_fx.transform(model, ["*value", "*dense"], example, rank=2, depth=4, activation="gelu", modes=("eval",))
+    randomize_adapters(b, std=0.2, seed=2)
+    c = neat_fx.transform(model, ["*key"], example, rank=3, modes=("eval",), activation="silu")
+    randomize_adapters(c, std=0.2, seed=3)
+    neat_fx.save_adapters(a, root / "a")
+    neat_fx.save_adapters(b, root / "b")
+    neat_fx.save_adapters(c, root / "c", format="peft")
+    modules = {"a": a.eval(), "b": b.eval(), "c": c.eval()}
+    out = tmp_path_factory.mktemp("onnx")
+    report = to_onnx(model, example, out / "model.onnx", adapters=[root / "a", root / "b", root / "c"])
+    return model, example, other, modules, root, out, report
+
+
+def test_files_inputs_and_defaults(exported):
+    model, _, _, modules, _, out, report = exported
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx_adapter", "b.onnx_adapter", "c.onnx_adapter", "model.onnx"]
+    assert report.adapters == {n: out / f"{n}.onnx_adapter" for n in "abc"}
+    assert report.input_names == ["input_ids", "attention_mask"]
+
+    sites = {s.name: s for m in modules.values() for s in m.sites()}  # the union: 26 sites of 2 layers + pooler
+    trained = {"classifier.weight", "classifier.bias"}
+    want = {f"neat.{module_name(n)}.{part}" for n in sites for part in ("h", "sb")} | {f"neat.{n}" for n in trained}
+    assert len(want) == 2 * len(sites) + 2 and set(report.adapter_inputs) == want
+
+    proto = onnx.load(str(report.path))
+    inputs = [i.name for i in proto.graph.input]
+    assert inputs[:2] == ["input_ids", "attention_mask"] and set(inputs[2:]) == want and len(inputs) == len(want) + 2
+    defaults = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in want}
+    assert set(defaults) == want  # every adapter input has an initializer: the file alone is the base model
+    params = dict(model.named_parameters())
+    for name, site in sites.items():
+        rank = max(m.adapters[site.key].A.shape[1] for m in modules.values() if site.key in m.adapters)
+        w = params[name]
+        h, sb = defaults[f"neat.{module_name(name)}.h"], defaults[f"neat.{module_name(name)}.sb"]
+        assert h.shape == (w.shape[1], rank) and sb.shape == (w.shape[0], rank)  # padded to the largest rank
+        assert not h.any() and not sb.any()
+    for name in trained:
+        assert np.array_equal(defaults[f"neat.{name}"], params[name].detach().numpy())  # the base value
+
+    # each adapter file holds that adapter's sites and trained parameters, nothing else
+    for n, nm in modules.items():
+        got = ort.AdapterFormat.read_adapter(str(out / f"{n}.onnx_adapter")).get_parameters()
+        mine = {f"neat.{module_name(s.name)}.{part}" for s in nm.sites() for part in ("h", "sb")}
+        mine |= {f"neat.{t}" for t in nm.trainable_names.values()}
+        assert set(got) == mine
+        for s in nm.sites():
+            shape = tuple(got[f"neat.{module_name(s.name)}.h"].shape())
+            assert shape == tuple(defaults[f"neat.{module_name(s.name)}.h"].shape)
+    assert {"neat.classifier.weight"} <= set(
+        ort.AdapterFormat.read_adapter(str(out / "a.onnx_adapter")).get_parameters()
+    )
+
+
+def test_each_adapter_equals_its_own_module(exported):
+    model, _, other, modules, _, _, report = exported
+    # the export's own check: bare + 3 adapters on two input shapes
+    assert [p["adapter"] for p in report.parity] == [None, "a", "b", "c"] * 2
+    assert len({tuple(map(tuple, p["shapes"])) for p in report.parity}) == 2 and report.max_rel_diff <= TOL
+    # independently, on a third shape, against each adapter's own NeatModule and the base model
+    runner = AdapterSession(report.path, "cpu")
+    assert runner.adapter_names == ["a", "b", "c"]
+    feed = {k: v.numpy() for k, v in other.items()}
+    with torch.no_grad():
+        for name, nm in modules.items():
+            assert rel(nm(**other).logits, runner.run(None, feed, adapter=name)[0]) <= TOL
+        base = model(**other).logits
+    assert rel(base, runner.run(None, feed)[0]) <= TOL
+    assert rel(base, runner.session.run(None, feed)[0]) <= TOL  # plain ONNX Runtime, no adapter
+    # ONNX Runtime directly: an adapter file + RunOptions
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(report.adapters["b"]))
+    ro = ort.RunOptions()
+    ro.add_active_adapter(adapter)
+    with torch.no_grad():
+        assert rel(modules["b"](**other).logits, runner.session.run(None, feed, ro)[0]) <= TOL
+    # switching back and forth gives the same numbers
+    first = runner.run(None, feed, adapter="a")[0]
+    runner.run(None, feed, adapter="c")
+    assert np.array_equal(first, runner.run(None, feed, adapter="a")[0])
+
+
+def test_unknown_adapter_and_missing_files(exported, tmp_path):
+    *_, report = exported
+    runner = AdapterSession(report.path, "cpu")
+    with pytest.raises(neat_fx.ConfigError, match="no adapter named 'z'.*'a', 'b', 'c'"):
+        runner.run(None, {}, adapter="z")
+    copy = tmp_path / "model.onnx"
+    copy.write_bytes(report.path.read_bytes())  # the model without its adapter files
+    with pytest.raises(FileNotFoundError, match="'a'.*a.onnx_adapter"):
+        AdapterSession(copy, "cpu")
+
+
+def test_adapters_of_another_base_are_refused(exported, tmp_path):
+    _, example, _, _, root, _, _ = exported
+    other_model, _, _, _ = zoo.bert()
+    with torch.no_grad():
+        other_model.bert.encoder.layer[1].attention.self.query.weight.mul_(1.5)
+    with pytest.raises(neat_fx.AdapterMismatchError, match="'a': site bert.encoder.layer.1.attention.self.query"):
+        to_onnx(other_model.eval(), example, tmp_path / "m.onnx", adapters={"a": root / "a", "b": root / "b"})
+    llama, lex, _, _ = zoo.llama()
+    with pytest.raises(neat_fx.AdapterMismatchError, match="'b'.*not a parameter of the model"):
+        to_onnx(llama, lex, tmp_path / "m.onnx", adapters={"b": root / "b"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_options(exported, tmp_path):
+    model, example, _, modules, root, _, _ = exported
+    folders = [root / "a", root / "b"]
+    with pytest.raises(neat_fx.ConfigError, match="fp32"):
+        to_onnx(model, example, tmp_path / "m.onnx", adapters=folders, dtype="fp16")
+    with pytest.raises(neat_fx.ConfigError, match="list.*dict"):
+        to_onnx(model, example, tmp_path / "m.onnx", adapters=str(root / "a"))
+    with pytest.raises(neat_fx.ConfigError, match="untouched base model"):
+        to_onnx(modules["a"], example, tmp_path / "m.onnx", adapters=folders)
+    with pytest.raises(neat_fx.ConfigError, match="cannot name a file"):
+        to_onnx(model, example, tmp_path / "m.onnx", adapters={"x/y": root / "a"})
+    plain = tmp_path / "plain.onnx"
+    onnx.save(onnx.ModelProto(), str(plain))  # a file without our metadata
+    with pytest.raises(neat_fx.ConfigError, match="records no adapters"):
+        AdapterSession(plain, "cpu")
+    plain.unlink()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_writes_nothing(exported, tmp_path, monkeypatch):
+    model, example, _, _, root, _, _ = exported
+    write = multi._write_adapter
+
+    def wrong(path, inputs, name):  # adapter 'b' written with twice its values
+        if name == "b":
+            inputs = [dataclasses.replace(i, values={k: 2 * v for k, v in i.values.items()}) for i in inputs]
+        write(path, inputs, name)
+
+    monkeypatch.setattr(multi, "_write_adapter", wrong)
+    (tmp_path / "a.onnx_adapter").write_bytes(b"previous")
+    with pytest.raises(ExportError, match="adapter 'b' active and PyTorch disagree.*Nothing was written"):
+        to_onnx(model, example, tmp_path / "m.onnx", adapters={"a": root / "a", "b": root / "b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx_adapter"]  # no temporaries, old file kept
+    assert (tmp_path / "a.onnx_adapter").read_bytes() == b"previous"
+
+
+@pytest.mark.slow
+def test_cli_exports_several_adapters(exported, tmp_path):
+    model, _, other, modules, root, _, _ = exported
+    model.save_pretrained(tmp_path / "base")
+    script = Path(sys.executable).with_name("neat-fx")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "neat_fx.cli"]
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["export", "--model", str(tmp_path / "base"), "--adapters", str(root / "a"), str(root / "b")]
+    r = subprocess.run(
+        cmd + args + ["--out", str(out / "m.onnx"), "--seq-len", "12"], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr
+    assert "adapter 'b'" in r.stdout and sorted(p.name for p in out.iterdir()) == [
+        "a.onnx_adapter",
+        "b.onnx_adapter",
+        "m.onnx",
+    ]
+    runner = AdapterSession(out / "m.onnx", "cpu")
+    feed = {k: v.numpy() for k, v in other.items()}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            assert rel(modules[name](**other).logits, runner.run(None, feed, adapter=name)[0]) <= TOL
