@@ -214,9 +214,8 @@ def add_arguments(ap: argparse.ArgumentParser):
     ap.add_argument(
         "--threads",
         type=positive_int,
-        default=min(2, os.cpu_count() or 1),
         metavar="N",
-        help="CPU threads (default 2, or the cores there are)",
+        help="CPU threads (default: 2 for sequence-classification, torch's own default for causal-lm)",
     )
     ap.add_argument(
         "--out",
@@ -254,6 +253,7 @@ DEFAULTS = dict(
     patterns=["*query", "*value"],
     lr=2e-3,
     out=Path("runs") / "finetune",
+    threads=min(2, os.cpu_count() or 1),
 )
 
 

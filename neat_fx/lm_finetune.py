@@ -288,7 +288,8 @@ def run(args) -> int:
     _check_arguments(args)
     job = _LmJob.start(args)  # reads the data and loads the model: their errors come before any work
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     transform_s = job.transform()
     before = job.evaluate("before")
     code = job.fit()
@@ -380,7 +381,17 @@ def load_model(name: str, device):
         )
     if tok.eos_token_id is None:
         raise FinetuneError(f"--model {name}: the tokenizer has no EOS token, which completions must end with")
+    if tok.eos_token_id >= vocab_rows(model):
+        raise FinetuneError(
+            f"--model {name}: the tokenizer's EOS token id {tok.eos_token_id} is outside the model's embedding table "
+            f"({vocab_rows(model)} rows): the tokenizer does not fit the model"
+        )
     return model.to(device), tok
+
+
+def vocab_rows(model) -> int:
+    """The number of token ids the model embeds."""
+    return model.get_input_embeddings().weight.shape[0]
 
 
 def _first_line(exc: Exception) -> str:
@@ -439,10 +450,19 @@ class _LmJob:
         model, tok = load_model(a.model, device)
         use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False  # decoders are captured without a KV cache
-        eos = tok.eos_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        eos, pad, rows = tok.eos_token_id, tok.pad_token_id, vocab_rows(model)
+        if pad is not None and pad >= rows:  # a pad token added to the tokenizer but not to the model
+            print(f"the pad token {tok.pad_token} (id {pad}) is not in the model's {rows} embeddings: padding with EOS")
+        if pad is None or pad >= rows:
+            pad = eos  # padding is masked out and never a label: any embedded id serves
         text = data_kind(a.data) == "text"
         train, evaluation = (encode(tok, ex, a.max_len, eos, text) for ex in (train_ex, eval_ex))
+        for ex, r in zip(train_ex + eval_ex, train + evaluation):
+            if max(r.prompt + r.completion + r.gen_prompt) >= rows:
+                raise FinetuneError(
+                    f"{ex.where}: token id {max(r.prompt + r.completion + r.gen_prompt)} is outside the model's "
+                    f"embedding table ({rows} rows): the tokenizer does not fit the model"
+                )
         job = cls(a, model, tok, train, evaluation, device, pad, eos, use_cache)
         cut = sum(r.cut for r in train)
         print(

@@ -13,8 +13,9 @@ CHARS = "0123456789+=- "
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
 
-def make_tokenizer():
-    """A character-level PreTrainedTokenizerFast: one token per character, BOS prepended, decode joins."""
+def make_tokenizer(bos: bool = True):
+    """A character-level PreTrainedTokenizerFast: one token per character, decode joins. bos=True: BOS
+    prepended and a pad token (as LLaMA's); False: neither, only EOS (as GPT-2's)."""
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -22,6 +23,8 @@ def make_tokenizer():
     t = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     t.decoder = decoders.Fuse()
+    if not bos:
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token=EOS, unk_token=UNK)
     t.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
@@ -50,6 +53,27 @@ def make_model(tok, seed: int = 0):
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg)
+
+
+def make_qwen2(tok, seed: int = 0):
+    """A random 2-layer Qwen2 (the architecture of Qwen/Qwen2.5-0.5B: biases on q/k/v, output head tied to the
+    embedding)."""
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(cfg)
 
 
 def addition(n: int, seed: int) -> list[dict]:

@@ -5,6 +5,7 @@ input gets one clear line and exit code 2."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 
@@ -146,6 +147,7 @@ def test_resume_refuses_other_settings(lm, trained, capsys):
 
 def test_plain_text_trains_on_every_token(lm, capsys):
     """A .txt file: one example per line, loss on all tokens, no exact match; a held-out split."""
+    offline_before = "HF_HUB_OFFLINE" in os.environ
     lines = [f"{r['prompt']}{r['completion']}" for r in lm_fixture.addition(400, seed=3)]
     (lm / "sums.txt").write_text("\n".join(lines) + "\n\n")  # a blank line is skipped
     out = lm / "text_run"
@@ -163,6 +165,82 @@ def test_plain_text_trains_on_every_token(lm, capsys):
     assert loss_after < loss_before
     assert rows["merged + reloaded: same greedy generations"] == "40/40 eval prompts"
     assert not (out / "checkpoint").exists()  # --save-every 0
+    assert "HF_HUB_OFFLINE" not in os.environ or offline_before  # the job never forces offline mode
+
+
+@pytest.mark.slow  # three runs, 15 s (the checkpoint machinery is shared with the SST-2 job, tested there too)
+def test_interrupted_run_resumes_to_the_same_adapters(lm, monkeypatch, capsys):
+    """Ctrl-C right after the step-10 save (exit 130), then --resume: the adapters of an uninterrupted run (each
+    step's rows come from the step number and --seed, so the resumed run sees the batches the whole run saw)."""
+    from safetensors.torch import load_file
+
+    args = ["--task", "causal-lm", "--model", str(lm / "model"), "--data", str(lm / "train.jsonl")]
+    args += ["--eval-data", str(lm / "eval.jsonl"), "--eval-rows", "16", "--steps", "20", "--batch-size", "16"]
+    args += ["--lr", "1e-2", "--save-every", "10"]
+    assert in_process(*args, "--out", str(lm / "whole")) == 0
+    real = lm_finetune.save_progress
+
+    def save_then_interrupt(out, nm, opt, sched, *, step, settings):
+        real(out, nm, opt, sched, step=step, settings=settings)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_finetune, "save_progress", save_then_interrupt)
+    assert in_process(*args, "--out", str(lm / "cut")) == 130
+    assert "interrupted at step 10/20" in capsys.readouterr().err
+    monkeypatch.setattr(lm_finetune, "save_progress", real)
+    assert in_process(*args, "--out", str(lm / "cut"), "--resume") == 0
+    out = capsys.readouterr().out
+    assert "resuming from step 10/20" in out and "10 steps (resumed at 10)" in out
+    a = load_file(str(lm / "whole" / "adapters" / "adapters.safetensors"))
+    b = load_file(str(lm / "cut" / "adapters" / "adapters.safetensors"))
+    assert a.keys() == b.keys() and any(float(t.abs().max()) > 0 for k, t in a.items() if k.endswith("neat_B"))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_qwen2_tied_head_no_bos_no_pad(tmp_path, capsys):
+    """Qwen2.5's shape of things: a Qwen2 whose output head is its embedding, a tokenizer without BOS. all-linear
+    leaves the tied head alone; the merged model reloads tied and generates the same. (AutoTokenizer gives this
+    folder Qwen2's default pad token, <|endoftext|>, which the tiny vocabulary lacks: the job pads with EOS.)"""
+    import transformers
+
+    tok = lm_fixture.make_tokenizer(bos=False)
+    lm_fixture.make_qwen2(tok).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    lm_fixture.write_jsonl(tmp_path / "d.jsonl", lm_fixture.addition(80, seed=4))
+    code = in_process(
+        *["--task", "causal-lm", "--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "d.jsonl")],
+        *["--steps", "4", "--batch-size", "8", "--save-every", "0", "--out", str(tmp_path / "run")],
+    )
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout[-3000:]
+    rows = table(stdout)
+    assert "the pad token <|endoftext|> (id 18) is not in the model's 18 embeddings: padding with EOS" in stdout
+    assert "14 sites" in rows["trainable parameters"] and "lm_head" not in stdout.split("NEAT rank=")[0]
+    assert rows["merged + reloaded: same greedy generations"] == "8/8 eval prompts"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    saved = json.loads((tmp_path / "run" / "merged" / "tokenizer_config.json").read_text())
+    assert saved["eos_token"] == "<eos>" and saved.get("bos_token") is None
+
+
+def test_hub_id_goes_to_the_hub(tmp_path):
+    """A --model that is no local folder is a hub id, loaded with from_pretrained (offline here: its error)."""
+    import os
+
+    (tmp_path / "d.jsonl").write_text(GOOD * 20)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        cli()
+        + ["finetune", "--task", "causal-lm", "--model", "Qwen/Qwen2.5-0.5B", "--data", str(tmp_path / "d.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("neat-fx finetune: --model Qwen/Qwen2.5-0.5B: cannot load its configuration (")
+    assert "Traceback" not in r.stderr
 
 
 # -- bad input: one line on stderr, exit code 2, nothing loaded or trained ------------------------------------------
