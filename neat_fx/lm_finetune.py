@@ -281,7 +281,9 @@ def run(args) -> int:
     """The causal-LM job, step by step; returns the exit code."""
     import transformers
 
+    started = time.perf_counter()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # loading / saving bars: one tqdm bar, the training's
     if args.steps is not None and args.epochs is not None:
         raise FinetuneError("give --steps or --epochs, not both")
     fill_defaults(args, DEFAULTS)
@@ -309,6 +311,7 @@ def run(args) -> int:
         ("ONNX export", "not part of the causal-lm job yet"),
         ("adapters saved to", str(job.args.out / "adapters")),
         ("merged model saved to", str(job.merged_dir)),
+        ("total", f"{time.perf_counter() - started:.0f} s"),
     ]
     print_table(rows)
     return 0
