@@ -44,8 +44,12 @@ class SiteBank(nn.Module):
         super().__init__()
         self.register_buffer("h", h)
         self.register_buffer("sb", sb)
+        # a mixed batch's adapter index per row (set by AdapterBank for one call; None: every row uses `index`)
+        self.rows: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, form: str = "right") -> torch.Tensor:
+        if self.rows is not None:
+            return self._per_row(x, y)
         h, sb = self.h.index_select(0, index)[0], self.sb.index_select(0, index)[0]
         x = x.to(h.dtype)
         if form == "right":
@@ -54,6 +58,15 @@ class SiteBank(nn.Module):
             return y + (sb @ (h.t() @ x)).to(y.dtype)
         eq_h, eq_b = form[len("einsum:") :].split(";")
         return y + torch.einsum(eq_b, torch.einsum(eq_h, x, h), sb).to(y.dtype)
+
+    def _per_row(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Row b gets adapter rows[b]: `y[b] + (x[b] H[rows[b]]) (s·B[rows[b]])ᵀ` as two batched matmuls (the right
+        form, x's first dimension the batch: checked by serve before it allows this path)."""
+        rows = self.rows
+        h, sb = self.h.index_select(0, rows), self.sb.index_select(0, rows)  # (B, d_in, r), (B, d_out, r)
+        xb = x.to(h.dtype).reshape(rows.shape[0], -1, x.shape[-1])
+        d = torch.bmm(torch.bmm(xb, h), sb.transpose(1, 2))
+        return y + d.reshape(y.shape).to(y.dtype)
 
 
 class AdapterBank(FoldedModule):
@@ -71,6 +84,10 @@ class AdapterBank(FoldedModule):
         # the multi-adapter ONNX export (neat_fx.export) to name its inputs and write each adapter's file
         self.site_sources: dict[str, tuple[str, tuple[str, ...]]] = {}
         self.trained_sources: dict[str, tuple[str, tuple[str, ...]]] = {}
+        # whether every bank applies its update in the right form to an activation whose first dimension is
+        # the batch (from the capture's symbolic shapes): then a mixed batch runs as one batch, each bank
+        # picking every row's adapter, instead of one sub-batch per adapter
+        self.rowwise = False
 
     @property
     def active(self) -> str:
@@ -108,20 +125,51 @@ class AdapterBank(FoldedModule):
         saved = self.active_index.clone()
         pieces = []
         try:
-            for i in index.unique().tolist():
-                where = (index == i).nonzero().flatten()
-                part = [
-                    t.index_select(0, where.to(t.device))
-                    if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch
-                    else t
-                    for t in leaves
-                ]
-                self.active_index.fill_(i)
+            for rep, where, per_row in self._row_groups(index):
+                whole = where.numel() == batch and bool((where == torch.arange(batch)).all())
+                part = (
+                    leaves
+                    if whole
+                    else [
+                        t.index_select(0, where.to(t.device))
+                        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch
+                        else t
+                        for t in leaves
+                    ]
+                )
+                self.active_index.fill_(rep)
+                for site in self.banks.values():
+                    site.rows = None if per_row is None else per_row.to(site.h.device)
                 a, k = pytree.tree_unflatten(part, spec)
-                pieces.append((where, super().forward(*a, **k)))
+                out = super().forward(*a, **k)
+                if whole:
+                    return out
+                pieces.append((where, out))
         finally:
             self.active_index.copy_(saved)
+            for site in self.banks.values():
+                site.rows = None
         return _scatter_rows(pieces, batch)
+
+    def _row_groups(self, index: torch.Tensor):
+        """(adapter whose trained-in-full parameters the group reads, its rows, each row's adapter or None).
+        Row-wise banks: rows are grouped only by the parameters trained in full they read (a stacked parameter
+        cannot differ between rows of one call) — adapters that trained none share one group, every bank picking
+        each row's adapter. Otherwise one group per adapter, each run as its own sub-batch."""
+        if not self.rowwise:
+            return [(i, (index == i).nonzero().flatten(), None) for i in index.unique().tolist()]
+        own = {
+            i: tuple(i if self.names[i] in have else -1 for _, have in self.trained_sources.values())
+            for i in index.unique().tolist()
+        }
+        groups: dict[tuple, list[int]] = {}
+        for i, signature in own.items():
+            groups.setdefault(signature, []).append(i)
+        out = []
+        for members in groups.values():
+            where = torch.isin(index, torch.tensor(members)).nonzero().flatten()
+            out.append((members[0], where, index[where]))
+        return out
 
     def extra_repr(self) -> str:
         return f"adapters={self.names}, active={self.active!r}, sites={len(self.banks)}"
@@ -182,6 +230,8 @@ def serve(model: nn.Module, adapters, example_inputs, *, active: str | None = No
             )
         site_param.setdefault(id(p), name)
 
+    batch_dims = _batch_dims(graph)
+    rowwise = bool(batch_dims)
     index = None
     for pid, name in site_param.items():
         key = adapter_key(name)
@@ -196,6 +246,7 @@ def serve(model: nn.Module, adapters, example_inputs, *, active: str | None = No
                 first = next(n for n in graph.nodes if n.op != "placeholder")
                 with graph.inserting_before(first):
                     index = graph.get_attr("active_index")
+            rowwise = rowwise and u.form == "right" and _leading_dim(u.x) in batch_dims
             args = (u.x, u.node, index) + ((u.form,) if u.form != "right" else ())
             with graph.inserting_after(u.node):
                 new = graph.call_module("banks." + key, args)
@@ -204,6 +255,7 @@ def serve(model: nn.Module, adapters, example_inputs, *, active: str | None = No
     _stack_trained(bank, graph, loaded, params, aliases, index)
 
     graph.lint()
+    bank.rowwise = rowwise
     bank._set_graph("eval", graph)
     ref = next((n for n, p in model.named_parameters() if p.is_floating_point()), None)
     bank._set_reference("model." + ref if ref else None)
@@ -211,6 +263,21 @@ def serve(model: nn.Module, adapters, example_inputs, *, active: str | None = No
     if active is not None:
         bank.set_adapter(active)
     return bank
+
+
+def _leading_dim(node) -> str | None:
+    """The symbol of a node's first dimension in the capture's shapes (None: static or unknown)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or isinstance(val.shape[0], int):
+        return None
+    return str(val.shape[0])
+
+
+def _batch_dims(graph: fx.Graph) -> set[str]:
+    """The symbols of the inputs' first dimensions: the batch, when the capture kept it dynamic."""
+    dims = {_leading_dim(n) for n in graph.nodes if n.op == "placeholder"}
+    dims.discard(None)
+    return dims
 
 
 def _named_folders(adapters) -> dict[str, Path]:
