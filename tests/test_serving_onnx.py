@@ -208,3 +208,58 @@ def test_cli_exports_several_adapters(exported, tmp_path):
     with torch.no_grad():
         for name in ("a", "b"):
             assert rel(modules[name](**other).logits, runner.run(None, feed, adapter=name)[0]) <= TOL
+
+
+# ---------------------------------------------------------------- the PyTorch bank's mixed batches (serving.py)
+
+
+class _Counting:
+    """Wraps a captured graph to count the passes a call makes."""
+
+    def __init__(self, gm):
+        self.gm, self.calls = gm, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.gm(*args, **kwargs)
+
+
+def _mixed_rows_match(bank, modules, batch, names, tol=1e-5):
+    with torch.no_grad():
+        mixed = bank(**batch, adapter_names=names).logits
+        for i, name in enumerate(names):
+            row = modules[name](**{k: v[i : i + 1] for k, v in batch.items()}).logits
+            assert float((mixed[i : i + 1] - row).abs().max()) <= tol * float(row.abs().max())
+
+
+def test_mixed_batch_runs_as_one_batch(exported, monkeypatch):
+    """Every site's activation has the batch first (BERT): a mixed batch is one pass per group of adapters that
+    share their parameters trained in full — here 'a' (its own head) and 'b' + 'c' (the base head)."""
+    model, example, other, modules, root, _, _ = exported
+    bank = neat_fx.serve(model, {n: root / n for n in "abc"}, example)
+    assert bank.rowwise
+    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}  # 6 rows
+    counting = _Counting(bank.graph_module("eval"))
+    monkeypatch.setitem(bank._graphs, "eval", counting)
+    _mixed_rows_match(bank, modules, batch, ["b", "c", "c", "b", "b", "c"])
+    assert counting.calls == 1
+    _mixed_rows_match(bank, modules, batch, ["b", "a", "c", "a", "b", "c"])
+    assert counting.calls == 1 + 2
+    assert all(site.rows is None for site in bank.banks.values()) and bank.active == "a"
+
+
+def test_mixed_batch_with_flattened_rows_runs_per_adapter(tmp_path):
+    """GPT-2's Conv1D reads its input as (batch·positions, d): no per-row pick is possible, so one sub-batch per
+    adapter — still every row as its own adapter computes it."""
+    model, example, other, patterns = zoo.gpt2()
+    model.eval()
+    modules = {}
+    for i, name in enumerate(("x", "y")):
+        nm = neat_fx.transform(model, patterns, example, rank=2 + i, modes=("eval",))
+        randomize_adapters(nm, std=0.2, seed=i)
+        neat_fx.save_adapters(nm, tmp_path / name)
+        modules[name] = nm.eval()
+    bank = neat_fx.serve(model, {n: tmp_path / n for n in modules}, example)
+    assert not bank.rowwise
+    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}
+    _mixed_rows_match(bank, modules, batch, ["y", "x", "x", "y", "x", "y"])
