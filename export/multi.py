@@ -220,7 +220,7 @@ def _site_nodes(graph: fx.Graph, constant, slot: SiteInput, target: str, x, y, f
 def _promote(program, inputs: list[AdapterInput]) -> list[AdapterInput]:
     """Rename the inputs' initializers and make them plain graph inputs *without* an initializer for now: the
     exporter's optimiser must not see their values (onnxscript drops a Gemm's all-zero bias even when it is a
-    graph input). `_attach_defaults` gives them back after optimisation. Inputs whose buffer the exporter left
+    graph input). `_attach_defaults` gives them back in the serialised model. Inputs whose buffer the exporter left
     out (nothing reads them) are dropped; returns the kept ones."""
     g = program.model.graph
     kept = []
@@ -237,18 +237,18 @@ def _promote(program, inputs: list[AdapterInput]) -> list[AdapterInput]:
     return kept
 
 
-def _attach_defaults(program, inputs: list[AdapterInput]):
-    """Each adapter input's initializer (its default) back, under its name."""
-    import onnx_ir as ir
+def _attach_defaults(proto, inputs: list[AdapterInput]):
+    """Each adapter input's initializer (its default) added to the serialised model, after every graph rewrite
+    of ours ran (the exporter's optimiser, transformer fusions)."""
+    from onnx import numpy_helper
 
-    g = program.model.graph
-    by_name = {v.name: v for v in g.inputs}
+    declared = {i.name for i in proto.graph.input}
     for inp in inputs:
-        value = by_name.get(inp.name)
-        if value is None:
+        if inp.name not in declared:
             raise oe.ExportError(f"the exporter's optimiser removed the adapter input {inp.name}; nothing was written")
-        value.const_value = ir.tensor(inp.default.detach().cpu().contiguous().numpy(), name=inp.name)
-        g.register_initializer(value)
+        proto.graph.initializer.append(
+            numpy_helper.from_array(inp.default.detach().cpu().contiguous().numpy(), inp.name)
+        )
 
 
 @contextlib.contextmanager
@@ -335,8 +335,8 @@ def export(model: nn.Module, example_inputs, path: Path, opts: ExportConfig, dev
             with _quiet("onnx_ir", "onnxscript"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program.optimize()
-        _attach_defaults(program, inputs)
         proto, fusions = oe._optimized_proto(program, opts, device)
+        _attach_defaults(proto, inputs)
         optimizations += fusions
         meta = oe._metadata(opts)
         meta[runtime.META_ADAPTERS] = json.dumps({n: f.name for n, f in files.items()})
