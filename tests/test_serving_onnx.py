@@ -186,6 +186,19 @@ def test_failed_verification_writes_nothing(exported, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimize", ["fusions", "none"])
+def test_other_optimisation_levels_keep_the_inputs_overridable(exported, tmp_path, optimize):
+    model, example, other, modules, root, _, _ = exported
+    report = to_onnx(model, example, tmp_path / "m.onnx", adapters=[root / "a", root / "b"], optimize=optimize)
+    assert report.max_rel_diff <= TOL and len(report.parity) == 6
+    runner = AdapterSession(report.path, "cpu")
+    feed = {k: v.numpy() for k, v in other.items()}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            assert rel(modules[name](**other).logits, runner.run(None, feed, adapter=name)[0]) <= TOL
+
+
+@pytest.mark.slow
 def test_cli_exports_several_adapters(exported, tmp_path):
     model, _, other, modules, root, _, _ = exported
     model.save_pretrained(tmp_path / "base")
