@@ -199,6 +199,30 @@ def test_other_optimisation_levels_keep_the_inputs_overridable(exported, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["projections", "tied", "llama", "home_grown", "gpt2"])
+def test_other_models_and_forms(name, tmp_path):
+    """Left-form and transposed weights (projections), a weight used twice (tied), decoders, Conv1D (gpt2): two
+    adapters of different ranks and sites each, every one equal to its own module through ONNX Runtime."""
+    model, example, other, patterns = zoo.ZOO[name]()
+    model.eval()
+    modules = {}
+    for i, n in enumerate("xy"):
+        nm = neat_fx.transform(model, patterns if i == 0 else patterns[:1], example, rank=2 + i, modes=("eval",))
+        randomize_adapters(nm, std=0.2, seed=i)
+        neat_fx.save_adapters(nm, tmp_path / n)
+        modules[n] = nm.eval()
+    report = to_onnx(model, example, tmp_path / "m.onnx", adapters={n: tmp_path / n for n in modules})
+    assert report.max_rel_diff <= TOL
+    runner = AdapterSession(report.path, "cpu")
+    leaves = [t for t in torch.utils._pytree.tree_leaves(other) if isinstance(t, torch.Tensor)]
+    feed = {i.name: t.numpy() for i, t in zip(runner.get_inputs(), leaves)}
+    with torch.no_grad():
+        for n, nm in modules.items():
+            want = torch.utils._pytree.tree_leaves(nm(*other) if isinstance(other, tuple) else nm(**other))[0]
+            assert rel(want, runner.run(None, feed, adapter=n)[0]) <= TOL
+
+
+@pytest.mark.slow
 def test_cli_exports_several_adapters(exported, tmp_path):
     model, _, other, modules, root, _, _ = exported
     model.save_pretrained(tmp_path / "base")
