@@ -9,8 +9,9 @@
 Needs the extra `onnx` (CPU) or `gpu` (CUDA). Importing neat_fx never imports this package.
 """
 
+from .api import to_onnx
 from .config import ExportConfig
-from .onnx_export import ExportError, ExportReport, to_onnx
+from .onnx_export import ExportError, ExportReport
 from .runtime import AdapterSession, BoundRunner, session
 
 __all__ = ["AdapterSession", "BoundRunner", "ExportConfig", "ExportError", "ExportReport", "session", "to_onnx"]

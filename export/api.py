@@ -1,0 +1,95 @@
+"""`to_onnx`, the public entry of the export: validates the options, then hands the work to the single-model
+route (`onnx_export`: folded model, fp32/fp16/int8), the Optimum route, or the multi-adapter route (`multi`).
+(A module of its own so that `multi`, which builds on `onnx_export`, is not imported by it.)"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from torch import nn
+
+from neat_fx import capture as cap
+
+from . import multi, runtime
+from . import onnx_export as oe
+from .config import ExportConfig
+from .onnx_export import ExportReport
+
+
+def to_onnx(
+    module: nn.Module,
+    example_inputs,
+    path,
+    *,
+    dtype: str = "fp32",
+    optimize: str = "auto",
+    dynamic=True,
+    opset: int | None = None,
+    verify: bool = True,
+    device: str = "cpu",
+    approximate: bool = False,
+    verify_inputs=None,
+    quantize: str | None = None,
+    via: str = "neat_fx",
+    optimum_level: str | None = "O2",
+    task: str | None = None,
+    adapters=None,
+) -> ExportReport:
+    """Export `module` to ONNX at `path`, optimised for ONNX Runtime and verified against PyTorch.
+
+    module:   a `fold(nm)` result, a NeatModule (folded first), or a plain model (e.g. after merge_into).
+    dtype:    "fp32", or "fp16" (float32 inputs/outputs kept; LayerNorm, Softmax and reductions stay float32).
+    optimize: "auto" (exact FX rewrites — positions no output reads left uncomputed, attention's 1/√d in the
+              query weights, attention as MatMul/Softmax — + ONNX Runtime graph optimisations saved offline;
+              transformer fusions on CUDA), "fusions" (also attention / skip-LayerNorm / bias-GELU fusions on
+              CPU), "exporter" (only the exporter's own optimiser) or "none".
+    approximate: GELU with the tanh approximation (faster, drift reported).
+    quantize: None, or "int8": dynamic int8 quantization of the MatMul weights (ONNX Runtime's
+              quantize_dynamic, per channel; CPU) — ≈ 2× faster on this project's CPU; the drift is reported
+              and only checked against gross errors (0.5 of each output's scale): judge it by task accuracy.
+    via:      "neat_fx" (torch.onnx dynamo exporter + our passes), or "optimum" for Hugging Face models where
+              optimum-onnx is installed (then `optimum_level` "O1"–"O4" or None, and `task`).
+    dynamic:  True: every axis the model allows stays dynamic (named batch, sequence, …); False: static; or a
+              torch.export dynamic_shapes spec keyed by the forward's argument names.
+    verify:   run ONNX Runtime on `device` against PyTorch on the example inputs and on a batch of another
+              batch size and length; fp32 within 1e-4, fp16 within 1e-2 of each output's scale. On failure
+              nothing is written at `path`.
+    adapters: saved adapter folders ({name: folder}, or a list named after the folders) to serve from one
+              model: `module` is then the untouched base model; each adapted site reads its H and s·B as graph
+              inputs with zero defaults (the bare file is the base model), and `<name>.onnx_adapter` beside
+              `path` holds each adapter's values for ONNX Runtime's LoRA mechanism (run with
+              `neat_fx.export.AdapterSession`). fp32 only; see export/multi.py.
+    """
+    t_start = time.perf_counter()
+    opts = ExportConfig(
+        dtype=dtype,
+        optimize=optimize,
+        dynamic=dynamic,
+        opset=opset,
+        verify=verify,
+        device=device,
+        approximate=approximate,
+        verify_inputs=verify_inputs,
+        quantize=quantize,
+        via=via,
+        optimum_level=optimum_level,
+        task=task,
+        adapters=adapters,
+    )
+    oe._onnx_modules()
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"to_onnx exports an nn.Module, got {type(module).__name__}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} does not exist; create it or choose another path")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; pass a file path such as {path / 'model.onnx'}")
+    device, _ = runtime.resolve_device(device) if verify or device != "cpu" else ("cpu", None)
+    if via == "optimum":
+        return oe._via_optimum(module, example_inputs, path, opts, device, t_start)
+    if adapters is not None:
+        return multi.export(module, example_inputs, path, opts, device, t_start)
+    args, kwargs = cap.split_example_inputs(example_inputs)
+    with cap.train_mode(module, False):
+        return oe._to_onnx(module, args, kwargs, path, opts, device, t_start)
