@@ -17,12 +17,37 @@ import torch
 from torch import nn
 
 from . import capture as cap
-from .containers import FoldedModule, NeatModule
+from .containers import FoldedModule, NeatModule, tensor_version
 from .errors import GenerationError
 from .fold import folded_weight
 
 #: config fields that bound the positions a model can embed (learned tables: GPT-2's n_positions).
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def _state_key(module: NeatModule) -> tuple | None:
+    """Identity and version counter of every tensor W0 + ΔW is computed from (None if one has no counter: an
+    inference tensor): equal keys mean the same adapted weights."""
+    tensors = [module.weight_of(s) for s in module.site_infos]
+    tensors += [t for ad in module.adapters.values() for t in ad.parameters()]
+    tensors += list(module.trainable.parameters())
+    key = tuple((id(t), t.data_ptr(), t.device, tensor_version(t)) for t in tensors)
+    return None if any(k[-1] is None for k in key) else key
+
+
+def cached_adapted_weights(module: NeatModule) -> dict[str, torch.Tensor]:
+    """`adapted_weights(module)`, kept on the module while no tensor it is computed from changes (optimizer steps,
+    load_adapters, merge_into and `copy_` move version counters; a write through `.data` does not: call
+    `generate(..., keep_folded=False)` once after one)."""
+    key = _state_key(module)
+    cached = module.__dict__.get("_generation_cache")
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    module.__dict__.pop("_generation_cache", None)  # freed before the new fold: one copy at a time
+    weights = adapted_weights(module)
+    if key is not None:
+        module.__dict__["_generation_cache"] = (key, weights)
+    return weights
 
 
 def adapted_weights(module: NeatModule | FoldedModule) -> dict[str, torch.Tensor]:
@@ -96,6 +121,7 @@ def generate(
     top_k: int | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    keep_folded: bool = True,
     **generate_kwargs,
 ):
     """Generate from a transformed or folded Hugging Face decoder LM with a KV cache.
@@ -107,9 +133,11 @@ def generate(
     (seed with `torch.manual_seed`). Other keyword arguments go to the model's `generate` unchanged
     (`repetition_penalty=`, `return_dict_in_generate=`, …).
 
-    The adapters are folded into the weights once per call (`W0 + ΔW`, from their current values: train a
-    step and the next call follows it); the model runs in eval mode (no dropout) and is given back as it
-    was. To generate many times from the same adapters, fold once: `generate(neat_fx.fold(nm), …)`.
+    The adapters are folded into the weights (`W0 + ΔW`) from their current values: train a step and the next
+    call follows it. With `keep_folded=True` (default) a NeatModule keeps the folded weights between calls
+    while nothing they come from changes (version counters: optimizer steps, load_adapters, merge_into), at
+    the memory of one fold; `keep_folded=False` folds at this call and keeps nothing. The model runs in eval
+    mode (no dropout) and is given back as it was.
     While the call runs, the model's weight attributes point at the adapted tensors: do not run the same
     model from another thread meanwhile.
     """
@@ -138,7 +166,11 @@ def generate(
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         if eos and eos[0] is not None:  # HF's own fallback, without its warning
             kwargs["pad_token_id"] = eos[0]
-    weights = adapted_weights(module)
+    if isinstance(module, NeatModule) and keep_folded:
+        weights = cached_adapted_weights(module)
+    else:
+        module.__dict__.pop("_generation_cache", None)
+        weights = adapted_weights(module)
     holder = _Generation(model)
     with cap.train_mode(model, False), _quiet_generation():
         return torch.func.functional_call(

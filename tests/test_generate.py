@@ -253,3 +253,23 @@ def test_a_weight_tied_through_one_attribute_cannot_generate():
         neat_fx.generate(nm, ids, mask, max_new_tokens=4)
     with pytest.raises(neat_fx.GenerationError, match="exclude="):
         neat_fx.generate(neat_fx.fold(nm), ids, mask, max_new_tokens=4)
+
+
+def test_folded_weights_are_kept_until_an_adapter_changes(monkeypatch):
+    import sys
+
+    gen = sys.modules["neat_fx.generate"]  # the module (neat_fx.generate is the function)
+    model, nm = _transformed("llama", modes=("train", "eval"))
+    ids, mask = decoders.left_padded()
+    folds = []
+    real = gen.adapted_weights
+    monkeypatch.setattr(gen, "adapted_weights", lambda m: folds.append(1) or real(m))
+    first = neat_fx.generate(nm, ids, mask, max_new_tokens=4)
+    assert torch.equal(neat_fx.generate(nm, ids, mask, max_new_tokens=4), first) and len(folds) == 1  # kept
+    with torch.no_grad():
+        next(iter(nm.adapters.values())).B.add_(1.0)  # an in-place change moves the version counter
+    changed = neat_fx.generate(nm, ids, mask, max_new_tokens=4)
+    assert len(folds) == 2 and not torch.equal(changed, first)
+    assert torch.equal(changed, _hf_generate(neat_fx.merge_into(copy.deepcopy(model), nm), ids, mask)[:, :13])
+    neat_fx.generate(nm, ids, mask, max_new_tokens=4, keep_folded=False)
+    assert len(folds) == 3 and "_generation_cache" not in nm.__dict__
