@@ -46,6 +46,7 @@ from .jobs import (
     print_table,
     resume_step,
     save_progress,
+    training_settings,
     warmup_linear_schedule,
 )
 
@@ -429,20 +430,7 @@ class _Job:
         """What a --resume must repeat: recorded in the checkpoint, compared on resume (the adapters' rank, depth,
         activation, scale and sites are compared by load_checkpoint itself)."""
         a = self.args
-        return dict(
-            world=self.world,
-            batch_size=a.batch_size,
-            train_rows=len(self.train),
-            epochs=a.epochs,
-            seed=a.seed,
-            max_len=a.max_len,
-            lr=a.lr,
-            patterns=list(a.patterns),
-            rank=a.rank,
-            depth=a.depth,
-            activation=a.activation,
-            scale=a.scale,
-        )
+        return dict(world=self.world, train_rows=len(self.train), epochs=a.epochs, **training_settings(a))
 
     def _train_loop(self, run_module, opt, sched):
         from tqdm.auto import tqdm

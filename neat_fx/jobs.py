@@ -147,3 +147,18 @@ def fill_defaults(args, defaults: dict):
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+
+
+def training_settings(args) -> dict:
+    """The options both jobs' checkpoints record, which --resume must find unchanged (each job adds its own)."""
+    return dict(
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_len=args.max_len,
+        lr=args.lr,
+        patterns=list(args.patterns),
+        rank=args.rank,
+        depth=args.depth,
+        activation=args.activation,
+        scale=args.scale,
+    )

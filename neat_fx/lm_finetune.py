@@ -34,6 +34,7 @@ from .jobs import (
     print_table,
     resume_step,
     save_progress,
+    training_settings,
     warmup_linear_schedule,
 )
 
@@ -526,15 +527,7 @@ class _LmJob:
             train_rows=len(self.train),
             train_data=fingerprint(self.train),
             steps=self.steps,
-            batch_size=a.batch_size,
-            seed=a.seed,
-            max_len=a.max_len,
-            lr=a.lr,
-            patterns=list(a.patterns),
-            rank=a.rank,
-            depth=a.depth,
-            activation=a.activation,
-            scale=a.scale,
+            **training_settings(a),
         )
 
     def fit(self) -> int | None:

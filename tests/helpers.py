@@ -86,3 +86,28 @@ def rel_diff(a, b):
     """max |a - b| / max(1, max |b|): differences relative to the output's scale."""
     scale = max([1.0] + [float(t.abs().max()) for t in tensors(b) if t.is_floating_point() and t.numel()])
     return max_diff(a, b) / scale
+
+
+def three_bert_adapters(root):
+    """Three adapters of one BERT (zoo.bert) that differ in everything a multi-adapter server must absorb: sites,
+    rank, depth, activation, a head trained in full ('a'), PEFT's PEANuT format ('c'); saved under `root`.
+    Returns (model, example, other, {name: its NeatModule in eval})."""
+    import neat_fx
+
+    import zoo
+
+    model, example, other, _ = zoo.bert()
+    model.eval()
+    a = neat_fx.transform(model, ["*query", "*value"], example, rank=4, modes=("eval",), trainable=["classifier*"])
+    randomize_adapters(a, std=0.2, seed=1)
+    with torch.no_grad():
+        for p in a.trainable.parameters():
+            p.add_(0.3)
+    b = neat_fx.transform(model, ["*value", "*dense"], example, rank=2, depth=4, activation="gelu", modes=("eval",))
+    randomize_adapters(b, std=0.2, seed=2)
+    c = neat_fx.transform(model, ["*key"], example, rank=3, modes=("eval",), activation="silu")
+    randomize_adapters(c, std=0.2, seed=3)
+    neat_fx.save_adapters(a, root / "a")
+    neat_fx.save_adapters(b, root / "b")
+    neat_fx.save_adapters(c, root / "c", format="peft")
+    return model, example, other, {"a": a.eval(), "b": b.eval(), "c": c.eval()}

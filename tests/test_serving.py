@@ -11,29 +11,16 @@ import neat_fx
 from neat_fx.serving import BANK
 
 import zoo
-from helpers import max_diff, randomize_adapters
+from helpers import max_diff, three_bert_adapters
 
 
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory):
     """Two adapters of one BERT that differ in everything a bank must absorb: sites, rank, depth, activation,
     a head trained in full; and a third saved in PEFT's PEANuT format."""
-    model, example, other, _ = zoo.bert()
-    model.eval()
     root = tmp_path_factory.mktemp("adapters")
-    a = neat_fx.transform(model, ["*query", "*value"], example, rank=4, modes=("eval",), trainable=["classifier*"])
-    randomize_adapters(a, std=0.2, seed=1)
-    with torch.no_grad():
-        for p in a.trainable.parameters():
-            p.add_(0.3)
-    b = neat_fx.transform(model, ["*value", "*dense"], example, rank=2, depth=4, activation="gelu", modes=("eval",))
-    randomize_adapters(b, std=0.2, seed=2)
-    c = neat_fx.transform(model, ["*key"], example, rank=3, modes=("eval",), activation="silu")
-    randomize_adapters(c, std=0.2, seed=3)
-    neat_fx.save_adapters(a, root / "a")
-    neat_fx.save_adapters(b, root / "b")
-    neat_fx.save_adapters(c, root / "c", format="peft")
-    return model, example, other, {"a": a.eval(), "b": b.eval(), "c": c.eval()}, root
+    model, example, other, modules = three_bert_adapters(root)
+    return model, example, other, modules, root
 
 
 def test_each_adapter_computes_what_its_module_computes(two_adapters):

@@ -18,7 +18,7 @@ import neat_fx
 from neat_fx.names import module_name
 
 import zoo
-from helpers import randomize_adapters
+from helpers import randomize_adapters, three_bert_adapters
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -36,22 +36,8 @@ def rel(want: torch.Tensor, got: np.ndarray) -> float:
 def exported(tmp_path_factory):
     """Three adapters of one BERT that differ in sites, rank, depth and activation, one with a head trained in
     full and one saved in PEFT's PEANuT format, exported as one model."""
-    model, example, other, _ = zoo.bert()
-    model.eval()
     root = tmp_path_factory.mktemp("adapters")
-    a = neat_fx.transform(model, ["*query", "*value"], example, rank=4, modes=("eval",), trainable=["classifier*"])
-    randomize_adapters(a, std=0.2, seed=1)
-    with torch.no_grad():
-        for p in a.trainable.parameters():
-            p.add_(0.3)
-    b = neat_fx.transform(model, ["*value", "*dense"], example, rank=2, depth=4, activation="gelu", modes=("eval",))
-    randomize_adapters(b, std=0.2, seed=2)
-    c = neat_fx.transform(model, ["*key"], example, rank=3, modes=("eval",), activation="silu")
-    randomize_adapters(c, std=0.2, seed=3)
-    neat_fx.save_adapters(a, root / "a")
-    neat_fx.save_adapters(b, root / "b")
-    neat_fx.save_adapters(c, root / "c", format="peft")
-    modules = {"a": a.eval(), "b": b.eval(), "c": c.eval()}
+    model, example, other, modules = three_bert_adapters(root)
     out = tmp_path_factory.mktemp("onnx")
     report = to_onnx(model, example, out / "model.onnx", adapters=[root / "a", root / "b", root / "c"])
     return model, example, other, modules, root, out, report
