@@ -283,6 +283,11 @@ def _batch_dims(graph: fx.Graph) -> set[str]:
 def _named_folders(adapters) -> dict[str, Path]:
     if isinstance(adapters, (str, Path)):
         adapters = [adapters]
+    if not isinstance(adapters, (dict, list, tuple)):
+        raise ConfigError(
+            f"adapters must be {{name: folder}} or a list of folders, got {type(adapters).__name__}: e.g. "
+            f"neat_fx.serve(model, {{'a': 'adapters/a', 'b': 'adapters/b'}}, example_inputs)"
+        )
     if isinstance(adapters, dict):
         named = {str(k): Path(v) for k, v in adapters.items()}
     else:

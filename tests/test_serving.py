@@ -102,3 +102,7 @@ def test_adapters_of_another_base_are_refused(two_adapters, tmp_path):
     llama, lex, _, _ = zoo.llama()
     with pytest.raises(neat_fx.AdapterMismatchError, match="not a parameter of the model"):
         neat_fx.serve(llama, {"a": root / "a"}, lex)
+    with pytest.raises(neat_fx.ConfigError, match="list of folders"):
+        neat_fx.serve(model, 123, example)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        neat_fx.serve(model, {"x": tmp_path / "missing"}, example)
