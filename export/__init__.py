@@ -5,13 +5,25 @@
     sess = session("model.onnx")
     to_onnx(base_model, batch, "many.onnx", adapters={"a": dir_a, "b": dir_b})  # + a.onnx_adapter, b.onnx_adapter
     AdapterSession("many.onnx").run(None, feed, adapter="a")
+    to_onnx(neat_fx.fold(nm), batch, "lm.onnx", task="text-generation-with-past", quantize="int4")
+    generate("lm.onnx", input_ids, attention_mask, max_new_tokens=64)   # prompt + new tokens, KV cache in ORT
 
 Needs the extra `onnx` (CPU) or `gpu` (CUDA). Importing neat_fx never imports this package.
 """
 
 from .api import to_onnx
 from .config import ExportConfig
+from .generation import generate
 from .onnx_export import ExportError, ExportReport
 from .runtime import AdapterSession, BoundRunner, session
 
-__all__ = ["AdapterSession", "BoundRunner", "ExportConfig", "ExportError", "ExportReport", "session", "to_onnx"]
+__all__ = [
+    "AdapterSession",
+    "BoundRunner",
+    "ExportConfig",
+    "ExportError",
+    "ExportReport",
+    "generate",
+    "session",
+    "to_onnx",
+]

@@ -11,7 +11,7 @@ from torch import nn
 
 from neat_fx import capture as cap
 
-from . import multi, runtime
+from . import decoder, multi, runtime
 from . import onnx_export as oe
 from .config import ExportConfig
 from .onnx_export import ExportReport
@@ -31,6 +31,7 @@ def to_onnx(
     approximate: bool = False,
     verify_inputs=None,
     quantize: str | None = None,
+    block_size: int = 32,
     via: str = "neat_fx",
     optimum_level: str | None = "O2",
     task: str | None = None,
@@ -45,9 +46,17 @@ def to_onnx(
               transformer fusions on CUDA), "fusions" (also attention / skip-LayerNorm / bias-GELU fusions on
               CPU), "exporter" (only the exporter's own optimiser) or "none".
     approximate: GELU with the tanh approximation (faster, drift reported).
-    quantize: None, or "int8": dynamic int8 quantization of the MatMul weights (ONNX Runtime's
-              quantize_dynamic, per channel; CPU) — ≈ 2× faster on this project's CPU; the drift is reported
-              and only checked against gross errors (0.5 of each output's scale): judge it by task accuracy.
+    quantize: None, "int8": dynamic int8 quantization of the MatMul weights (ONNX Runtime's
+              quantize_dynamic, per channel; CPU) — ≈ 2× faster on this project's CPU; or "int4": weight-only
+              4-bit MatMul weights (ONNX Runtime's MatMulNBits quantizer, symmetric, one scale per `block_size`
+              weights along the input dimension: 32 or 128 are usual; CPU and CUDA). The drift is reported and
+              only checked against gross errors (0.5 of each output's scale): judge it by task accuracy.
+    task:     None (the captured forward), or "text-generation-with-past" for a decoder LM: one file for prefill
+              and cached decoding, inputs input_ids, attention_mask, position_ids (where the model takes them),
+              past_key_values.{i}.key/.value, outputs logits, present.{i}.key/.value (Optimum's names); decoder
+              fusions (RMSNorm, rotary, attention) where onnxscript provides them; verified by logits and by
+              greedy generation against the model's own generate. Run it with `neat_fx.export.generate`. With
+              via="optimum", Optimum's task name.
     via:      "neat_fx" (torch.onnx dynamo exporter + our passes), or "optimum" for Hugging Face models where
               optimum-onnx is installed (then `optimum_level` "O1"–"O4" or None, and `task`).
     dynamic:  True: every axis the model allows stays dynamic (named batch, sequence, …); False: static; or a
@@ -72,6 +81,7 @@ def to_onnx(
         approximate=approximate,
         verify_inputs=verify_inputs,
         quantize=quantize,
+        block_size=block_size,
         via=via,
         optimum_level=optimum_level,
         task=task,
@@ -90,6 +100,8 @@ def to_onnx(
         return oe._via_optimum(module, example_inputs, path, opts, device, t_start)
     if adapters is not None:
         return multi.export(module, example_inputs, path, opts, device, t_start)
+    if task == decoder.TASK:
+        return decoder.export(module, example_inputs, path, opts, device, t_start)
     args, kwargs = cap.split_example_inputs(example_inputs)
     with cap.train_mode(module, False):
         return oe._to_onnx(module, args, kwargs, path, opts, device, t_start)

@@ -9,7 +9,11 @@ from neat_fx.errors import ConfigError
 DTYPES = ("fp32", "fp16")
 OPTIMIZE = ("auto", "fusions", "exporter", "none")
 DEVICES = ("cpu", "cuda", "auto")
-QUANTIZE = (None, "int8")
+QUANTIZE = (None, "int8", "int4")
+#: block sizes ONNX Runtime's MatMulNBits kernels take
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
+#: task= of the neat_fx route (via="optimum" passes any Optimum task through)
+TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
 ROUTES = ("neat_fx", "optimum")
 OPTIMUM_LEVELS = (None, "O1", "O2", "O3", "O4")
 
@@ -32,6 +36,7 @@ class ExportConfig:
     approximate: bool = False
     verify_inputs: object = None  # None or a list of example inputs
     quantize: str | None = None
+    block_size: int = 32  # int4 only
     via: str = "neat_fx"
     optimum_level: str | None = "O2"
     task: str | None = None
@@ -67,9 +72,17 @@ class ExportConfig:
                 f"{type(self.verify_inputs).__name__}"
             )
         if self.quantize and self.dtype != "fp32":
-            raise ConfigError("quantize='int8' applies to fp32 models; leave dtype='fp32'")
-        if self.task is not None and self.via != "optimum":
-            raise ConfigError("task= chooses Optimum's task and applies only with via='optimum'")
+            raise ConfigError(f"quantize={self.quantize!r} applies to fp32 models; leave dtype='fp32'")
+        if self.block_size not in INT4_BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise ConfigError(
+                f"block_size must be one of {INT4_BLOCK_SIZES} (int4 weights per scale), got {self.block_size!r}"
+            )
+        if self.task not in (None, TEXT_GENERATION_WITH_PAST) and self.via != "optimum":
+            raise ConfigError(
+                f"task={self.task!r}: the neat_fx route knows task=None (the model's forward as captured) and "
+                f"{TEXT_GENERATION_WITH_PAST!r} (a decoder with its key/value cache as inputs and outputs); other "
+                f"tasks are Optimum's, with via='optimum'"
+            )
         if self.via == "optimum" and (self.dtype != "fp32" or self.quantize or self.approximate):
             raise ConfigError(
                 "via='optimum' exports fp32 as Optimum does (no dtype='fp16', quantize= or "
@@ -84,10 +97,11 @@ class ExportConfig:
                 )
             if not self.adapters:
                 raise ConfigError("adapters= needs at least one adapter folder")
-            if self.dtype != "fp32" or self.quantize or self.via != "neat_fx":
+            if self.dtype != "fp32" or self.quantize or self.via != "neat_fx" or self.task is not None:
                 raise ConfigError(
                     "adapters= (one model, one ONNX Runtime adapter file per adapter) exports fp32 by the "
-                    "neat_fx route only: leave dtype='fp32', quantize=None and via='neat_fx'"
+                    "neat_fx route only, without a cache: leave dtype='fp32', quantize=None, via='neat_fx' and "
+                    "task=None"
                 )
 
     @property

@@ -3,6 +3,7 @@ PyTorch before it is renamed into place."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -203,18 +204,16 @@ def _to_onnx(module, args, kwargs, path: Path, opts: ExportConfig, device: str, 
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     external = _proto_bytes(proto) > EXTERNAL_DATA_ABOVE
-    if external and opts.quantize:
-        raise ExportError("quantize='int8' of a model over 2 GB is not supported here; export fp32 or fp16")
 
     tol = INT8_TOLERANCE if opts.quantize else TOLERANCE[opts.dtype] * (10 if opts.approximate else 1)
     final_data = path.with_name(path.name + ".data")
     with Staging() as st:
         tmp = st.path(path, ".onnx")
         tmp_data = tmp.with_name(tmp.name + ".data")
-        if external:
-            st.add(tmp_data, final_data)
+        st.add(tmp_data, final_data, optional=True)
         _save(onnx, proto, tmp, tmp_data, external)
         optimizations += _post_process(onnx, tmp, tmp_data, external, opts, device, meta)
+        external = tmp_data.exists()
         parity = []
         if opts.verify:
             parity = _verify(tmp, device, module, args, kwargs, reference_out, opts.verify_inputs, second, tol)
@@ -289,14 +288,17 @@ def _untranslatable_ops(exc: BaseException) -> str:
     )
 
 
-def _optimized_proto(program, opts: ExportConfig, device: str):
-    """The ONNX model as a protobuf, with onnxscript's transformer fusions (where asked for) and in fp16 (where
-    asked for). Returns (proto, what was done)."""
+def _optimized_proto(program, opts: ExportConfig, device: str, *, fuse: bool | None = None, kv_io: bool = False):
+    """The ONNX model as a protobuf, with onnxscript's transformer fusions (where asked for; `fuse` overrides
+    the rule) and in fp16 (where asked for; `kv_io`: the key/value cache inputs/outputs in fp16 too, only the
+    logits kept float32). Returns (proto, what was done)."""
     import onnx_ir as ir
 
     done = []
     model_ir = program.model
-    if opts.optimize == "fusions" or (opts.optimize == "auto" and device == "cuda"):
+    if fuse is None:
+        fuse = opts.optimize == "fusions" or (opts.optimize == "auto" and device == "cuda")
+    if fuse:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         result = optimize_for_ort(model_ir)
@@ -312,7 +314,9 @@ def _optimized_proto(program, opts: ExportConfig, device: str):
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
         proto = convert_float_to_float16(
-            proto, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32)
+            proto,
+            keep_io_types=["logits"] if kv_io else True,
+            op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP16_KEEP_FP32),
         )
         done.append("fp16 weights and math (float32 inputs/outputs; norms, softmax, reductions in float32)")
     return proto, done
@@ -334,7 +338,8 @@ def _metadata(opts: ExportConfig) -> dict[str, str]:
 
 
 def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportConfig, device: str, meta: dict):
-    """ONNX Runtime's offline graph optimisations and int8 quantization, applied to the temporary file in place.
+    """ONNX Runtime's offline graph optimisations and int8/int4 quantization, applied to the temporary file in
+    place (a model over 2 GB keeps its weights in `tmp_data`, gone when the quantized model fits in one file).
     Returns what was done."""
     done = []
     if opts.optimize in ("auto", "fusions") and not external:
@@ -346,13 +351,70 @@ def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportC
 
         with Staging() as st:
             q_tmp = st.path(tmp, ".q.onnx")
+            st.add(q_tmp.with_name(q_tmp.name + ".data"), None)
             quantize_dynamic(
-                str(tmp), str(q_tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True
-            )  # per output channel: 3× less drift than per tensor
-            os.replace(q_tmp, tmp)
-        _save(onnx, _with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
+                str(tmp),
+                str(q_tmp),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,  # per output channel: 3× less drift than per tensor
+                use_external_data_format=external,
+            )
+            _resave(onnx, _with_metadata(onnx, q_tmp, meta), tmp, tmp_data)
         done.append("dynamic int8 quantization of MatMul weights")
+    elif opts.quantize == "int4":
+        done.append(_int4(onnx, tmp, tmp_data, opts, device, meta))
     return done
+
+
+def _int4(onnx, tmp: Path, tmp_data: Path, opts: ExportConfig, device: str, meta: dict) -> str:
+    """Weight-only int4 of every MatMul with a constant weight (ONNX Runtime's MatMulNBits quantizer)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    proto = onnx.load(str(tmp))
+    # accuracy level 4: int8 activations in the CPU kernel (what onnxruntime-genai's builder uses on CPU);
+    # CUDA ignores it, so one file serves both
+    quantizer = MatMulNBitsQuantizer(
+        proto, bits=4, block_size=opts.block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",)
+    )
+    with _quiet("onnxruntime.quantization"):
+        quantizer.process()
+    proto = quantizer.model.model
+    counts = _count_ops(proto)
+    if not counts.get("MatMulNBits"):
+        raise ExportError(
+            f"quantize='int4' found no MatMul with a constant weight of at least {opts.block_size} input features "
+            f"to quantize (ops: {', '.join(sorted(counts))}). Export fp32, or quantize='int8'. Nothing was written."
+        )
+    for k, v in meta.items():
+        if k not in {p.key for p in proto.metadata_props}:
+            proto.metadata_props.add(key=k, value=v)
+    _resave(onnx, proto, tmp, tmp_data)
+    left = counts.get("MatMul", 0)
+    return (
+        f"int4 weight-only quantization (MatMulNBits ×{counts['MatMulNBits']}, block {opts.block_size}, symmetric, "
+        f"accuracy level 4{f'; {left} MatMul of activations stay float' if left else ''})"
+    )
+
+
+def _resave(onnx, proto, tmp: Path, tmp_data: Path):
+    """Write `proto` over the temporary model: its weights beside it in `tmp_data` only if over 2 GB."""
+    external = _proto_bytes(proto) > EXTERNAL_DATA_ABOVE
+    if tmp_data.exists():
+        tmp_data.unlink()  # the quantized model may no longer need it; a new one is written in full otherwise
+    _save(onnx, proto, tmp, tmp_data, external)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """The quantizer logs a line per node at INFO."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _report(
@@ -364,8 +426,8 @@ def _report(
         notes.append("approximate GELU: verified with a 10× looser tolerance; the drift is the parity above")
     if opts.quantize:
         notes.append(
-            "int8: verified only against gross errors (0.5 of each output's scale); the drift is the parity "
-            "above — judge int8 by task accuracy"
+            f"{opts.quantize}: verified only against gross errors (0.5 of each output's scale); the drift is the "
+            f"parity above — judge {opts.quantize} by task accuracy"
         )
     return ExportReport(
         path=path,

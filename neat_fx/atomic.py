@@ -65,17 +65,23 @@ class Staging:
 
     def __init__(self):
         self._pending: list[tuple[Path, Path]] = []
+        self._optional: set[Path] = set()
 
     def path(self, final: Path, suffix: str = ".tmp") -> Path:
         tmp = temp_beside(Path(final), suffix)
         self._pending.append((tmp, Path(final)))
         return tmp
 
-    def add(self, tmp: Path, final: Path):
-        """A temporary named by someone else (e.g. a data file beside a temporary model) to rename at commit."""
-        self._pending.append((Path(tmp), Path(final)))
+    def add(self, tmp: Path, final: Path | None, optional: bool = False):
+        """A temporary named by someone else (e.g. a data file beside a temporary model) to rename at commit
+        (`final` None: only removed on the way out). optional: skipped at commit if it was never written (or
+        removed again)."""
+        self._pending.append((Path(tmp), Path(final) if final is not None else None))
+        if optional or final is None:
+            self._optional.add(Path(tmp))
 
     def commit(self):
+        self._pending = [(t, f) for t, f in self._pending if f is not None and (t.exists() or t not in self._optional)]
         for tmp, _ in self._pending:
             fsync_file(tmp)
         for tmp, final in self._pending:

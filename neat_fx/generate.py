@@ -144,7 +144,7 @@ def generate(
     model = source_model(module)
     _check_generative(model)
     input_ids, attention_mask = _check_prompts(model, input_ids, attention_mask, max_new_tokens)
-    _check_sampling(do_sample, temperature, top_p, top_k)
+    check_sampling(do_sample, temperature, top_p, top_k)
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -189,25 +189,28 @@ def _check_generative(model: nn.Module):
 
 
 def _check_prompts(model: nn.Module, input_ids, attention_mask, max_new_tokens):
+    device = next((p.device for p in model.parameters()), getattr(input_ids, "device", None))
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    limit = next((getattr(text, k) for k in POSITION_LIMITS if isinstance(getattr(text, k, None), int)), None)
+    input_ids, attention_mask = check_prompts(input_ids, attention_mask, max_new_tokens, limit, type(model).__name__)
+    return input_ids.to(device), None if attention_mask is None else attention_mask.to(device)
+
+
+def check_prompts(input_ids, attention_mask, max_new_tokens, position_limit: int | None = None, owner="the model"):
+    """Validate a generation request (shared by `generate` and the ONNX runner): a positive integer
+    max_new_tokens, 2-D integer ids, a 0/1 mask of the same shape padded on the left only, with a token in each
+    row, and room in the position table. Returns the ids and mask (unchanged tensors)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if (
-        not isinstance(input_ids, torch.Tensor)
-        or input_ids.dim() != 2
-        or input_ids.dtype
-        not in (
-            torch.int64,
-            torch.int32,
-        )
-    ):
+    integer = (torch.int64, torch.int32)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in integer:
         what = f"a {input_ids.dim()}-D {input_ids.dtype} tensor" if isinstance(input_ids, torch.Tensor) else input_ids
         raise GenerationError(
             f"input_ids must be a 2-D integer tensor [batch, prompt length], got {what}; one prompt: ids[None]"
         )
     if input_ids.shape[1] == 0:
         raise GenerationError("input_ids holds empty prompts (length 0); give each row at least one token")
-    device = next((p.device for p in model.parameters()), input_ids.device)
-    input_ids = input_ids.to(device)
     batch, length = input_ids.shape
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, length):
@@ -216,7 +219,6 @@ def _check_prompts(model: nn.Module, input_ids, attention_mask, max_new_tokens):
                 f"attention_mask has shape {got}, input_ids {tuple(input_ids.shape)}: they must match (1 = token, "
                 f"0 = padding)"
             )
-        attention_mask = attention_mask.to(device)
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
         mask = attention_mask.long()
@@ -228,19 +230,16 @@ def _check_prompts(model: nn.Module, input_ids, attention_mask, max_new_tokens):
                 f"attention_mask row {int(right.nonzero()[0])} has padding after its tokens: decoder generation "
                 f"needs the padding on the left (tokenizer.padding_side = 'left'), where new tokens do not follow it"
             )
-    config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    limit = next((getattr(text, k) for k in POSITION_LIMITS if isinstance(getattr(text, k, None), int)), None)
-    if limit is not None and length + max_new_tokens > limit:
+    if position_limit is not None and length + max_new_tokens > position_limit:
         raise GenerationError(
             f"the prompt ({length} tokens, padding included) plus max_new_tokens={max_new_tokens} is "
-            f"{length + max_new_tokens} positions, more than {type(model).__name__}'s position table holds "
-            f"({limit}); shorten the prompt or ask for fewer tokens"
+            f"{length + max_new_tokens} positions, more than {owner}'s position table holds "
+            f"({position_limit}); shorten the prompt or ask for fewer tokens"
         )
     return input_ids, attention_mask
 
 
-def _check_sampling(do_sample, temperature, top_p, top_k):
+def check_sampling(do_sample, temperature, top_p, top_k):
     if not do_sample:
         return
     if not isinstance(temperature, (int, float)) or not temperature > 0:

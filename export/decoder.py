@@ -1,0 +1,463 @@
+"""`to_onnx(..., task="text-generation-with-past")`: a decoder LM as one ONNX file that serves both prefill (past
+length 0) and each cached decode step, with the input/output names Optimum uses (so existing runners recognise
+it): `input_ids`, `attention_mask`, `position_ids` (where the model takes them), `past_key_values.{i}.key/.value`
+→ `logits`, `present.{i}.key/.value`; batch, sequence and past length dynamic.
+
+The captured graphs of a NeatModule are cache-free, so the export runs the model's own code (its cache class,
+masks, rotary tables, sliding windows) with the adapted weights W0 + ΔW swapped in, exactly as
+`neat_fx.generate` does; the cache's layout (layers, key/value heads, head size, dtype) is read from one probe
+call of the model rather than from config field names, which differ per family. Verified by logits on a
+prefill and a decode step, then by greedy generation through ONNX Runtime against the model's own `generate`.
+(docs/design.md, "Decoder LLMs → ONNX")
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neat_fx import capture as cap
+from neat_fx.atomic import Staging
+from neat_fx.containers import FoldedModule, NeatModule
+from neat_fx.numerics import compare
+
+from . import generation, runtime
+from . import onnx_export as oe
+from .config import TEXT_GENERATION_WITH_PAST, ExportConfig
+
+log = logging.getLogger("neat_fx.export")
+
+TASK = TEXT_GENERATION_WITH_PAST
+#: a past length for tracing: not 0 or 1, which torch.export would specialise on
+EXAMPLE_PAST = 3
+#: new tokens of the verification by generation (two prompts of different lengths in one batch)
+VERIFY_NEW_TOKENS = 16
+#: logits tolerance (of each output's scale) per precision; int8/int4 change the numbers by design, the check
+#: only catches a broken model and the drift and token agreement are reported
+LOGITS_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.5, "int4": 0.5}
+#: a greedy step whose top-2 logits are closer than this (of the logits' scale) is a tie: fp32 may pick either
+TIE_MARGIN = 1e-4
+META_PREFIX = "neat_fx.generation."
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The key/value cache of a decoder, as one probe call of the model produced it."""
+
+    kv_heads: tuple[int, ...]
+    head_dims: tuple[int, ...]
+    value_dims: tuple[int, ...]
+    dtype: torch.dtype
+    position_ids: bool
+
+    @property
+    def layers(self) -> int:
+        return len(self.kv_heads)
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask"] + (["position_ids"] if self.position_ids else [])
+        return names + [f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def output_names(self) -> list[str]:
+        return ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+
+    def empty_past(self, batch: int, length: int, device="cpu", dtype=None) -> list[torch.Tensor]:
+        out = []
+        for h, dk, dv in zip(self.kv_heads, self.head_dims, self.value_dims):
+            for d in (dk, dv):
+                out.append(torch.zeros(batch, h, length, d, dtype=dtype or self.dtype, device=device))
+        return out
+
+
+#: the forward's cache argument: `cache` from transformers 5.2x, `past_key_values` before
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    params = inspect.signature(model.forward).parameters
+    return next((n for n in CACHE_ARGUMENTS if n in params), None)
+
+
+def returned_cache(out):
+    return next((getattr(out, n) for n in CACHE_ARGUMENTS if getattr(out, n, None) is not None), None)
+
+
+class WithPast(nn.Module):
+    """The model's forward with a cache given as flat tensors and returned as flat tensors, the adapted weights
+    in place of the model's own (held here as buffers, so the exporter takes them as the file's constants)."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor], layout: CacheLayout):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        self._cache_arg = cache_argument(model)
+        self._paths = list(weights)
+        for i, w in enumerate(weights.values()):
+            self.register_buffer(f"adapted_{i}", w.detach(), persistent=False)
+
+    def forward(self, input_ids, attention_mask, *rest):
+        from transformers.cache_utils import DynamicCache
+
+        position_ids, past = (rest[0], rest[1:]) if self.layout.position_ids else (None, rest)
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layout.layers)])
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, self._cache_arg: cache, "use_cache": True}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        weights = {p: getattr(self, f"adapted_{i}") for i, p in enumerate(self._paths)}
+        out = torch.func.functional_call(self.model, weights, (), kwargs, tie_weights=False, strict=False)
+        present = []
+        for layer in returned_cache(out).layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def source(module: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], bool]:
+    """(the Hugging Face model whose code runs, the adapted weights by attribute path, whether a NeatModule was
+    folded for it)."""
+    from neat_fx.generate import adapted_weights, source_model
+
+    if isinstance(module, (NeatModule, FoldedModule)):
+        model = source_model(module)
+        if isinstance(module, FoldedModule) and module.__dict__.get("_source_model") is None:
+            raise oe.ExportError(
+                f"task={TASK!r} runs the model's own cached forward, but this folded module has no source model "
+                f"(it was captured from a plain graph). Fold a NeatModule of a Hugging Face decoder, or export "
+                f"with task=None (every step recomputes the whole sequence)."
+            )
+        return model, adapted_weights(module), isinstance(module, NeatModule)
+    return module, {}, False
+
+
+def check_decoder(model: nn.Module):
+    """Refuse what cannot run with a cache: encoders, classifiers, home-grown modules without an HF cache."""
+    can = getattr(model, "can_generate", None)
+    takes_past = cache_argument(model) is not None
+    if not (callable(can) and can()) or not takes_past:
+        why = (
+            "its forward takes no cache / past_key_values"
+            if not takes_past
+            else "it has no generation head (an encoder or a classifier)"
+        )
+        raise oe.ExportError(
+            f"task={TASK!r} exports a decoder language model with a key/value cache; {type(model).__name__} "
+            f"cannot run with one ({why}). Export it with task=None (the default), or pass a Hugging Face "
+            f"…ForCausalLM / …LMHeadModel (or a NeatModule / fold() of one)."
+        )
+
+
+def probe_layout(model: nn.Module, weights: dict, input_ids: torch.Tensor) -> CacheLayout:
+    """Run the model once with a cache and read the cache's layout from what it returns."""
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    ids = input_ids[:1, :2]
+    with torch.no_grad(), cap.train_mode(model, False):
+        out = torch.func.functional_call(
+            model, weights, (), dict(input_ids=ids, use_cache=True), tie_weights=False, strict=False
+        )
+    cache = returned_cache(out)
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(isinstance(getattr(la, "keys", None), torch.Tensor) for la in layers):
+        raise oe.ExportError(
+            f"{type(model).__name__} returned no key/value cache for use_cache=True (got "
+            f"{type(cache).__name__}); task={TASK!r} needs a model that fills a transformers DynamicCache. Export "
+            f"with task=None instead."
+        )
+    if any(la.keys.dim() != 4 or la.values.dim() != 4 for la in layers):
+        raise oe.ExportError(
+            f"{type(model).__name__}'s cache is not laid out as [batch, heads, length, head size] per layer; "
+            f"task={TASK!r} supports that layout only. Export with task=None instead."
+        )
+    return CacheLayout(
+        kv_heads=tuple(la.keys.shape[1] for la in layers),
+        head_dims=tuple(la.keys.shape[3] for la in layers),
+        value_dims=tuple(la.values.shape[3] for la in layers),
+        dtype=layers[0].keys.dtype,
+        position_ids=takes_positions,
+    )
+
+
+def positions(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Position ids of the last `length` tokens of left-padded rows (padding at position 0, as HF's generate)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+
+
+def _example(layout: CacheLayout, input_ids: torch.Tensor, device) -> tuple:
+    """Tracing inputs: batch 2, at least 2 new tokens, EXAMPLE_PAST cached ones (sizes torch.export keeps
+    symbolic), built from the user's example ids."""
+    ids = input_ids.to(device)
+    ids = ids.repeat(2, 1)[:2] if ids.shape[0] < 2 else ids[:2]
+    if ids.shape[1] < 2:
+        ids = ids.repeat(1, 2)
+    mask = torch.ones(2, EXAMPLE_PAST + ids.shape[1], dtype=torch.long, device=device)
+    args = [ids, mask]
+    if layout.position_ids:
+        args.append(positions(mask, ids.shape[1]))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    past = [torch.randn(t.shape, generator=g).to(device=device, dtype=t.dtype) for t in layout.empty_past(2, 3)]
+    return tuple(args + past)
+
+
+def _dynamic_shapes(layout: CacheLayout) -> tuple:
+    from torch.export import Dim
+
+    batch, seq = Dim("batch_size"), Dim("sequence_length")
+    past, total = Dim("past_sequence_length"), Dim("total_sequence_length")
+    rest = ([{0: batch, 1: seq}] if layout.position_ids else []) + [{0: batch, 2: past}] * (2 * layout.layers)
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, tuple(rest))  # forward(input_ids, attention_mask, *rest)
+
+
+def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, device: str, t_start: float):
+    """The with-past export of `module` to `path` (see the module's docstring)."""
+    import onnx
+
+    model, weights, folded_first = source(module)
+    check_decoder(model)
+    args, kwargs = cap.split_example_inputs(example_inputs)
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise oe.ExportError(
+            f"task={TASK!r} builds its inputs from the example's input_ids (a [batch, length] integer tensor); "
+            f"the example has none. Pass example_inputs=dict(input_ids=…, attention_mask=…)."
+        )
+    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    layout = probe_layout(model, weights, input_ids.to(model_device))
+    wrapper = WithPast(model, weights, layout).eval()
+    example = _example(layout, input_ids, model_device)
+    with cap.train_mode(model, False):
+        program = _torch_export(wrapper, example, layout, opts)
+    fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
+    proto, done = oe._optimized_proto(program, opts, device, fuse=fuse, kv_io=opts.dtype == "fp16")
+    done.insert(0, "cache as inputs/outputs (past_key_values.* → present.*)")
+    fusion_failed = None
+    meta = dict(oe._metadata(opts), **_generation_metadata(model, layout))
+    meta["neat_fx.export.task"] = TASK
+    external = oe._proto_bytes(proto) > oe.EXTERNAL_DATA_ABOVE
+    final_data = path.with_name(path.name + ".data")
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    with Staging() as st:
+        tmp = st.path(path, ".onnx")
+        tmp_data = tmp.with_name(tmp.name + ".data")
+        st.add(tmp_data, final_data, optional=True)
+        oe._save(onnx, proto, tmp, tmp_data, external)
+        del proto
+        try:
+            runtime.session(tmp, device).get_inputs()
+        except Exception as exc:  # a fusion the runtime refuses: the plain graph instead, and say so
+            if not any(d.startswith("transformer fusions") for d in done):
+                raise
+            fusion_failed = cap.first_lines(exc, 1)
+            log.warning("to_onnx: ONNX Runtime refuses the fused graph (%s); exporting without fusions", exc)
+            with cap.train_mode(model, False):  # the fusions rewrote the program's graph in place
+                program = _torch_export(wrapper, example, layout, opts)
+            proto, done = oe._optimized_proto(program, opts, device, kv_io=opts.dtype == "fp16", fuse=False)
+            done.insert(0, "cache as inputs/outputs (past_key_values.* → present.*)")
+            for k, v in meta.items():
+                proto.metadata_props.add(key=k, value=v)
+            oe._save(onnx, proto, tmp, tmp_data, external)
+            del proto
+        done += oe._post_process(onnx, tmp, tmp_data, external, opts, device, meta)
+        external = tmp_data.exists()
+        parity, generation_check = [], {}
+        if opts.verify:
+            parity, generation_check = verify(tmp, device, module, wrapper, layout, input_ids, opts)
+        if external:
+            oe._relocate_external(onnx, tmp, final_data.name)
+        st.commit()
+    report = oe._report(
+        onnx,
+        path,
+        final_data,
+        external,
+        opts,
+        device,
+        done,
+        parity,
+        LOGITS_TOLERANCE[opts.quantize or opts.dtype],
+        onnx.load(str(path), load_external_data=False),
+        folded_first,
+        t_start,
+    )
+    report.generation = generation_check
+    if fusion_failed:
+        report.notes.append(f"decoder fusions refused by ONNX Runtime ({fusion_failed}); plain graph exported")
+    elif not report.fused_ops.get("MultiHeadAttention") and not report.fused_ops.get("GroupQueryAttention"):
+        report.notes.append("attention not fused for this architecture: it runs as MatMul/Softmax ops")
+    return report
+
+
+def _torch_export(wrapper: WithPast, example: tuple, layout: CacheLayout, opts: ExportConfig):
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.onnx.export(
+                wrapper,
+                example,
+                None,
+                dynamo=True,
+                optimize=opts.optimize != "none",
+                opset_version=opts.opset,
+                dynamic_shapes=_dynamic_shapes(layout),
+                input_names=layout.input_names(),
+                output_names=layout.output_names(),
+                verbose=False,
+            )
+        except Exception as exc:
+            raise oe.ExportError(
+                f"torch.onnx could not export {type(wrapper.model).__name__} with a cache:\n    "
+                f"{cap.first_lines(_root_cause(exc))}{oe._untranslatable_ops(exc)}\nExport with task=None (no "
+                f"cache) if the model's cached path cannot be traced."
+            ) from exc
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """torch.onnx wraps torch.export's error in its own: the innermost one names the problem."""
+    seen = set()
+    while (exc.__cause__ is not None) and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
+
+
+def _generation_metadata(model: nn.Module, layout: CacheLayout) -> dict[str, str]:
+    """What the runner needs without the model's config: stop and padding tokens, the cache layout."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = getattr(gen, "pad_token_id", None)
+    return {
+        META_PREFIX + "eos_token_id": ",".join(str(int(e)) for e in eos),
+        META_PREFIX + "pad_token_id": "" if pad is None else str(int(pad)),
+        META_PREFIX + "layers": str(layout.layers),
+    }
+
+
+def _prompts(input_ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts of different lengths from the example's first row, left-padded into one batch."""
+    row = input_ids[0]
+    n = max(int(row.numel()), 4)
+    row = row.repeat(-(-n // row.numel()))[:n]
+    short = max(1, n // 2)
+    ids = torch.full((2, n), pad, dtype=torch.long)
+    mask = torch.zeros((2, n), dtype=torch.long)
+    ids[0], mask[0] = row, 1
+    ids[1, n - short :], mask[1, n - short :] = row[-short:], 1
+    return ids, mask
+
+
+def verify(tmp: Path, device: str, module, wrapper: WithPast, layout: CacheLayout, input_ids, opts: ExportConfig):
+    """Logits of a prefill (past 0) and of a decode step (past > 0) against PyTorch, then greedy generation
+    through ONNX Runtime against the model's own `generate`. Returns (parity rows, generation summary)."""
+    precision = opts.quantize or opts.dtype
+    tol = LOGITS_TOLERANCE[precision]
+    sess = runtime.session(tmp, device)
+    model_device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
+    pad = _pad_id(wrapper.model)
+    ids, mask = _prompts(input_ids.cpu(), pad)
+    parity = []
+    # prefill: the whole left-padded prompt, empty cache; then one decode step on the torch cache
+    args = [ids, mask] + ([positions(mask, ids.shape[1])] if layout.position_ids else [])
+    past = layout.empty_past(2, 0)
+    with torch.no_grad():
+        ref = wrapper(*(t.to(model_device) for t in args), *(p.to(model_device) for p in past))
+    nxt = ref[0][:, -1:].argmax(-1).cpu()
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    args2 = [nxt, mask2] + ([positions(mask2, 1)] if layout.position_ids else [])
+    with torch.no_grad():
+        ref2 = wrapper(*(t.to(model_device) for t in args2), *ref[1:])
+    names = layout.input_names()
+    steps = ((args, past, ref, mask), (args2, list(ref[1:]), ref2, mask2))
+    for step, (a, p, r, total) in enumerate(steps):
+        feed = {n: v.detach().cpu().numpy() for n, v in zip(names, list(a) + list(p))}
+        for n, i in zip(names, sess.get_inputs()):
+            if "float16" in i.type:
+                feed[n] = feed[n].astype("float16")
+        got = sess.run(None, feed)
+        # padded positions carry no meaning (their attention rows are empty): only real tokens are compared
+        query = total[:, -a[0].shape[1] :].bool()
+        result = compare(_real(r, query, total), _real([torch.from_numpy(g) for g in got], query, total))
+        result.pop("ok")
+        result["shapes"] = [tuple(v.shape) for v in feed.values()][: len(a)] + [f"past {p[0].shape[2]}"]
+        result["step"] = "prefill" if step == 0 else "decode"
+        parity.append(result)
+        if not result["max_rel"] <= tol:
+            raise oe.ExportError(
+                f"ONNX Runtime ({device}) and PyTorch disagree on the {result['step']} logits/cache: max relative "
+                f"difference {result['max_rel']:.3g} > tolerance {tol:g} ({precision}). Nothing was written."
+            )
+    summary = _verify_generation(sess, device, module, wrapper, ids, mask, pad, precision)
+    return parity, summary
+
+
+def _real(outputs, query: torch.Tensor, total: torch.Tensor) -> list[torch.Tensor]:
+    """Logits at the real query positions, cache entries at the real positions: [tokens, …] each."""
+    logits, *cache = (t.float().cpu() for t in outputs)
+    return [logits[query]] + [c.transpose(1, 2)[total.bool()] for c in cache]
+
+
+def _pad_id(model) -> int:
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "pad_token_id", None), getattr(gen, "eos_token_id", None)):
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _verify_generation(sess, device, module, wrapper, ids, mask, pad, precision) -> dict:
+    """Greedy tokens through ONNX Runtime vs the model's own generate (no EOS stop on either side: every
+    position is compared). fp32 must match except after a step whose top-2 logits tie; other precisions report
+    their agreement."""
+    from neat_fx.generate import _Generation, _quiet_generation
+
+    n = VERIFY_NEW_TOKENS
+    model = wrapper.model
+    model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    weights = {"model." + p: getattr(wrapper, f"adapted_{i}") for i, p in enumerate(wrapper._paths)}
+    gen_kwargs = dict(
+        input_ids=ids.to(model_device),
+        attention_mask=mask.to(model_device),
+        max_new_tokens=n,
+        eos_token_id=None,  # no stop: every position is compared
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        use_cache=True,
+        pad_token_id=pad,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    with torch.no_grad(), cap.train_mode(model, False), _quiet_generation():
+        out = torch.func.functional_call(_Generation(model), weights, (gen_kwargs,), tie_weights=False, strict=False)
+    ref = out.sequences[:, ids.shape[1] :].cpu()
+    logits = torch.stack([s.float().cpu() for s in out.logits], 1)  # [batch, new, vocab]
+    got = generation.generate(sess, ids, mask, max_new_tokens=n, eos_token_id=[], pad_token_id=pad)
+    got = torch.as_tensor(got[:, ids.shape[1] :])
+    same = got == ref
+    agreement = float(same.float().mean())
+    summary = {"new_tokens": n, "prompts": [int(m.sum()) for m in mask], "token_agreement": agreement}
+    if precision != "fp32" or bool(same.all()):
+        return summary
+    # fp32: each row may only diverge at a tie (numerical noise picks either of two equal logits)
+    for row in range(ids.shape[0]):
+        wrong = (~same[row]).nonzero()
+        if not len(wrong):
+            continue
+        t = int(wrong[0])
+        top = logits[row, t].topk(2).values
+        scale = float(logits[row, t].abs().max()) or 1.0
+        if float(top[0] - top[1]) > TIE_MARGIN * scale:
+            raise oe.ExportError(
+                f"greedy generation through ONNX Runtime ({device}) differs from PyTorch's in prompt {row} at new "
+                f"token {t} (ONNX {int(got[row, t])}, PyTorch {int(ref[row, t])}; PyTorch's top-2 logits "
+                f"{float(top[0]):.4g} vs {float(top[1]):.4g} are no tie). Nothing was written."
+            )
+        summary.setdefault("ties", []).append({"prompt": row, "token": t})
+    return summary
