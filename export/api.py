@@ -59,6 +59,11 @@ def to_onnx(
               via="optimum", Optimum's task name.
     via:      "neat_fx" (torch.onnx dynamo exporter + our passes), or "optimum" for Hugging Face models where
               optimum-onnx is installed (then `optimum_level` "O1"–"O4" or None, and `task`).
+              Or "genai" for Hugging Face decoders of the families onnxruntime-genai's model builder knows
+              (LLaMA, Mistral, Qwen2/3, Phi-3, Gemma…): `path` is then a new (or empty) folder that
+              `onnxruntime_genai.Model(path)` runs, precision from dtype/quantize ("int4"/"int8" with
+              `block_size`), for `device`; verified by greedy generation in onnxruntime-genai against the merged
+              model's generate on the example prompts; returns a `genai_route.GenaiReport`.
     dynamic:  True: every axis the model allows stays dynamic (named batch, sequence, …); False: static; or a
               torch.export dynamic_shapes spec keyed by the forward's argument names.
     verify:   run ONNX Runtime on `device` against PyTorch on the example inputs and on a batch of another
@@ -90,6 +95,10 @@ def to_onnx(
     oe._onnx_modules()
     if not isinstance(module, nn.Module):
         raise TypeError(f"to_onnx exports an nn.Module, got {type(module).__name__}")
+    if via == "genai":  # `path` is the output folder (export/genai_route.py)
+        from . import genai_route
+
+        return genai_route.to_folder(module, example_inputs, path, opts, t_start)
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder {path.parent} does not exist; create it or choose another path")

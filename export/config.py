@@ -14,7 +14,7 @@ QUANTIZE = (None, "int8", "int4")
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 #: task= of the neat_fx route (via="optimum" passes any Optimum task through)
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
-ROUTES = ("neat_fx", "optimum")
+ROUTES = ("neat_fx", "optimum", "genai")
 OPTIMUM_LEVELS = (None, "O1", "O2", "O3", "O4")
 
 
@@ -82,6 +82,12 @@ class ExportConfig:
                 f"task={self.task!r}: the neat_fx route knows task=None (the model's forward as captured) and "
                 f"{TEXT_GENERATION_WITH_PAST!r} (a decoder with its key/value cache as inputs and outputs); other "
                 f"tasks are Optimum's, with via='optimum'"
+            )
+        if self.via == "genai" and (self.approximate or self.opset is not None or self.verify_inputs is not None):
+            raise ConfigError(
+                "via='genai' builds with onnxruntime-genai's model builder (precision from dtype= and quantize=, "
+                "block_size=, device=) and verifies on the example prompts: approximate=, opset= and "
+                "verify_inputs= do not apply; use via='neat_fx' (the default) for those"
             )
         if self.via == "optimum" and (self.dtype != "fp32" or self.quantize or self.approximate):
             raise ConfigError(

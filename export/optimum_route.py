@@ -6,12 +6,13 @@ to_onnx raises with that reason. The model handed over is a plain transformers m
 
 from __future__ import annotations
 
-import copy
 import shutil
 import tempfile
 from pathlib import Path
 
 from torch import nn
+
+from . import merged
 
 TASKS = {
     "ForSequenceClassification": "text-classification",
@@ -49,21 +50,8 @@ def task_of(model: nn.Module) -> str:
 
 
 def merged_copy(module: nn.Module) -> nn.Module:
-    """A transformers model with W0 + ΔW merged, leaving the caller's objects untouched."""
-    from neat_fx.fold import merge_into
-    from neat_fx.neat_module import NeatModule
-
-    if isinstance(module, NeatModule):
-        base = copy.deepcopy(module.model)
-        for p in base.parameters():
-            p.requires_grad_(False)
-        return merge_into(base, module)
-    if not hasattr(module, "save_pretrained"):
-        raise TypeError(
-            f"via='optimum' exports Hugging Face models; {type(module).__name__} has no save_pretrained. "
-            f"Use via='neat_fx'."
-        )
-    return module
+    """A transformers model with W0 + ΔW merged, leaving the caller's objects untouched (export/merged.py)."""
+    return merged.merged_copy(module, route="via='optimum'")
 
 
 def export(module: nn.Module, tmp_onnx: Path, *, opset: int | None, level: str | None, task: str | None) -> list[str]:
