@@ -69,13 +69,22 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 NEW_TOKENS = 16  # greedy tokens compared per prompt at verification
 GROSS = 0.5  # quantized precisions: prefill logits correlate with the reference's at least this much (gross errors)
 EXACT = {"fp32": 1e-3}  # float precisions: tokens identical, and prefill logits within this fraction of the scale
+#: the oldest onnxruntime-genai tested (its builder's library entry points and option names; 0.12's differ)
+MIN_VERSION = (0, 15)
 PLACEHOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def available() -> tuple[bool, str]:
     try:
-        import onnxruntime_genai  # noqa: F401
+        import onnxruntime_genai
         from onnxruntime_genai.models import builder  # noqa: F401
+
+        version = onnxruntime_genai.__version__
+        if tuple(int(p) for p in re.findall(r"\d+", version)[:2]) < MIN_VERSION:
+            return False, (
+                f"onnxruntime-genai {version} is installed; via='genai' needs >= "
+                f"{'.'.join(map(str, MIN_VERSION))} (pip install -U onnxruntime-genai)"
+            )
     except Exception as exc:  # ImportError, or a missing dependency of the builder (onnx_ir, onnxscript)
         return False, (
             f"onnxruntime-genai and its model builder cannot be imported here ({type(exc).__name__}: "
@@ -447,9 +456,8 @@ def _run_builder(
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            extra = builder.parse_extra_options(
-                None, str(hf_dir), str(out), precision, provider, str(cache), [f"{k}={v}" for k, v in options.items()]
-            )
+            items = [f"{k}={v}" for k, v in options.items()]
+            extra = builder.parse_extra_options(None, str(hf_dir), str(out), precision, provider, str(cache), items)
             builder.create_model(None, str(hf_dir), str(out), precision, provider, str(cache), **extra)
     except NotImplementedError as exc:
         raise ExportError(
