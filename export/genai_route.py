@@ -388,6 +388,14 @@ def _write_tokenizer(hf_dir: Path, model: nn.Module, tokenizer) -> tuple[str, bo
             found.save_pretrained(hf_dir)
             return f"the model's own ({name})", False
     _placeholder_tokenizer(model.config).save_pretrained(hf_dir)
+    reloaded = AutoTokenizer.from_pretrained(str(hf_dir))  # as the builder will read it
+    size = len(reloaded)
+    vocab = int(getattr(model.config.get_text_config(decoder=True), "vocab_size", size))
+    if size > vocab:
+        raise ExportError(
+            f"the placeholder tokenizer reloads with {size} tokens for a vocabulary of {vocab} "
+            f"({type(reloaded).__name__} added {reloaded.all_special_tokens}); pass tokenizer= to the genai route"
+        )
     return "placeholder (not saved)", True
 
 
@@ -406,10 +414,13 @@ def _placeholder_tokenizer(config):
         value = value[0] if isinstance(value, (list, tuple)) and value else value
         return f"<{value}>" if isinstance(value, int) and 0 <= value < size else None
 
+    # Every special token named, inside the vocabulary: AutoTokenizer reloads the folder with the model type's
+    # own tokenizer class, whose defaults (Qwen2's pad "<|endoftext|>") would otherwise be added as new ids.
     specials = {k: special(f"{k}_id") for k in ("bos_token", "eos_token", "pad_token")}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<0>", **{k: v for k, v in specials.items() if v is not None}
-    )
+    specials["pad_token"] = specials["pad_token"] or specials["eos_token"] or "<0>"
+    specials["bos_token"] = specials["bos_token"] or specials["eos_token"] or "<0>"
+    specials["eos_token"] = specials["eos_token"] or "<0>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", **specials)
 
 
 def _patch_config(hf_dir: Path, notes: list[str]) -> dict[str, str]:
@@ -583,7 +594,7 @@ def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes)
 
     # onnxruntime-genai: prompts of different lengths go in one batch padded on the RIGHT with its pad id (it
     # reads the pad id as "no token"); one prompt at a time where a prompt holds that id
-    batched = all(pad not in r for r in rows)
+    batched = 0 <= pad < int(meta["vocab_size"]) and all(pad not in r for r in rows)
     model = og.Model(str(out))
     try:
         groups = [list(range(len(rows)))] if batched else [[i] for i in range(len(rows))]

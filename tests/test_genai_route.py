@@ -49,6 +49,8 @@ def build(name: str, seed: int = 0):
         model = T.LlamaForCausalLM(T.LlamaConfig(**_config()))
     elif name == "qwen2":
         model = T.Qwen2ForCausalLM(T.Qwen2Config(**_config(tie_word_embeddings=False)))
+    elif name == "qwen2_tied":  # no pad id (Qwen2's tokenizer class would add its own), head tied
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(**_config(tie_word_embeddings=True, pad_token_id=None)))
     elif name == "mistral":  # a window shorter than prompt + new tokens: the builder must be told about it
         model = T.MistralForCausalLM(T.MistralConfig(**_config(sliding_window=12)))
     elif name == "phi3":  # fused qkv / gate_up; max ≠ original max positions without rope scaling
@@ -162,7 +164,7 @@ def genai_route():
     return genai_route
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "phi3", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen2_tied", "mistral", "phi3", "gemma2"])
 def test_fp32_greedy_tokens_identical_to_the_merged_model(genai_route, name, tmp_path):
     # LLaMA and Gemma-2 (tied head) from the NeatModule; the others as merged models, to keep the file fast
     if name in ("llama", "gemma2"):
