@@ -140,9 +140,9 @@ def check_decoder(model: nn.Module):
     takes_past = cache_argument(model) is not None
     if not (callable(can) and can()) or not takes_past:
         why = (
-            "its forward takes no cache / past_key_values"
-            if not takes_past
-            else "it has no generation head (an encoder or a classifier)"
+            "it has no generation head (an encoder or a classifier)"
+            if not (callable(can) and can())
+            else "its forward takes no cache / past_key_values"
         )
         raise oe.ExportError(
             f"task={TASK!r} exports a decoder language model with a key/value cache; {type(model).__name__} "
@@ -217,6 +217,7 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
 
     model, weights, folded_first = source(module)
     check_decoder(model)
+    oe.check_int4_weights(model, opts)
     args, kwargs = cap.split_example_inputs(example_inputs)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

@@ -102,6 +102,9 @@ class ExportReport:
     # graph inputs (with defaults) that the adapter files override
     adapters: dict[str, Path] = field(default_factory=dict)
     adapter_inputs: list[str] = field(default_factory=list)
+    # with-past export (task="text-generation-with-past"): greedy generation through ONNX Runtime vs PyTorch
+    # ({"new_tokens", "prompts": their lengths, "token_agreement": fraction of equal new tokens[, "ties"]})
+    generation: dict = field(default_factory=dict)
 
     @property
     def max_rel_diff(self) -> float:
@@ -116,8 +119,16 @@ class ExportReport:
         ]
         for p in self.parity:
             who = f"adapter {p['adapter']!r}, " if p.get("adapter") else ("no adapter, " if "adapter" in p else "")
+            who += f"{p['step']}, " if p.get("step") else ""
             lines.append(
                 f"parity       {who}inputs {p['shapes']}: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e}"
+            )
+        if self.generation:
+            g = self.generation
+            lines.append(
+                f"generation   greedy, {g['new_tokens']} new tokens, prompts of {g['prompts']} tokens in one batch: "
+                f"{g['token_agreement']:.1%} of tokens equal PyTorch's"
+                + (f" (diverged only after ties: {g['ties']})" if g.get("ties") else "")
             )
         if self.adapters:
             lines.append(
@@ -195,6 +206,7 @@ def _count_ops(model_proto) -> dict[str, int]:
 def _to_onnx(module, args, kwargs, path: Path, opts: ExportConfig, device: str, t_start: float) -> ExportReport:
     import onnx
 
+    check_int4_weights(module, opts)
     program, folded_first, optimizations, reference_out = _torch_export(module, args, kwargs, opts)
     _name_axes(program)
     second = _probe_second_batch(program, module, args, kwargs) if opts.verify and opts.verify_inputs is None else None
@@ -369,32 +381,61 @@ def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportC
 
 def _int4(onnx, tmp: Path, tmp_data: Path, opts: ExportConfig, device: str, meta: dict) -> str:
     """Weight-only int4 of every MatMul with a constant weight (ONNX Runtime's MatMulNBits quantizer)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    root.handlers[:] = handlers  # its import configures the root logger at INFO: the user's logging is theirs
+    root.setLevel(level)
+
     proto = onnx.load(str(tmp))
+    constants = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    weights = [n for n in proto.graph.node if n.op_type == "MatMul" and len(constants.get(n.input[1], ())) == 2]
+    # a weight with fewer input features than a block would be mostly padding: left in float
+    small = [n.name for n in weights if constants[n.input[1]][0] < opts.block_size]
+    if len(small) == len(weights):
+        counts = _count_ops(proto)
+        raise ExportError(
+            f"quantize='int4' found no MatMul with a constant weight of at least block_size={opts.block_size} input "
+            f"features to quantize ({len(weights)} constant MatMul weights, {len(small)} smaller; ops: "
+            f"{', '.join(sorted(counts))}). Use a smaller block_size, quantize='int8', or fp32. Nothing was written."
+        )
     # accuracy level 4: int8 activations in the CPU kernel (what onnxruntime-genai's builder uses on CPU);
     # CUDA ignores it, so one file serves both
     quantizer = MatMulNBitsQuantizer(
-        proto, bits=4, block_size=opts.block_size, is_symmetric=True, accuracy_level=4, op_types_to_quantize=("MatMul",)
+        proto,
+        bits=4,
+        block_size=opts.block_size,
+        is_symmetric=True,
+        accuracy_level=4,
+        nodes_to_exclude=small,
+        op_types_to_quantize=("MatMul",),
     )
     with _quiet("onnxruntime.quantization"):
         quantizer.process()
     proto = quantizer.model.model
     counts = _count_ops(proto)
-    if not counts.get("MatMulNBits"):
-        raise ExportError(
-            f"quantize='int4' found no MatMul with a constant weight of at least {opts.block_size} input features "
-            f"to quantize (ops: {', '.join(sorted(counts))}). Export fp32, or quantize='int8'. Nothing was written."
-        )
     for k, v in meta.items():
         if k not in {p.key for p in proto.metadata_props}:
             proto.metadata_props.add(key=k, value=v)
     _resave(onnx, proto, tmp, tmp_data)
-    left = counts.get("MatMul", 0)
+    kept = f"; {len(small)} weights under {opts.block_size} input features kept float" if small else ""
     return (
-        f"int4 weight-only quantization (MatMulNBits ×{counts['MatMulNBits']}, block {opts.block_size}, symmetric, "
-        f"accuracy level 4{f'; {left} MatMul of activations stay float' if left else ''})"
+        f"int4 weight-only quantization (MatMulNBits ×{counts.get('MatMulNBits', 0)}, block {opts.block_size}, "
+        f"symmetric, accuracy level 4{kept})"
     )
+
+
+def check_int4_weights(module: nn.Module, opts: ExportConfig):
+    """Before any export work: int4 needs a 2-D weight with at least one block of input features."""
+    if opts.quantize != "int4":
+        return
+    if not any(p.dim() == 2 and p.shape[1] >= opts.block_size for p in module.parameters()):
+        raise ExportError(
+            f"quantize='int4' found no MatMul weight of at least block_size={opts.block_size} input features in "
+            f"{type(module).__name__} (its largest 2-D weights are narrower). Use a smaller block_size, "
+            f"quantize='int8', or fp32. Nothing was written."
+        )
 
 
 def _resave(onnx, proto, tmp: Path, tmp_data: Path):

@@ -4,6 +4,7 @@ neat-fx --version
 neat-fx finetune [--model DIR] [--data DIR] [--rank 8] … (the main job: train, fold, export, verify)
 neat-fx export --model DIR --adapters DIR --out model.onnx [--fp16] [--optimize auto] [--device cpu]
 neat-fx export --model DIR --adapters DIR_A DIR_B … --out model.onnx (one model, one .onnx_adapter per folder)
+neat-fx export --model DIR --adapters DIR --out lm.onnx --task text-generation-with-past [--quantize int4]
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ With several --adapters folders: one fp32 model serving them all (nothing folded
 its H and s·B as graph inputs whose defaults are zeros, so the bare model is the base model) and, beside
 --out, <folder name>.onnx_adapter for each (ONNX Runtime's LoRA adapter format; run them with
 neat_fx.export.AdapterSession or RunOptions.add_active_adapter). Each adapter is verified against PyTorch.
+
+With --task text-generation-with-past (a decoder LM): one file for prefill and cached decoding, its key/value
+cache as inputs past_key_values.{i}.key/.value and outputs present.{i}.key/.value (Optimum's names), decoder
+fusions where they apply, verified by logits and by greedy generation against the model's own generate; run
+it with neat_fx.export.generate. --quantize int4 (MatMulNBits, --block-size 32 or 128) or int8 shrinks it.
 """
 
 
@@ -61,7 +67,9 @@ def _export(args) -> int:
             if num_labels is None and name.endswith(HEAD_WEIGHTS):
                 num_labels = tensor.shape[0]
     cls = getattr(transformers, class_name, None) if class_name else None
-    if cls is None:
+    if cls is None and args.task == "text-generation-with-past":
+        cls = transformers.AutoModelForCausalLM
+    elif cls is None:
         cls = transformers.AutoModelForSequenceClassification if num_labels else transformers.AutoModel
     kwargs = {"num_labels": num_labels} if num_labels else {}
     try:
@@ -73,11 +81,17 @@ def _export(args) -> int:
         model.config.use_cache = False
     example = _example_inputs(args.model, model, args.batch_size, args.seq_len)
     options = dict(optimize=args.optimize, device=args.device, approximate=args.approximate)
+    if args.task or args.quantize or args.via != "neat_fx":
+        options.update(task=args.task, quantize=args.quantize, block_size=args.block_size, via=args.via)
     if len(folders) > 1:  # one model, one ONNX Runtime adapter file per folder (named after it) beside --out
         report = to_onnx(model, example, args.out, adapters=folders, dtype="fp16" if args.fp16 else "fp32", **options)
     else:
         nm = neat_fx.load_adapters(model, folders[0], example_inputs=example)
-        report = to_onnx(nm, example, args.out, dtype="fp16" if args.fp16 else "fp32", **options)
+        try:
+            report = to_onnx(nm, example, args.out, dtype="fp16" if args.fp16 else "fp32", **options)
+        except neat_fx.NeatError as exc:
+            print(f"neat-fx export: {exc}", file=sys.stderr)
+            return 2
     print(report)
     return 0
 
@@ -102,7 +116,14 @@ def _example_inputs(model_dir, model, batch: int, seq: int):
 
 
 def main(argv=None) -> int:
-    from neat_fx.export.config import DEVICES, OPTIMIZE  # (no ONNX import: the options' one home)
+    from neat_fx.export.config import (  # (no ONNX import: the options' one home)
+        DEVICES,
+        INT4_BLOCK_SIZES,
+        OPTIMIZE,
+        QUANTIZE,
+        ROUTES,
+        TEXT_GENERATION_WITH_PAST,
+    )
 
     from . import __version__
 
@@ -151,6 +172,21 @@ def main(argv=None) -> int:
     )
     ex.add_argument("--approximate", action="store_true", help="GELU tanh approximation (faster; drift reported)")
     ex.add_argument("--device", default="cpu", choices=DEVICES, help="where ONNX Runtime verifies the model")
+    ex.add_argument(
+        "--task",
+        choices=[TEXT_GENERATION_WITH_PAST],
+        help="text-generation-with-past: a decoder LM with its key/value cache as inputs/outputs (one file for "
+        "prefill and decoding, verified by greedy generation)",
+    )
+    ex.add_argument(
+        "--quantize",
+        choices=[q for q in QUANTIZE if q],
+        help="int8: dynamic int8 MatMul weights (CPU); int4: weight-only 4-bit MatMulNBits (CPU and CUDA)",
+    )
+    ex.add_argument(
+        "--block-size", type=int, default=32, choices=INT4_BLOCK_SIZES, help="int4 weights per scale (default 32)"
+    )
+    ex.add_argument("--via", default="neat_fx", choices=ROUTES, help="exporter route (default neat_fx)")
     ex.add_argument(
         "--num-labels", type=finetune.positive_int, help="classification labels (default: from the saved head)"
     )

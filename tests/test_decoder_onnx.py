@@ -1,0 +1,364 @@
+"""to_onnx(..., task="text-generation-with-past") and neat_fx.export.generate: one file for prefill and cached
+decoding with Optimum's names, decoder fusions counted, greedy tokens through ONNX Runtime identical to
+PyTorch's on six decoder families (from a NeatModule, a fold and a merged model), int4/int8/fp16 with their
+drift and token agreement, the runner's sampling/stopping/cache use, and bad input refused with nothing
+written."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import neat_fx
+from neat_fx.errors import GenerationError
+from neat_fx.export import ExportError, generate, session, to_onnx
+from neat_fx.export import generation as gen_mod
+
+import decoders
+import zoo
+from helpers import randomize_adapters
+
+TASK = "text-generation-with-past"
+NEW = 20
+# fused ops every with-past file of the family must hold (2 layers), as onnxscript's fusions give them today
+FUSED = {
+    "llama": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
+    "qwen2": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
+    "mistral": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
+    "phi3": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
+    "gemma2": {"SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 5},
+    "gpt2": {"LayerNormalization": 5},
+}
+# Qwen2 is LLaMA with biased q/k/v, Mistral LLaMA with a sliding window (Gemma-2 has one too): nothing the export
+# treats differently, slow to keep the default run near its budget
+SLOW_FAMILIES = ("qwen2", "mistral")
+
+
+def _transformed(name: str):
+    model = decoders.build(name)
+    nm = neat_fx.transform(model, "all-linear", decoders.example_inputs(), rank=4, seed=0)
+    randomize_adapters(nm, std=0.3, seed=5)
+    return model, nm
+
+
+@pytest.fixture(scope="module")
+def llama_file(tmp_path_factory):
+    """The LLaMA with-past file, exported from the NeatModule itself (folded first), shared by the runner tests."""
+    model, nm = _transformed("llama")
+    path = tmp_path_factory.mktemp("lm") / "llama.onnx"
+    report = to_onnx(nm, decoders.example_inputs(), path, task=TASK)
+    return model, nm, path, report
+
+
+def _shape(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FAMILIES else n for n in decoders.DECODERS]
+)
+def test_family_with_past_generates_pytorchs_tokens(name, tmp_path, request):
+    # the three kinds of module to_onnx takes: a NeatModule (folded first), a fold, a merged Hugging Face model
+    kind = {"llama": "nm", "gpt2": "merged"}.get(name, "fold")
+    if name == "llama":
+        model, nm, path, report = request.getfixturevalue("llama_file")
+    else:
+        model, nm = _transformed(name)
+        module = neat_fx.merge_into(copy.deepcopy(model), nm) if kind == "merged" else neat_fx.fold(nm)
+        path = tmp_path / "lm.onnx"
+        report = to_onnx(module, decoders.example_inputs(), path, task=TASK)
+
+    proto = onnx.load(str(path))
+    layers = model.config.num_hidden_layers
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "position_ids"] + past
+    assert [o.name for o in proto.graph.output] == ["logits"] + [p.replace("past_key_values", "present") for p in past]
+    shapes = {v.name: _shape(v) for v in list(proto.graph.input) + list(proto.graph.output)}
+    assert shapes["input_ids"] == ["batch_size", "sequence_length"]
+    assert shapes["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert shapes["past_key_values.0.key"][0] == "batch_size" and shapes["past_key_values.0.key"][2] == (
+        "past_sequence_length"
+    )
+    assert all(isinstance(shapes["past_key_values.0.key"][k], int) for k in (1, 3))
+    assert shapes["logits"][:2] == ["batch_size", "sequence_length"]
+    for op, count in FUSED[name].items():
+        assert report.fused_ops.get(op) == count, (op, report.fused_ops)
+    if name == "gpt2":  # onnxscript's fusions break its Conv1D Gemms today: the plain graph, and the report says so
+        assert any("plain graph exported" in n for n in report.notes)
+
+    # verification: logits of a prefill and a decode step, then 16 greedy tokens on two prompt lengths
+    assert [p["step"] for p in report.parity] == ["prefill", "decode"]
+    assert report.max_rel_diff <= 1e-4
+    assert report.generation["token_agreement"] == 1.0 and report.generation["prompts"] == [8, 4]
+    assert report.folded_first == (kind == "nm")
+
+    ids, mask = decoders.left_padded((9, 5))
+    want = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW)
+    got = generate(path, ids, mask, max_new_tokens=NEW)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.int64
+    assert torch.equal(got, want)
+
+
+def test_runner_numpy_in_numpy_out_and_session_input(llama_file):
+    _, nm, path, _ = llama_file
+    ids, mask = decoders.left_padded((9, 5))
+    want = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW).numpy()
+    sess = session(path, "cpu")
+    got = generate(sess, ids.numpy(), mask.numpy(), max_new_tokens=NEW)
+    assert isinstance(got, np.ndarray) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    # one prompt, no mask: every token counts
+    one = generate(sess, ids[:1], max_new_tokens=5)
+    np.testing.assert_array_equal(one.numpy(), neat_fx.generate(nm, ids[:1], max_new_tokens=5).numpy())
+
+
+def test_runner_feeds_one_token_per_step_with_the_growing_cache(llama_file, monkeypatch):
+    """The cache is used: after the prompt, every call sees one new token and the past grows by one."""
+    _, _, path, _ = llama_file
+    sess = session(path, "cpu")
+    seen = []
+    real_bind = type(sess.io_binding()).bind_cpu_input
+    real_value = type(sess.io_binding()).bind_ortvalue_input
+
+    def bind_cpu(self, name, array):
+        if name == "input_ids":
+            seen.append(["ids", array.shape])
+        return real_bind(self, name, array)
+
+    def bind_value(self, name, value):
+        if name == "past_key_values.0.key":
+            seen[-1].append(value.shape()[2])
+        return real_value(self, name, value)
+
+    monkeypatch.setattr(type(sess.io_binding()), "bind_cpu_input", bind_cpu)
+    monkeypatch.setattr(type(sess.io_binding()), "bind_ortvalue_input", bind_value)
+    ids, mask = decoders.left_padded((9, 5))
+    timings = {}
+    generate(sess, ids, mask, max_new_tokens=6, eos_token_id=[], timings=timings)
+    assert seen[0] == ["ids", (2, 9), 0]
+    assert [s[1] for s in seen[1:]] == [(2, 1)] * 5
+    assert [s[2] for s in seen[1:]] == [9, 10, 11, 12, 13]
+    assert timings["decode_steps"] == 5 and timings["prefill_s"] > 0 and timings["decode_s"] > 0
+
+
+def test_runner_stops_on_eos_and_pads_finished_rows(llama_file):
+    _, _, path, _ = llama_file
+    ids, mask = decoders.left_padded((9, 5))
+    free = generate(path, ids, mask, max_new_tokens=8, eos_token_id=[])
+    first = free[:, 9]
+    # the first row's first token as EOS: that row is padded from then on, the other runs on
+    out = generate(path, ids, mask, max_new_tokens=8, eos_token_id=int(first[0]), pad_token_id=0)
+    if int(first[1]) != int(first[0]):
+        assert out.shape[1] == 17
+        assert (out[0, 10:] == 0).all()
+        assert torch.equal(out[1], free[1]) or int(first[0]) in free[1, 10:].tolist()
+    # both rows' first tokens as EOS: generation ends after one step
+    out = generate(path, ids, mask, max_new_tokens=8, eos_token_id=[int(first[0]), int(first[1])])
+    assert out.shape == (2, 10)
+
+
+def test_runner_sampling_is_seeded_and_top_k_one_is_greedy(llama_file):
+    _, _, path, _ = llama_file
+    ids, mask = decoders.left_padded((9, 5))
+    sess = session(path, "cpu")
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, eos_token_id=[])
+    a = generate(sess, ids, mask, seed=3, **kw)
+    b = generate(sess, ids, mask, seed=3, **kw)
+    c = generate(sess, ids, mask, seed=4, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = generate(sess, ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(generate(sess, ids, mask, seed=9, top_k=1, **kw), greedy)
+
+
+def test_sampling_rules_top_k_and_top_p():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([[0.6, 0.3, 0.06, 0.04]] * 400))
+    top2 = gen_mod._sample(logits, rng, 1.0, 2, 1.0)
+    assert set(top2.tolist()) == {0, 1}
+    assert 0.5 < (top2 == 0).mean() < 0.85  # 0.6 / 0.9 renormalised
+    assert set(gen_mod._sample(logits, rng, 1.0, None, 0.5).tolist()) == {0}  # 0.6 alone reaches 0.5
+    assert set(gen_mod._sample(logits, rng, 1.0, None, 0.8).tolist()) == {0, 1}
+
+
+def test_adapters_are_in_the_file(llama_file):
+    """The file's tokens are the adapted model's (above) and not the base model's own generate."""
+    model, nm, path, _ = llama_file
+    ids, mask = decoders.left_padded((9, 5))
+    assert not torch.equal(generate(path, ids, mask, max_new_tokens=NEW), _hf(model, ids, mask))
+
+
+def _hf(model, ids, mask):
+    gc = model.generation_config
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=gc.pad_token_id,
+        eos_token_id=gc.eos_token_id,
+    )
+
+
+def test_int4_quantizes_every_linear_and_reports_drift(tmp_path):
+    """A wider LLaMA (hidden 128), so block 32 and 128 both have whole blocks; the 2 layers × 7 linears and the
+    head become MatMulNBits; the file is smaller; drift and token agreement are reported."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(**decoders._common(hidden_size=128, intermediate_size=256, initializer_range=0.02))
+    model = T.LlamaForCausalLM(cfg).eval()
+    nm = neat_fx.transform(model, "all-linear", decoders.example_inputs(), rank=4, seed=0)
+    randomize_adapters(nm, std=0.05, seed=5)
+    folded = neat_fx.fold(nm)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())  # (the tied head once)
+    sizes = {}
+    for block in (32, 128):
+        path = tmp_path / f"int4_{block}.onnx"
+        report = to_onnx(folded, decoders.example_inputs(), path, task=TASK, quantize="int4", block_size=block)
+        counts = report.op_counts
+        assert counts.get("MatMulNBits") == 2 * 7 + 1, counts
+        node = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits")
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs["block_size"] == block and attrs["bits"] == 4 and attrs["accuracy_level"] == 4
+        assert 0 < report.max_rel_diff < 0.5  # changed by design, not broken
+        assert 0.0 <= report.generation["token_agreement"] <= 1.0
+        assert any(o.startswith("int4 weight-only") for o in report.optimizations)
+        sizes[block] = report.size_bytes
+    assert sizes[32] < fp32_bytes / 3 and sizes[128] < sizes[32]
+    ids, mask = decoders.left_padded((9, 5))
+    out = generate(tmp_path / "int4_32.onnx", ids, mask, max_new_tokens=8)
+    assert out.shape[0] == 2 and out.shape[1] <= 17
+
+
+@pytest.mark.slow
+def test_int8_and_fp16_with_past(llama_file, tmp_path):
+    _, nm, _, _ = llama_file
+    r8 = to_onnx(nm, decoders.example_inputs(), tmp_path / "int8.onnx", task=TASK, quantize="int8")
+    assert r8.op_counts.get("DynamicQuantizeLinear") or r8.op_counts.get("MatMulInteger")
+    assert 0 <= r8.generation["token_agreement"] <= 1
+    r16 = to_onnx(nm, decoders.example_inputs(), tmp_path / "fp16.onnx", task=TASK, dtype="fp16")
+    proto = onnx.load(str(tmp_path / "fp16.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(proto.graph.input) + list(proto.graph.output)}
+    assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16  # the cache stays fp16 between steps
+    assert types["present.0.value"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    assert r16.max_rel_diff <= 2e-2
+    ids, mask = decoders.left_padded((9, 5))
+    assert generate(tmp_path / "fp16.onnx", ids, mask, max_new_tokens=6).shape[0] == 2
+
+
+def test_cli_export_with_past_int4(tmp_path, capsys):
+    from neat_fx.cli import main
+
+    model, nm = _transformed("llama")
+    model.save_pretrained(tmp_path / "base")
+    neat_fx.save_adapters(nm, tmp_path / "adapters")
+    out = tmp_path / "lm.onnx"
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(tmp_path / "base"),
+            "--adapters",
+            str(tmp_path / "adapters"),
+            "--out",
+            str(out),
+            "--task",
+            TASK,
+            "--quantize",
+            "int4",
+            "--block-size",
+            "16",
+            "--seq-len",
+            "8",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0 and out.is_file()
+    assert "generation   greedy" in text and "MatMulNBits" in text
+    assert "past_key_values.1.value" in [i.name for i in onnx.load(str(out)).graph.input]
+
+
+# ---- bad input: clear errors, nothing written -------------------------------------------------------------------
+
+
+def test_encoder_and_plain_modules_are_refused(tmp_path):
+    bert, example, _, patterns = zoo.bert()
+    with pytest.raises(ExportError, match="no generation head"):
+        to_onnx(bert.eval(), example, tmp_path / "x.onnx", task=TASK)
+    with pytest.raises(ExportError, match="task=None"):  # transformed, too
+        to_onnx(neat_fx.transform(bert, patterns, example), example, tmp_path / "x.onnx", task=TASK)
+    ids = torch.randint(0, 90, (2, 6))
+    plain = torch.nn.Sequential(torch.nn.Embedding(90, 16), torch.nn.Linear(16, 90))
+    with pytest.raises(ExportError, match="no cache / past_key_values|cannot run with one"):
+        to_onnx(plain, (ids,), tmp_path / "y.onnx", task=TASK)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_options_and_paths(tmp_path):
+    model = decoders.build("llama")
+    ex = decoders.example_inputs()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        to_onnx(model, ex, tmp_path / "missing" / "lm.onnx", task=TASK)
+    with pytest.raises(neat_fx.ConfigError, match="block_size"):
+        to_onnx(model, ex, tmp_path / "lm.onnx", task=TASK, quantize="int4", block_size=48)
+    with pytest.raises(neat_fx.ConfigError, match="task="):
+        to_onnx(model, ex, tmp_path / "lm.onnx", task="summarization")
+    with pytest.raises(neat_fx.ConfigError, match="applies to fp32"):
+        to_onnx(model, ex, tmp_path / "lm.onnx", task=TASK, quantize="int4", dtype="fp16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_without_a_large_enough_matmul_is_refused(tmp_path):
+    model = decoders.build("llama")  # hidden 32: no weight has 256 input features
+    with pytest.raises(ExportError, match="block_size=256"):
+        to_onnx(model, decoders.example_inputs(), tmp_path / "lm.onnx", task=TASK, quantize="int4", block_size=256)
+    with pytest.raises(ExportError, match="block_size=256"):  # the route without a cache checks the same
+        to_onnx(model, decoders.example_inputs(), tmp_path / "lm.onnx", quantize="int4", block_size=256)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    from neat_fx.export import decoder
+
+    def broken(*a, **k):
+        raise ExportError("forced")
+
+    monkeypatch.setattr(decoder, "_verify_generation", broken)
+    (tmp_path / "lm.onnx").write_bytes(b"old")
+    with pytest.raises(ExportError, match="forced"):
+        to_onnx(decoders.build("llama"), decoders.example_inputs(), tmp_path / "lm.onnx", task=TASK)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.onnx"]
+    assert (tmp_path / "lm.onnx").read_bytes() == b"old"
+
+
+def test_runner_bad_input(llama_file, tmp_path):
+    _, _, path, _ = llama_file
+    ids, mask = decoders.left_padded((9, 5))
+    for bad in (0, -2, 2.5):
+        with pytest.raises(GenerationError, match="max_new_tokens"):
+            generate(path, ids, mask, max_new_tokens=bad)
+    right = torch.flip(mask, [1])
+    with pytest.raises(GenerationError, match="left"):
+        generate(path, ids, right, max_new_tokens=4)
+    with pytest.raises(GenerationError, match="temperature"):
+        generate(path, ids, mask, max_new_tokens=4, do_sample=True, temperature=0)
+    # an ONNX file without a cache: what it lacks, and how to export one
+    plain = tmp_path / "plain.onnx"
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Cast", ["input_ids"], ["logits"], to=onnx.TensorProto.FLOAT)],
+        "no_cache",
+        [h.make_tensor_value_info(n, onnx.TensorProto.INT64, ["b", "s"]) for n in ("input_ids", "attention_mask")],
+        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", "s"])],
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(plain))
+    with pytest.raises(GenerationError, match="text-generation-with-past"):
+        generate(plain, ids, mask, max_new_tokens=4)
+    with pytest.raises(FileNotFoundError):
+        generate(tmp_path / "none.onnx", ids, mask, max_new_tokens=4)
