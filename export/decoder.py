@@ -97,9 +97,14 @@ class WithPast(nn.Module):
         self.model = model
         self.layout = layout
         self._cache_arg = cache_argument(model)
-        self._paths = list(weights)
-        for i, w in enumerate(weights.values()):
-            self.register_buffer(f"adapted_{i}", w.detach(), persistent=False)
+        # one buffer per tensor: a head tied to the embedding stays one constant in the file
+        slots: dict[int, int] = {}
+        self._slots = {}
+        for path, w in weights.items():
+            if id(w) not in slots:
+                slots[id(w)] = len(slots)
+                self.register_buffer(f"adapted_{slots[id(w)]}", w.detach(), persistent=False)
+            self._slots[path] = slots[id(w)]
 
     def forward(self, input_ids, attention_mask, *rest):
         from transformers.cache_utils import DynamicCache
@@ -109,7 +114,7 @@ class WithPast(nn.Module):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, self._cache_arg: cache, "use_cache": True}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        weights = {p: getattr(self, f"adapted_{i}") for i, p in enumerate(self._paths)}
+        weights = {p: getattr(self, f"adapted_{i}") for p, i in self._slots.items()}
         out = torch.func.functional_call(self.model, weights, (), kwargs, tie_weights=False, strict=False)
         present = []
         for layer in returned_cache(out).layers:
@@ -234,6 +239,8 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
     fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
     proto, done = oe._optimized_proto(program, opts, device, fuse=fuse, kv_io=opts.dtype == "fp16")
     done.insert(0, "cache as inputs/outputs (past_key_values.* → present.*)")
+    if not opts.quantize and oe.share_transposed_constants(onnx, proto):  # (quantizers need the head's MatMul)
+        done.append("head tied to the embedding kept as one constant (FusedMatMul transB)")
     fusion_failed = None
     meta = dict(oe._metadata(opts), **_generation_metadata(model, layout))
     meta["neat_fx.export.task"] = TASK
@@ -303,7 +310,8 @@ def _torch_export(wrapper: WithPast, example: tuple, layout: CacheLayout, opts: 
                 None,
                 dynamo=True,
                 optimize=opts.optimize != "none",
-                opset_version=opts.opset,
+                # int4 stores int4 tensors (the embedding table's), which need opset 21
+                opset_version=opts.opset or (21 if opts.quantize == "int4" else None),
                 dynamic_shapes=_dynamic_shapes(layout),
                 input_names=layout.input_names(),
                 output_names=layout.output_names(),
@@ -420,7 +428,7 @@ def _verify_generation(sess, device, module, wrapper, ids, mask, pad, precision)
     n = VERIFY_NEW_TOKENS
     model = wrapper.model
     model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    weights = {"model." + p: getattr(wrapper, f"adapted_{i}") for i, p in enumerate(wrapper._paths)}
+    weights = {"model." + p: getattr(wrapper, f"adapted_{i}") for p, i in wrapper._slots.items()}
     gen_kwargs = dict(
         input_ids=ids.to(model_device),
         attention_mask=mask.to(model_device),
