@@ -362,11 +362,14 @@ def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportC
         done.append(f"ONNX Runtime graph optimisations saved offline ({device}, level EXTENDED)")
         _save(onnx, _with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
     if opts.quantize == "int8":
+        import tempfile
+
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with Staging() as st:
-            q_tmp = st.path(tmp, ".q.onnx")
-            st.add(q_tmp.with_name(q_tmp.name + ".data"), None)
+        # a plain name in a private folder: the quantizer names its weights file after the model, and the
+        # hidden temporary names would give it a location onnx refuses ("..name.data")
+        with tempfile.TemporaryDirectory(prefix=".int8-", dir=tmp.parent) as work:
+            q_tmp = Path(work) / "quantized.onnx"
             quantize_dynamic(
                 str(tmp),
                 str(q_tmp),

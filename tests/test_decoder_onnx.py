@@ -387,3 +387,21 @@ def test_runner_bad_input(llama_file, tmp_path):
         generate(plain, ids, mask, max_new_tokens=4)
     with pytest.raises(FileNotFoundError):
         generate(tmp_path / "none.onnx", ids, mask, max_new_tokens=4)
+
+
+def test_weights_over_the_protobuf_limit_go_beside_the_file(tmp_path, monkeypatch):
+    """A model over 2 GB keeps its weights in `<file>.data` (here the limit is lowered to 3 MB); int8 of it fits
+    in one file again. Both renamed into place together, nothing else left in the folder."""
+    from neat_fx.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 3_000_000)  # fp32 3.2 MB, int8 2.8 MB
+    _, nm = _tied_llama()
+    fp32 = to_onnx(nm, decoders.example_inputs(), tmp_path / "fp32.onnx", task=TASK)
+    assert fp32.external_data and (tmp_path / "fp32.onnx.data").is_file()
+    int8 = to_onnx(nm, decoders.example_inputs(), tmp_path / "int8.onnx", task=TASK, quantize="int8")
+    assert not int8.external_data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "fp32.onnx.data", "int8.onnx"]
+    ids, mask = decoders.left_padded((9, 5))
+    assert torch.equal(
+        generate(tmp_path / "fp32.onnx", ids, mask, max_new_tokens=8), neat_fx.generate(nm, ids, mask, max_new_tokens=8)
+    )
