@@ -88,6 +88,20 @@ def returned_cache(out):
     return next((getattr(out, n) for n in CACHE_ARGUMENTS if getattr(out, n, None) is not None), None)
 
 
+def cache_tensors(cache) -> list[tuple] | None:
+    """[(keys, values)] per layer of a transformers cache (`.layers` from 4.56, `key_cache`/`value_cache`
+    lists before), or None if it holds no such tensors."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        pairs = [(getattr(la, "keys", None), getattr(la, "values", None)) for la in layers]
+    elif isinstance(getattr(cache, "key_cache", None), list):
+        pairs = list(zip(cache.key_cache, cache.value_cache))
+    else:
+        return None
+    ok = pairs and all(isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) for k, v in pairs)
+    return pairs if ok else None
+
+
 class WithPast(nn.Module):
     """The model's forward with a cache given as flat tensors and returned as flat tensors, the adapted weights
     in place of the model's own (held here as buffers, so the exporter takes them as the file's constants)."""
@@ -116,9 +130,7 @@ class WithPast(nn.Module):
             kwargs["position_ids"] = position_ids
         weights = {p: getattr(self, f"adapted_{i}") for p, i in self._slots.items()}
         out = torch.func.functional_call(self.model, weights, (), kwargs, tie_weights=False, strict=False)
-        present = []
-        for layer in returned_cache(out).layers:
-            present += [layer.keys, layer.values]
+        present = [t for pair in cache_tensors(returned_cache(out)) for t in pair]
         return (out.logits, *present)
 
 
@@ -165,23 +177,23 @@ def probe_layout(model: nn.Module, weights: dict, input_ids: torch.Tensor) -> Ca
             model, weights, (), dict(input_ids=ids, use_cache=True), tie_weights=False, strict=False
         )
     cache = returned_cache(out)
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(isinstance(getattr(la, "keys", None), torch.Tensor) for la in layers):
+    layers = cache_tensors(cache)
+    if not layers:
         raise oe.ExportError(
             f"{type(model).__name__} returned no key/value cache for use_cache=True (got "
             f"{type(cache).__name__}); task={TASK!r} needs a model that fills a transformers DynamicCache. Export "
             f"with task=None instead."
         )
-    if any(la.keys.dim() != 4 or la.values.dim() != 4 for la in layers):
+    if any(k.dim() != 4 or v.dim() != 4 for k, v in layers):
         raise oe.ExportError(
             f"{type(model).__name__}'s cache is not laid out as [batch, heads, length, head size] per layer; "
             f"task={TASK!r} supports that layout only. Export with task=None instead."
         )
     return CacheLayout(
-        kv_heads=tuple(la.keys.shape[1] for la in layers),
-        head_dims=tuple(la.keys.shape[3] for la in layers),
-        value_dims=tuple(la.values.shape[3] for la in layers),
-        dtype=layers[0].keys.dtype,
+        kv_heads=tuple(k.shape[1] for k, _ in layers),
+        head_dims=tuple(k.shape[3] for k, _ in layers),
+        value_dims=tuple(v.shape[3] for _, v in layers),
+        dtype=layers[0][0].dtype,
         position_ids=takes_positions,
     )
 
