@@ -38,9 +38,12 @@ TASK = TEXT_GENERATION_WITH_PAST
 EXAMPLE_PAST = 3
 #: new tokens of the verification by generation (two prompts of different lengths in one batch)
 VERIFY_NEW_TOKENS = 16
-#: logits tolerance (of each output's scale) per precision; int8/int4 change the numbers by design, the check
-#: only catches a broken model and the drift and token agreement are reported
+#: logits tolerance (of each output's scale) per precision; int8/int4 change the numbers by design: they are
+#: checked only against a broken model (QUANTIZED_MIN_COSINE), their drift and token agreement are reported
 LOGITS_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.5, "int4": 0.5}
+#: the least cosine similarity of each quantized output (logits, keys, values) to PyTorch's; measured: 0.98–0.999
+#: at a realistic weight scale, 0.88–0.97 on a toy model with 0.2-std weights; a broken model lands near 0
+QUANTIZED_MIN_COSINE = 0.7
 #: a greedy step whose top-2 logits are closer than this (of the logits' scale) is a tie: fp32 may pick either
 TIE_MARGIN = 1e-4
 META_PREFIX = "neat_fx.generation."
@@ -304,6 +307,13 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         t_start,
     )
     report.generation = generation_check
+    if opts.quantize:
+        report.notes = [n for n in report.notes if "gross errors" not in n]
+        cosine = min((p["min_cosine"] for p in parity), default=float("nan"))
+        report.notes.append(
+            f"{opts.quantize}: checked only against a broken model (each output's cosine to PyTorch ≥ "
+            f"{QUANTIZED_MIN_COSINE}; here {cosine:.3f}); the drift is the parity above — judge it by task accuracy"
+        )
     if fusion_failed:
         report.notes.append(f"decoder fusions refused by ONNX Runtime ({fusion_failed}); plain graph exported")
     elif not report.fused_ops.get("MultiHeadAttention") and not report.fused_ops.get("GroupQueryAttention"):
@@ -402,15 +412,28 @@ def verify(tmp: Path, device: str, module, wrapper: WithPast, layout: CacheLayou
         got = sess.run(None, feed)
         # padded positions carry no meaning (their attention rows are empty): only real tokens are compared
         query = total[:, -a[0].shape[1] :].bool()
-        result = compare(_real(r, query, total), _real([torch.from_numpy(g) for g in got], query, total))
+        expected, actual = _real(r, query, total), _real([torch.from_numpy(g) for g in got], query, total)
+        result = compare(expected, actual)
         result.pop("ok")
+        result["min_cosine"] = min(_cosine(e, a) for e, a in zip(expected, actual))
         result["shapes"] = [tuple(v.shape) for v in feed.values()][: len(a)] + [f"past {p[0].shape[2]}"]
         result["step"] = "prefill" if step == 0 else "decode"
         parity.append(result)
-        if not result["max_rel"] <= tol:
+        # quantized: the numbers change by design, so only a broken model fails — outputs no longer pointing
+        # the way PyTorch's do (cosine); float precisions: within the tolerance of each output's scale
+        quantized = precision in ("int8", "int4")
+        if (quantized and not result["min_cosine"] >= QUANTIZED_MIN_COSINE) or (
+            not quantized and not result["max_rel"] <= tol
+        ):
             raise oe.ExportError(
-                f"ONNX Runtime ({device}) and PyTorch disagree on the {result['step']} logits/cache: max relative "
-                f"difference {result['max_rel']:.3g} > tolerance {tol:g} ({precision}). Nothing was written."
+                f"ONNX Runtime ({device}) and PyTorch disagree on the {result['step']} logits/cache ({precision}): "
+                f"max relative difference {result['max_rel']:.3g}"
+                + (
+                    f", cosine {result['min_cosine']:.3f} < {QUANTIZED_MIN_COSINE}"
+                    if quantized
+                    else f" > tolerance {tol:g}"
+                )
+                + ". Nothing was written."
             )
     summary = _verify_generation(sess, device, module, wrapper, ids, mask, pad, precision)
     return parity, summary
@@ -420,6 +443,12 @@ def _real(outputs, query: torch.Tensor, total: torch.Tensor) -> list[torch.Tenso
     """Logits at the real query positions, cache entries at the real positions: [tokens, …] each."""
     logits, *cache = (t.float().cpu() for t in outputs)
     return [logits[query]] + [c.transpose(1, 2)[total.bool()] for c in cache]
+
+
+def _cosine(e: torch.Tensor, a: torch.Tensor) -> float:
+    e, a = e.double().flatten(), a.double().flatten()
+    norms = float(e.norm() * a.norm())
+    return float(e @ a) / norms if norms else float(torch.equal(e, a))
 
 
 def _pad_id(model) -> int:

@@ -122,6 +122,7 @@ class ExportReport:
             who += f"{p['step']}, " if p.get("step") else ""
             lines.append(
                 f"parity       {who}inputs {p['shapes']}: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e}"
+                + (f", cosine {p['min_cosine']:.4f}" if "min_cosine" in p else "")
             )
         if self.generation:
             g = self.generation
