@@ -103,7 +103,7 @@ def export_one(route: str, work: Path, args) -> dict:
     import torch
 
     import neat_fx
-    from neat_fx.export import to_onnx
+    from neat_fx.export import ExportError, to_onnx
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -122,14 +122,17 @@ def export_one(route: str, work: Path, args) -> dict:
         out.mkdir()
         example = dict(input_ids=prompt_ids(16).repeat(2, 1), attention_mask=torch.ones(2, 16, dtype=torch.long))
         example["attention_mask"][1, :5] = 0  # a left-padded row, as generation feeds
-        report = to_onnx(
-            folded,
-            example,
-            out / "model.onnx",
-            task="text-generation-with-past",
-            quantize=quantize,
-            block_size=BLOCK,
-        )
+        kwargs = dict(task="text-generation-with-past", quantize=quantize, block_size=BLOCK)
+        try:
+            report = to_onnx(folded, example, out / "model.onnx", **kwargs)
+        except ExportError as exc:
+            # a quantized export whose drift on this random model exceeds the route's gross-error bound: made
+            # again unverified (the speed is what this measures; token agreement with HF is measured here)
+            if not quantize or "tolerance" not in str(exc):
+                raise
+            info["verification_failed"] = str(exc).splitlines()[0]
+            t = time.perf_counter()
+            report = to_onnx(folded, example, out / "model.onnx", verify=False, **kwargs)
         info.update(
             optimizations=report.optimizations,
             fused_ops=report.fused_ops,
@@ -328,20 +331,30 @@ def main():
 
     from tqdm.auto import tqdm
 
-    exports = {}
+    exports: dict = {}
+    failed: dict[str, str] = {}
     try:
         for route in tqdm(routes, desc="exports (one process each)", unit="model"):
             if args.reuse and (work / route).is_dir() and (work / route / "export.json").is_file():
                 exports[route] = json.loads((work / route / "export.json").read_text())
                 continue
             shutil.rmtree(work / route, ignore_errors=True)
-            exports[route] = child("export", route, args, work)
+            try:
+                exports[route] = child("export", route, args, work)
+            except RuntimeError as exc:  # recorded; the row is left out of the measurements
+                failed[route] = str(exc).strip().splitlines()[-1]
+                tqdm.write(f"{route}: export failed: {failed[route]}")
+                shutil.rmtree(work / route, ignore_errors=True)
+                continue
             (work / route / "export.json").write_text(json.dumps(exports[route], default=str))
             tqdm.write(
                 f"{route}: exported in {exports[route]['export_s']:.0f} s, "
                 f"{exports[route]['size_bytes'] / 2**20:.0f} MB"
             )
 
+        if "hf_fp32" in failed:
+            raise RuntimeError(f"the reference could not be made: {failed['hf_fp32']}")
+        routes = [r for r in routes if r not in failed]
         runs = {r: [] for r in routes}
         total = args.rounds * len(routes)
         with tqdm(total=total, desc="measurements (one process each)", unit="run") as bar:
@@ -417,6 +430,7 @@ def main():
         block_size=BLOCK,
         rows=rows,
         targets=targets,
+        failed_exports=failed,
         torch=torch.__version__,
         transformers=transformers.__version__,
         onnxruntime=onnxruntime.__version__,
@@ -444,6 +458,15 @@ def main():
             f"{v['decode_tokens_per_s']:.1f} | {v['decode_vs_hf']:.2f}× | {same} | "
             f"{v['size_bytes'] / 2**20:,.0f} MB | {v['export_s']:.0f} s |"
         )
+    for route, why in failed.items():
+        lines.append(f"| {ROUTES[route]} | export failed: {why[:200]} | | | | | | |")
+    unverified = {k: v["export"].get("verification_failed") for k, v in rows.items()}
+    unverified = {k: why for k, why in unverified.items() if why}
+    if unverified:
+        lines += [""] + [
+            f"{ROUTES[k]}: to_onnx's own check refused it ({why}); exported again with verify=False for timing."
+            for k, why in unverified.items()
+        ]
     lines += ["", "Targets:", ""] + [f"- {t}" for t in targets]
     lines += [
         "",
