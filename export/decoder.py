@@ -251,18 +251,13 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
     example = _example(layout, input_ids, model_device)
     with cap.train_mode(model, False):
         program = _torch_export(wrapper, example, layout, opts)
-    fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
-    proto, done = oe._optimized_proto(program, opts, device, fuse=fuse, kv_io=opts.dtype == "fp16")
-    done.insert(0, "cache as inputs/outputs (past_key_values.* → present.*)")
-    if not opts.quantize and oe.share_transposed_constants(onnx, proto):  # (quantizers need the head's MatMul)
-        done.append("head tied to the embedding kept as one constant (FusedMatMul transB)")
-    fusion_failed = None
     meta = dict(oe._metadata(opts), **_generation_metadata(model, layout))
     meta["neat_fx.export.task"] = TASK
+    fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
+    proto, done = _proto(onnx, program, opts, device, fuse, meta)
+    fusion_failed = None
     external = oe._proto_bytes(proto) > oe.EXTERNAL_DATA_ABOVE
     final_data = path.with_name(path.name + ".data")
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
     with Staging() as st:
         tmp = st.path(path, ".onnx")
         tmp_data = tmp.with_name(tmp.name + ".data")
@@ -278,10 +273,7 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
             log.warning("to_onnx: ONNX Runtime refuses the fused graph (%s); exporting without fusions", exc)
             with cap.train_mode(model, False):  # the fusions rewrote the program's graph in place
                 program = _torch_export(wrapper, example, layout, opts)
-            proto, done = oe._optimized_proto(program, opts, device, kv_io=opts.dtype == "fp16", fuse=False)
-            done.insert(0, "cache as inputs/outputs (past_key_values.* → present.*)")
-            for k, v in meta.items():
-                proto.metadata_props.add(key=k, value=v)
+            proto, done = _proto(onnx, program, opts, device, False, meta)
             oe._save(onnx, proto, tmp, tmp_data, external)
             del proto
         done += oe._post_process(onnx, tmp, tmp_data, external, opts, device, meta)
@@ -319,6 +311,17 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
     elif not report.fused_ops.get("MultiHeadAttention") and not report.fused_ops.get("GroupQueryAttention"):
         report.notes.append("attention not fused for this architecture: it runs as MatMul/Softmax ops")
     return report
+
+
+def _proto(onnx, program, opts: ExportConfig, device: str, fuse: bool, meta: dict):
+    """The program as an ONNX protobuf with its fusions, precision and metadata. Returns (proto, what was done)."""
+    proto, done = oe._optimized_proto(program, opts, device, fuse=fuse, kv_io=opts.dtype == "fp16")
+    done.insert(0, "cache as inputs/outputs (past_key_values.* → present.*)")
+    if not opts.quantize and oe.share_transposed_constants(onnx, proto):  # (quantizers need the head's MatMul)
+        done.append("head tied to the embedding kept as one constant (FusedMatMul transB)")
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    return proto, done
 
 
 def _torch_export(wrapper: WithPast, example: tuple, layout: CacheLayout, opts: ExportConfig):
