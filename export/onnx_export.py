@@ -317,6 +317,9 @@ def _optimized_proto(program, opts: ExportConfig, device: str, *, fuse: bool | N
         result = optimize_for_ort(model_ir)
         model_ir, counts = result if isinstance(result, tuple) else (model_ir, {})
         fused = {k: v for k, v in counts.items() if v}
+        repaired = _flatten_attention_into_gemm(model_ir)
+        if repaired:
+            fused["attention output flattened again before Gemm"] = repaired
         done.append(
             "transformer fusions (onnxscript ort_fusions: "
             + ", ".join(f"{k} ×{v}" for k, v in sorted(fused.items()))
@@ -333,6 +336,40 @@ def _optimized_proto(program, opts: ExportConfig, device: str, *, fuse: bool | N
         )
         done.append("fp16 weights and math (float32 inputs/outputs; norms, softmax, reductions in float32)")
     return proto, done
+
+
+ATTENTION_OPS = ("MultiHeadAttention", "Attention", "GroupQueryAttention")
+
+
+def _flatten_attention_into_gemm(model_ir) -> int:
+    """onnxscript's MHA fusion (0.7) replaces the attention output's Reshape to [tokens, hidden] with the 3-D
+    MultiHeadAttention output even when a Gemm (GPT-2's Conv1D) reads it, which ONNX Runtime then refuses
+    (Gemm takes 2-D). Put the flattening Reshape back. Returns how many."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model_ir.graph
+    repaired = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, weight = node.inputs[0], node.inputs[1]
+        producer = x.producer() if x is not None else None
+        if producer is None or producer.op_type not in ATTENTION_OPS or weight is None:
+            continue
+        dims = weight.const_value.shape if weight.const_value is not None else weight.shape
+        trans_b = node.attributes.get("transB")
+        k = dims[1] if trans_b is not None and trans_b.as_int() else dims[0]
+        if not isinstance(k, int):
+            continue
+        shape = ir.Value(name=f"{node.name}.flat_shape", const_value=ir.tensor(np.array([-1, k], dtype=np.int64)))
+        graph.register_initializer(shape)
+        flatten = ir.Node("", "Reshape", [x, shape], name=f"{node.name}.flatten")
+        graph.insert_before(node, flatten)
+        node.replace_input_with(0, flatten.outputs[0])
+        x.shape = None  # it kept the replaced Reshape's 2-D shape
+        repaired += 1
+    return repaired
 
 
 def _disabled_optimizers(opts: ExportConfig) -> dict[str, tuple[str, ...]]:
