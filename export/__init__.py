@@ -13,6 +13,7 @@ Needs the extra `onnx` (CPU) or `gpu` (CUDA). Importing neat_fx never imports th
 
 from .api import to_onnx
 from .config import ExportConfig
+from .genai_route import GenaiReport
 from .generation import generate
 from .onnx_export import ExportError, ExportReport
 from .runtime import AdapterSession, BoundRunner, session
@@ -23,6 +24,7 @@ __all__ = [
     "ExportConfig",
     "ExportError",
     "ExportReport",
+    "GenaiReport",
     "generate",
     "session",
     "to_onnx",
