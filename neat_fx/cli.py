@@ -159,7 +159,9 @@ def main(argv=None) -> int:
         help="adapter folder from neat_fx.save_adapters (or PEFT PEANuT); several folders: one ONNX model serving "
         "them all, with <folder name>.onnx_adapter beside --out for each (ONNX Runtime's LoRA adapters)",
     )
-    ex.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
+    ex.add_argument(
+        "--out", required=True, help="the ONNX file to write, e.g. model.onnx (with --via genai: a new or empty folder)"
+    )
     ex.add_argument("--fp16", action="store_true", help="fp16 weights and math, float32 inputs and outputs")
     ex.add_argument(
         "--optimize",
@@ -186,7 +188,13 @@ def main(argv=None) -> int:
     ex.add_argument(
         "--block-size", type=int, default=32, choices=INT4_BLOCK_SIZES, help="int4 weights per scale (default 32)"
     )
-    ex.add_argument("--via", default="neat_fx", choices=ROUTES, help="exporter route (default neat_fx)")
+    ex.add_argument(
+        "--via",
+        default="neat_fx",
+        choices=ROUTES,
+        help="neat_fx (default); optimum (Optimum's exporter, transformers < 4.58); genai (onnxruntime-genai's "
+        "model builder on the merged model: a folder onnxruntime_genai runs)",
+    )
     ex.add_argument(
         "--num-labels", type=finetune.positive_int, help="classification labels (default: from the saved head)"
     )
