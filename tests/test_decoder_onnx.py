@@ -45,6 +45,7 @@ def _transformed(name: str):
     return model, nm
 
 
+@pytest.mark.slow  # two exports; the default run keeps the repaired GPT-2 case above
 def test_a_fused_graph_the_runtime_refuses_is_exported_plain(tmp_path, monkeypatch):
     """Without our repair, onnxscript's attention fusion hands GPT-2's Conv1D Gemm a 3-D input and ONNX Runtime
     refuses the file: the export falls back to the plain graph, says so, and still generates PyTorch's tokens."""
@@ -401,6 +402,7 @@ def test_runner_bad_input(llama_file, tmp_path):
         generate(tmp_path / "none.onnx", ids, mask, max_new_tokens=4)
 
 
+@pytest.mark.slow  # two exports of the wider model
 def test_weights_over_the_protobuf_limit_go_beside_the_file(tmp_path, monkeypatch):
     """A model over 2 GB keeps its weights in `<file>.data` (here the limit is lowered to 3 MB); int8 of it fits
     in one file again. Both renamed into place together, nothing else left in the folder."""
