@@ -360,3 +360,21 @@ def save_results(stem: str, data, lines: list[str], indent: int = 1):
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=indent, default=str))
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+#: Qwen/Qwen2.5-0.5B's config.json (the shape; weights are random in the benchmarks): decoder_generate.py and
+#: decoder_onnx.py.
+QWEN25_05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    bos_token_id=151643,
+    eos_token_id=151643,
+)

@@ -34,23 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import peak_rss_mb, randomise_adapters, save_results
-
-#: Qwen/Qwen2.5-0.5B's config.json (the shape; weights are random here) — as in decoder_generate.py.
-QWEN25_05B = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    bos_token_id=151643,
-    eos_token_id=151643,
-)
+from common import QWEN25_05B, peak_rss_mb, randomise_adapters, save_results
 
 ROUTES = {
     "hf_fp32": "HF eager fp32",
