@@ -23,22 +23,7 @@ NEW = 16
 
 def _config(**over):
     # GroupQueryAttention on CPU needs a head size that is a multiple of 16 (decoders.py's models have 8)
-    base = dict(
-        vocab_size=decoders.VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        use_cache=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    base.update(over)
-    return base
+    return decoders._common(**{"hidden_size": 64, "intermediate_size": 128, **over})
 
 
 def build(name: str, seed: int = 0):
