@@ -8,6 +8,7 @@ the last position's logits come to the host to pick the next token.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -93,6 +94,11 @@ def generate(
     ort = runtime._ort()
     sess = session_or_path
     if not isinstance(sess, ort.InferenceSession):
+        if not isinstance(session_or_path, (str, os.PathLike)):
+            raise GenerationError(
+                f"generate takes an onnxruntime.InferenceSession or the path of an ONNX file, got "
+                f"{type(session_or_path).__name__}"
+            )
         sess = runtime.session(session_or_path, device, threads=threads)
     layout = _Layout(sess)
     as_torch = isinstance(input_ids, torch.Tensor)

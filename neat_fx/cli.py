@@ -83,15 +83,16 @@ def _export(args) -> int:
     options = dict(optimize=args.optimize, device=args.device, approximate=args.approximate)
     if args.task or args.quantize or args.via != "neat_fx":
         options.update(task=args.task, quantize=args.quantize, block_size=args.block_size, via=args.via)
-    if len(folders) > 1:  # one model, one ONNX Runtime adapter file per folder (named after it) beside --out
-        report = to_onnx(model, example, args.out, adapters=folders, dtype="fp16" if args.fp16 else "fp32", **options)
-    else:
-        nm = neat_fx.load_adapters(model, folders[0], example_inputs=example)
-        try:
-            report = to_onnx(nm, example, args.out, dtype="fp16" if args.fp16 else "fp32", **options)
-        except neat_fx.NeatError as exc:
-            print(f"neat-fx export: {exc}", file=sys.stderr)
-            return 2
+    dtype = "fp16" if args.fp16 else "fp32"
+    try:
+        if len(folders) > 1:  # one model, one ONNX Runtime adapter file per folder (named after it) beside --out
+            report = to_onnx(model, example, args.out, adapters=folders, dtype=dtype, **options)
+        else:
+            nm = neat_fx.load_adapters(model, folders[0], example_inputs=example)
+            report = to_onnx(nm, example, args.out, dtype=dtype, **options)
+    except (neat_fx.NeatError, FileNotFoundError, FileExistsError, IsADirectoryError) as exc:
+        print(f"neat-fx export: {exc}", file=sys.stderr)
+        return 2
     print(report)
     return 0
 

@@ -400,6 +400,23 @@ def test_runner_bad_input(llama_file, tmp_path):
         generate(plain, ids, mask, max_new_tokens=4)
     with pytest.raises(FileNotFoundError):
         generate(tmp_path / "none.onnx", ids, mask, max_new_tokens=4)
+    with pytest.raises(GenerationError, match="InferenceSession or the path"):
+        generate(5, ids, mask, max_new_tokens=4)
+
+
+def test_cli_with_past_on_an_encoder_is_one_line(tmp_path, capsys):
+    from neat_fx.cli import main
+
+    bert, example, _, patterns = zoo.bert()
+    nm = neat_fx.transform(bert, patterns, example)
+    bert.save_pretrained(tmp_path / "base")
+    neat_fx.save_adapters(nm, tmp_path / "adapters")
+    out = tmp_path / "lm.onnx"
+    argv = ["export", "--model", str(tmp_path / "base"), "--adapters", str(tmp_path / "adapters"), "--out", str(out)]
+    rc = main(argv + ["--task", TASK, "--seq-len", "8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no generation head" in err and "task=None" in err
+    assert not out.exists()
 
 
 @pytest.mark.slow  # two exports of the wider model
