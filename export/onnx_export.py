@@ -536,7 +536,8 @@ def _materialize_transposed_weights(onnx, proto) -> int:
 def share_transposed_constants(onnx, proto) -> int:
     """MatMul(x, Wᵀ) with Wᵀ a constant that is the transpose of another constant W (a head tied to the embedding
     table, after constant folding) → FusedMatMul(x, W, transB=1): one copy of the table in the file, at the same
-    speed on ONNX Runtime's CPU kernels (measured: 58 ms both, 896 × 151936). Returns how many."""
+    speed on ONNX Runtime's CPU kernels (benchmarks/tied_head_matmul.py: 0.995× / 1.011× at 1 / 128 tokens).
+    Returns how many."""
     import numpy as np
     from onnx import numpy_helper
 
