@@ -39,6 +39,20 @@ def sites(nm: NeatModule) -> list[SiteInfo]:
     return nm.sites()
 
 
+def blocks(nm: NeatModule) -> list[str]:
+    """The model's blocks that `nm` runs as units (its transformer layers), by the model's names."""
+    return nm.blocks()
+
+
+def submodule(nm: NeatModule, name: str):
+    """The module of block `name` ("model.layers.3") that `nm` runs as a unit: the model's own layer, whose
+    forward hooks run around that block's captured graph — what `fully_shard` and composable checkpointing
+    take: `for b in neat_fx.blocks(nm): fully_shard(neat_fx.submodule(nm, b))`, then `fully_shard(nm)`."""
+    if not isinstance(nm, NeatModule):
+        raise ConfigError(f"submodule takes a NeatModule (what neat_fx.transform returns), got {type(nm).__name__}")
+    return nm.block_module(name)
+
+
 __all__ = [
     "ACTIVATIONS",
     "AdapterBank",
@@ -57,6 +71,7 @@ __all__ = [
     "SiteInfo",
     "__version__",
     "backend",
+    "blocks",
     "fold",
     "generate",
     "load_adapters",
@@ -67,5 +82,6 @@ __all__ = [
     "save_checkpoint",
     "serve",
     "sites",
+    "submodule",
     "transform",
 ]

@@ -15,14 +15,16 @@ dtype (an explicit float32 upcast cannot be told from an incidental one).
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from . import blocks as _blocks
 from .config import NeatConfig
 from .errors import ConfigError, InputMismatchError
 
@@ -241,6 +243,10 @@ class GraphContainer(nn.Module):
         self._sync_device()
         return result
 
+    def _entry(self, mode: str, gm: fx.GraphModule):
+        """What runs a call in `mode`: the flat graph (NeatModule may run it as blocks instead)."""
+        return gm
+
     def forward(self, *args, **kwargs):
         mode = "train" if self.training else "eval"
         gm = self.graph_module(mode)
@@ -254,10 +260,11 @@ class GraphContainer(nn.Module):
                 f"example inputs that include every argument you pass (e.g. labels=…)."
             ) from None
         self._sync_device()
+        run = self._entry(mode, gm)
         if torch.compiler.is_compiling():
-            return gm(*args, **kwargs)
+            return run(*args, **kwargs)
         try:
-            return gm(*args, **kwargs)
+            return run(*args, **kwargs)
         except AssertionError as exc:  # torch.export's input guards
             if "Guard failed" not in str(exc):
                 raise
@@ -325,6 +332,9 @@ class NeatModule(GraphContainer):
         self.neat_config = config
         self.site_infos: list[SiteInfo] = []
         self.trainable_names: dict[str, str] = {}  # key in self.trainable -> model parameter name
+        object.__setattr__(self, "_block_names", [])  # the model's blocks (neat_fx.blocks), by the model's names
+        object.__setattr__(self, "_checkpointed", frozenset())
+        object.__setattr__(self, "_runners", {})  # mode -> _Runner (the flat graph split into blocks)
 
     @property
     def config(self):
@@ -398,6 +408,133 @@ class NeatModule(GraphContainer):
     def _apply(self, fn, recurse=True):
         object.__setattr__(self, "_shared_weights", None)  # .to() may replace parameter objects
         return super()._apply(fn, recurse)
+
+    # -- blocks: the model's layers as units (per-block FSDP2, activation checkpointing) ----------------------
+    def _set_blocks(self, names: list[str]):
+        object.__setattr__(self, "_block_names", list(names))
+        object.__setattr__(self, "_runners", {})
+
+    def _runner(self, mode: str) -> _Runner:
+        """The graph of `mode` split into a root graph calling one unit per block (built on first need, rebuilt
+        when the flat graph has changed)."""
+        gm = self.graph_module(mode)
+        runner = self._runners.get(mode)
+        if runner is None or runner.source is not gm or runner.code != gm.code:
+            runner = _build_runner(self, mode, gm)
+            self._runners[mode] = runner
+        return runner
+
+    def blocks(self) -> list[str]:
+        """The blocks this module runs as units in every mode, by the model's names: the modules that
+        `fully_shard` and activation checkpointing may take (neat_fx.submodule gives each)."""
+        units = None
+        for mode in self.modes:
+            names = set(self._runner(mode).units)
+            units = names if units is None else units & names
+        return [n for n in self._block_names if n in (units or ())]
+
+    def block_module(self, name: str) -> nn.Module:
+        """The model's own module of block `name` (model-relative, or with nm's "model." prefix), after checking
+        that every mode runs it as a unit."""
+        names = self._block_names
+        if name not in names and name.startswith("model.") and name[len("model.") :] in names:
+            name = name[len("model.") :]
+        if name not in names:
+            raise ConfigError(f"{name!r} is not a block of this {type(self).__name__}; its blocks: {_short(names)}")
+        for mode in self.modes:
+            runner = self._runner(mode)
+            if name in runner.refused:
+                raise ConfigError(
+                    f"block {name!r} cannot run as a unit in {mode} mode: {runner.refused[name]}. Shard or "
+                    f"checkpoint its parent or its children instead."
+                )
+        return self.model.get_submodule(name)
+
+    @property
+    def checkpointed(self) -> tuple[str, ...]:
+        """The blocks run under activation checkpointing (set_checkpointing)."""
+        return tuple(n for n in self._block_names if n in self._checkpointed)
+
+    def set_checkpointing(self, blocks=True):
+        """Recompute the activations of `blocks` in the backward pass instead of keeping them: True = every
+        innermost block (a transformer layer; a Swin block, not its stage), False/None = none, or block names /
+        globs. Equal gradients, less memory, one more forward per block."""
+        if blocks is None or blocks is False:
+            chosen = frozenset()
+        else:
+            units = self.blocks()
+            if blocks is True:
+                chosen = frozenset(n for n in units if not any(o.startswith(n + ".") for o in units))
+                if not chosen:
+                    raise ConfigError(
+                        f"checkpointing needs blocks, and {type(self.model).__name__} has none that run as units "
+                        f"(blocks are the elements of its nn.ModuleLists: {_short(self._block_names)}); pass "
+                        f"blocks=[module names] to neat_fx.transform"
+                    )
+            else:
+                chosen = set()
+                for item in [blocks] if isinstance(blocks, str) else list(blocks):
+                    if not isinstance(item, str):
+                        raise ConfigError(f"checkpoint blocks must be names (strings), got {item!r}")
+                    hit = [n for n in units if n == item or fnmatch.fnmatchcase(n, item)]
+                    if not hit and item.startswith("model."):
+                        hit = [n for n in units if n == item[len("model.") :]]
+                    if not hit:
+                        raise ConfigError(
+                            f"checkpoint: {item!r} is not a block of this {type(self).__name__}; blocks that run "
+                            f"as units: {_short(units)}"
+                        )
+                    chosen.update(hit)
+                chosen = frozenset(chosen)
+        object.__setattr__(self, "_checkpointed", chosen)
+        for runner in self._runners.values():
+            for name, unit in runner.units.items():
+                unit.checkpoint = name in chosen
+
+    def _entry(self, mode: str, gm: fx.GraphModule):
+        """The flat graph, unless a block must run as a unit: checkpointing is on, or a block module has forward
+        hooks (FSDP2's unshard/reshard, composable checkpointing, the user's own)."""
+        if not self._block_names:
+            return gm
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._refuse_foreign_units()
+        if not self._checkpointed and not any(_blocks.has_hooks(m) for m in self._block_modules()):
+            return gm
+        runner = self._runner(mode)
+        if not compiling:
+            for name, module in zip(self._block_names, self._block_modules()):
+                if name in runner.refused and (_blocks.has_hooks(module) or name in self._checkpointed):
+                    raise ConfigError(
+                        f"block {name!r} has forward hooks (fully_shard or checkpointing applied to it?) but "
+                        f"cannot run as a unit in {mode} mode: {runner.refused[name]}. Apply them to its parent "
+                        f"or its children instead."
+                    )
+        return runner.root
+
+    def _block_modules(self) -> list[nn.Module]:
+        cached = self.__dict__.get("_block_module_list")
+        if cached is None or len(cached) != len(self._block_names):
+            cached = [self.model.get_submodule(n) for n in self._block_names]
+            object.__setattr__(self, "_block_module_list", cached)
+        return cached
+
+    def _refuse_foreign_units(self):
+        """fully_shard on a module the graph does not call as a unit would leave its weights sharded in the
+        graph (torch's "mixed torch.Tensor and DTensor"); say which module and what the units are."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        blocks = set(self._block_names)
+        for name, _ in _blocks.fsdp_modules(self.model):
+            if name not in blocks:
+                raise ConfigError(
+                    f"fully_shard was applied to model.{name}, which this {type(self).__name__} does not run as "
+                    f"a unit (it runs one captured graph; only its blocks and the module itself can be FSDP "
+                    f"units). Its blocks: {_short(self.blocks())}. Use "
+                    f"fully_shard(neat_fx.submodule(nm, block)) for each block, then fully_shard(nm)."
+                )
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Hugging Face's `PreTrainedModel.num_parameters` contract (the Trainer calls it): an int. Embeddings
@@ -478,3 +615,50 @@ class FoldedModule(GraphContainer):
         super().__init__()
         self.model = nn.Module()
         self.extras = nn.Module()
+
+
+def _short(names, limit: int = 8) -> str:
+    names = list(names)
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+@dataclass
+class _Runner:
+    """The flat graph of one mode split into blocks: `root` calls `units` (block name → BlockUnit)."""
+
+    source: fx.GraphModule
+    code: str
+    root: fx.GraphModule
+    units: dict = field(default_factory=dict)
+    refused: dict = field(default_factory=dict)
+
+
+def _graph_module_over(container: nn.Module, extra: dict, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule for `graph` whose top-level names are the container's own children (GraphModule would copy
+    the attribute paths into fresh modules; FSDP2 swaps parameters on the real ones) plus `extra`."""
+    holder = nn.Module()
+    for name, child in list(container._modules.items()) + list(extra.items()):
+        holder._modules[name] = child
+    gm = fx.GraphModule(holder, graph)
+    for name in list(gm._modules):
+        if name in holder._modules:
+            gm._modules[name] = holder._modules[name]
+    return gm
+
+
+def _build_runner(nm: NeatModule, mode: str, gm: fx.GraphModule) -> _Runner:
+    split = _blocks.split_graph(gm.graph, nm._block_names)
+    units = nn.ModuleDict()  # not a child of nm: FSDP2 must reach each block's weights by one path only
+    runner = _Runner(gm, gm.code, None, {}, dict(split.refused))
+    for name in split.blocks:
+        unit = _blocks.BlockUnit(name, nm.model.get_submodule(name))
+        unit.checkpoint = name in nm._checkpointed
+        units[_blocks.unit_key(name)] = unit
+        runner.units[name] = unit
+    extra = {_blocks.UNITS_ATTR: units}
+    for name, graph in split.blocks.items():
+        object.__setattr__(runner.units[name], "_gm", _graph_module_over(nm, extra, graph))
+    runner.root = _graph_module_over(nm, extra, split.root)
+    return runner

@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from . import capture as cap
 from .adapters import NeatAdapter
+from .blocks import resolve_block_names
 from .config import NeatConfig
 from .containers import FoldedModule, NeatModule, SiteInfo
 from .errors import CaptureError, ConfigError, PatternError
@@ -41,6 +42,8 @@ def transform(
     config: NeatConfig | None = None,
     dynamic=True,
     check: bool = True,
+    blocks="auto",
+    checkpoint=None,
 ) -> NeatModule:
     """Insert a NEAT adapter at every linear-like op whose weight matches `patterns`.
 
@@ -55,6 +58,11 @@ def transform(
     dynamic:        True: every dimension free where the model allows (batch, sequence); False: static
                     shapes; or a torch.export `dynamic_shapes` spec.
     check:          compare the captured graph with the eager model on the example inputs.
+    blocks:         the model's blocks, which nm can run one by one as units (per-block FSDP2, activation
+                    checkpointing; neat_fx.submodule): "auto" = the elements of its nn.ModuleLists (transformer
+                    layers), a list of module names / globs, or False.
+    checkpoint:     recompute the activations of blocks in the backward pass: True = every innermost block, or
+                    block names (NeatModule.set_checkpointing changes it later).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -72,6 +80,7 @@ def transform(
         seed=seed,
     )
     config = _one_config(config, {k: v for k, v in options.items() if v is not None})
+    block_names = resolve_block_names(model, blocks)  # a wrong name fails before the capture
     args, kwargs = cap.split_example_inputs(example_inputs)
     _warn_static_batch(args, kwargs, dynamic)
 
@@ -88,6 +97,9 @@ def transform(
         _make_trainable_copies(nm, train_params, graphs)
         _insert_adapters(nm, chosen, config, other_uses)
         _install_graphs(nm, model, graphs)
+        nm._set_blocks(block_names)
+        if checkpoint:
+            nm.set_checkpointing(checkpoint)
         nm._record_base_versions()
         if check and "eval" in graphs:
             _check_capture(nm, model, args, kwargs, reference)
