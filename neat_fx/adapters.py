@@ -7,7 +7,9 @@
     ΔW = s·B Hᵀ                (d_out, d_in)
 
 The weight arrives in the layout its op uses: "out_in" (nn.Linear, `x @ W.T`) or "in_out"
-(GPT-2 Conv1D, `x @ W`); `neat_delta` returns ΔW in that same layout so fold can add it. The form
+(GPT-2 Conv1D, `x @ W`); `neat_delta` returns ΔW in that same layout so fold can add it. The math is batched
+over leading dimensions: routed experts stored as one (E, ·, ·) parameter get A, B and the r×r layers with a
+leading expert dimension, one NEAT per expert (`experts=E`; neat_fx.experts). The form
 says which dimension of the activation meets the weight (neat_fx.ops): "right" for x·M, "left" for
 M·x, or an einsum pair. The r×r layers follow PEFT's PEANuT layout (`h @ E.T`), so checkpoints map
 one to one.
@@ -28,15 +30,15 @@ def neat_hidden(weight, A, encoders, decoders, activation: str, layout: str, dty
     """H = σ(Wᵀ A) through the r×r encoder/decoder stack, (d_in, r), in `dtype` (default: A's)."""
     dtype = dtype or A.dtype
     w = weight.to(dtype)
-    w_in_out = w.t() if layout == "out_in" else w  # Wᵀ: (d_in, d_out)
+    w_in_out = w.mT if layout == "out_in" else w  # Wᵀ: (…, d_in, d_out)
     act = activation_fn(activation)
     h = act(w_in_out @ A.to(dtype))
     residuals = []
     for enc in encoders:
         residuals.append(h)
-        h = act(h @ enc.to(dtype).t())
+        h = act(h @ enc.to(dtype).mT)
     for dec, res in zip(decoders, reversed(residuals)):
-        h = act(h @ dec.to(dtype).t()) + res
+        h = act(h @ dec.to(dtype).mT) + res
     return h
 
 
@@ -63,8 +65,8 @@ def neat_delta(
 ) -> torch.Tensor:
     """ΔW = s·B Hᵀ in `dtype`, in the layout of `weight` (which must be W0)."""
     h = neat_hidden(weight, A, encoders, decoders, activation, layout, dtype)
-    delta = scale * (B.to(dtype) @ h.t())  # (d_out, d_in)
-    return delta if layout == "out_in" else delta.t()
+    delta = scale * (B.to(dtype) @ h.mT)  # (…, d_out, d_in)
+    return delta if layout == "out_in" else delta.mT
 
 
 @torch.no_grad()
@@ -99,21 +101,24 @@ class NeatAdapter(nn.Module):
         dtype: torch.dtype = torch.float32,
         device=None,
         generator: torch.Generator | None = None,
+        experts: int = 0,
     ):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.d_in, self.d_out, self.rank = d_in, d_out, rank
+        self.experts = int(experts)  # 0: one 2-D weight; E: E experts stored as one (E, ·, ·) weight
         self.layout = layout
         self.activation = activation
         self.scale = float(scale)
-        self.A = nn.Parameter(torch.empty(d_out, rank, dtype=dtype, device=device))
-        self.B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
+        lead = (self.experts,) if self.experts else ()
+        self.A = nn.Parameter(torch.empty(*lead, d_out, rank, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(*lead, d_out, rank, dtype=dtype, device=device))
         self.encoders = nn.ParameterList(
-            [nn.Parameter(torch.empty(rank, rank, dtype=dtype, device=device)) for _ in range(hidden_layers)]
+            [nn.Parameter(torch.empty(*lead, rank, rank, dtype=dtype, device=device)) for _ in range(hidden_layers)]
         )
         self.decoders = nn.ParameterList(
-            [nn.Parameter(torch.empty(rank, rank, dtype=dtype, device=device)) for _ in range(hidden_layers)]
+            [nn.Parameter(torch.empty(*lead, rank, rank, dtype=dtype, device=device)) for _ in range(hidden_layers)]
         )
         self.reset_parameters(generator)
 
@@ -174,6 +179,7 @@ class NeatAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, hidden_layers={self.hidden_layers}, "
+            (f"experts={self.experts}, " if self.experts else "")
+            + f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, hidden_layers={self.hidden_layers}, "
             f"activation={self.activation}, scale={self.scale}, layout={self.layout}"
         )

@@ -306,6 +306,9 @@ class SiteInfo:
     # the aliases through which the linear ops read it (all of them unless tied to an embedding): where
     # merge_into and generate put W0 + ΔW; the other aliases keep W0.
     linear_paths: tuple[str, ...] = ()
+    # E for a 3-D stack of routed experts, shape (E, ·, ·), one NEAT per expert (d_in, d_out are one expert's); 0
+    # for a 2-D weight (neat_fx.experts)
+    experts: int = 0
 
     @property
     def untied_paths(self) -> tuple[str, ...]:

@@ -14,6 +14,8 @@ from . import capture as cap
 from .containers import MERGED_MARK, FoldedModule, NeatModule, SiteInfo, tensor_version
 from .distributed import any_sharded
 from .errors import MergeError
+from .experts import has_experts
+from .experts import remove as remove_experts
 from .ops import replace_weight
 from .transform import MASTER_CAST
 
@@ -61,6 +63,8 @@ def fold(nm: NeatModule) -> FoldedModule:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = copy.deepcopy(nm.graph(mode))
+        if has_experts(graph):  # routed-expert stacks: the update nodes go, the stack's readers get W0 + ΔW
+            remove_experts(graph, lambda key, _w, g=graph: _folded_node(g, site_by_key[key], values, folded[key]))
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target.startswith("adapters."):
                 key = node.target[len("adapters.") :]
@@ -135,8 +139,8 @@ def _mirror_target(nm: NeatModule, target: str) -> str:
     return target
 
 
-def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, values: dict, folded):
-    """Make `use` read the folded weight instead of `weight` (directly or through its transpose)."""
+def _folded_node(graph: fx.Graph, site: SiteInfo, values: dict, folded) -> fx.Node:
+    """The get_attr node of a site's folded weight in `graph` (made once)."""
     # A weight also read by non-linear ops (an embedding tied to a head) is untied: those ops keep W0.
     target = f"folded.{site.key}" if site.shared_with_other_ops else "model." + site.name
     values[target] = folded
@@ -146,6 +150,12 @@ def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, va
         with graph.inserting_before(first):
             new_weight = graph.get_attr(target)
         new_weight.meta[FOLDED] = True
+    return new_weight
+
+
+def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, values: dict, folded):
+    """Make `use` read the folded weight instead of `weight` (directly or through its transpose)."""
+    new_weight = _folded_node(graph, site, values, folded)
     if not replace_weight(graph, use, weight, new_weight):
         raise RuntimeError(f"fold: cannot find the weight operand of {use.format_node()}")
 

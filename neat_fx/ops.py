@@ -13,6 +13,11 @@ Form — which dimension of the activation meets the weight, i.e. how the adapte
     "right"   x's last dimension contracts: y = x·M, adapter y + s·(x H) Bᵀ
     "left"    x's dimension -2 contracts:   y = M·x, adapter y + s·B (Hᵀ x)
     "einsum:EQ_H;EQ_B"  an einsum: adapter y + s·einsum(EQ_B, einsum(EQ_H, x, H), B)
+
+Routed experts (`EXPERT_OPS`, at the end): a 3-D parameter (E, ·, ·) holding one matrix per expert, read by a
+per-expert matmul — `bmm` / `matmul` after indexing by expert ids (transformers' "batched_mm"), `_grouped_mm`
+or transformers' `grouped_mm_fallback` with offsets ("grouped_mm") — directly or through a transpose of its last
+two dimensions. The layout is then that of one expert's matrix, as the op reads it.
 """
 
 from __future__ import annotations
@@ -310,3 +315,121 @@ def right_activation(node: fx.Node, weight_dims: Callable[[fx.Node], int | None]
         ):
             return slot.x
     return None
+
+
+# -- routed experts -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertOp:
+    """A per-expert matmul: `weight` is an (E, ·, ·) stack (or its rows picked by expert ids), `x` the activations
+    meeting it; `layout` is how one expert's matrix is read in that slot. Bilinear in (x, weight) per expert, so
+    the op applied to (x, H) and then to (x H, Bᵀ) gives the adapter's update (neat_fx.experts)."""
+
+    kind: str
+    names: frozenset  # qualified op names (`OpOverload.name()` without the overload), e.g. "aten::bmm"
+    weight: int
+    x: int
+    layout: str
+
+
+EXPERT_OPS: tuple[ExpertOp, ...] = (
+    ExpertOp("bmm", frozenset({"aten::bmm"}), weight=0, x=1, layout="out_in"),  # W[ids] @ x: batched_mm
+    ExpertOp("bmm", frozenset({"aten::bmm"}), weight=1, x=0, layout="in_out"),  # x @ W[ids]: transposed storage
+    ExpertOp("matmul", frozenset({"aten::matmul"}), weight=0, x=1, layout="out_in"),
+    ExpertOp("matmul", frozenset({"aten::matmul"}), weight=1, x=0, layout="in_out"),
+    # grouped_mm(x (S, d_in), W (E, d_in, d_out), offs): rows of x sorted by expert, offs their cumulative counts
+    ExpertOp(
+        "grouped_mm",
+        frozenset({"aten::_grouped_mm", "transformers::grouped_mm_fallback"}),
+        weight=1,
+        x=0,
+        layout="in_out",
+    ),
+)
+
+
+def op_name(node: fx.Node) -> str | None:
+    """`aten::bmm` for a call_function of an OpOverload (or OpOverloadPacket), else None."""
+    if node.op != "call_function":
+        return None
+    name = getattr(node.target, "name", None)
+    if callable(name):  # OpOverload.name() → "aten::bmm" (overload dropped)
+        try:
+            return name().split(".")[0]
+        except Exception:  # noqa: BLE001 - any other callable with a name() method
+            return None
+    qual = getattr(node.target, "_qualified_op_name", None)  # OpOverloadPacket
+    return qual if isinstance(qual, str) else None
+
+
+@dataclass
+class ExpertUse:
+    """One per-expert matmul reading a 3-D expert stack: `path` the nodes from the stack to the op (each reads the
+    previous one in args[0]: an index by expert ids or a swap of the last two dimensions), the op, and where it
+    holds the stack's descendant and the activation."""
+
+    node: fx.Node  # the per-expert matmul
+    weight: fx.Node  # the stack's get_attr
+    path: tuple[fx.Node, ...]  # index / transpose nodes between weight and op, in order (may be empty)
+    weight_arg: int  # where the op holds path[-1] (or the weight itself)
+    x_arg: int
+    kind: str  # ExpertOp.kind
+    layout: str  # one expert's matrix as stored: "out_in" (E, d_out, d_in) or "in_out" (E, d_in, d_out)
+
+    @property
+    def head(self) -> fx.Node:
+        """The first node reading the stack (path[0], or the op)."""
+        return self.path[0] if self.path else self.node
+
+
+def _expert_step(node: fx.Node) -> str | None:
+    """How `node`, reading a 3-D expert stack (or its rows) in args[0], passes it on: "index" (rows picked by one
+    tensor of expert ids), "transpose" (last two dimensions swapped), else None."""
+    name = op_name(node)
+    args = node.args
+    if name == "aten::index" and len(args) == 2 and isinstance(args[1], (list, tuple)) and len(args[1]) == 1:
+        return "index" if isinstance(args[1][0], fx.Node) else None
+    if name == "aten::transpose" and len(args) == 3 and all(isinstance(d, int) for d in args[1:]):
+        return "transpose" if {args[1] % 3, args[2] % 3} == {1, 2} else None
+    if name == "aten::permute" and len(args) == 2 and [d % 3 for d in args[1]] == [0, 2, 1]:
+        return "transpose"
+    return None
+
+
+def expert_uses(graph: fx.Graph, is_stack: Callable[[fx.Node], bool]) -> list[ExpertUse]:
+    """Every per-expert matmul (EXPERT_OPS) reading a 3-D stack `is_stack(node)` accepts, directly or through
+    index-by-expert-ids and last-two-dimension transposes, in graph order. An op multiplying two stacks is none."""
+    by_name: dict[str, list[ExpertOp]] = {}
+    for e in EXPERT_OPS:
+        for n in e.names:
+            by_name.setdefault(n, []).append(e)
+    found = []
+    for weight in graph.nodes:
+        if not is_stack(weight):
+            continue
+        frontier = [(weight, (), False)]
+        while frontier:
+            node, path, flipped = frontier.pop()
+            for user in node.users:
+                step = _expert_step(user) if user.args and user.args[0] is node else None
+                if step is not None:
+                    frontier.append((user, (*path, user), flipped ^ (step == "transpose")))
+                    continue
+                for entry in by_name.get(op_name(user) or "", ()):
+                    if len(user.args) <= max(entry.weight, entry.x) or user.args[entry.weight] is not node:
+                        continue
+                    x = user.args[entry.x]
+                    if not isinstance(x, fx.Node) or _reads_stack(x, is_stack):
+                        continue
+                    layout = flip(entry.layout) if flipped else entry.layout
+                    found.append(ExpertUse(user, weight, path, entry.weight, entry.x, entry.kind, layout))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(found, key=lambda u: order[u.node])
+
+
+def _reads_stack(node: fx.Node, is_stack) -> bool:
+    while True:
+        if is_stack(node):
+            return True
+        if _expert_step(node) is None or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]

@@ -4,6 +4,7 @@ the adapters (and the base parameters named by `trainable=`). (docs/design.md, "
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -15,6 +16,8 @@ from .blocks import resolve_block_names
 from .config import NeatConfig
 from .containers import FoldedModule, NeatModule, SiteInfo
 from .errors import CaptureError, ConfigError, PatternError
+from .experts import ExpertsAdapter
+from .experts import insert as insert_experts
 from .match import Site, describe_use, find_uses, matches, name_list, output_head_names, select
 from .names import adapter_key
 from .numerics import compare, flat_tensors
@@ -213,18 +216,21 @@ def bind_targets(c: cap.Capture, model: nn.Module, nm: nn.Module) -> fx.Graph:
 
 
 def _collect_sites(graphs, resolve, aliases):
-    """Group the linear-like uses of all graphs by parameter (tied weights: one site)."""
+    """Group the linear-like uses of all graphs by parameter (tied weights: one site; a 3-D stack of routed
+    experts: one site of E experts, d_in and d_out per expert from the layout its ops read it in)."""
     by_param: dict[int, Site] = {}
     other_uses: dict[str, list[str]] = {}
     for graph in graphs.values():
-        uses, other = find_uses(graph, resolve)
+        uses, other = find_uses(graph, resolve, experts=True)
         for u in uses:
             p = resolve(u.weight.target)
             names = aliases.get(id(p), (u.weight.target.removeprefix("model."),))
             site = by_param.get(id(p))
             if site is None:
-                d_out, d_in = p.shape if u.layout == "out_in" else p.shape[::-1]
+                experts, matrix = (p.shape[0], p.shape[1:]) if p.dim() == 3 else (0, p.shape)
+                d_out, d_in = matrix if u.layout == "out_in" else matrix[::-1]
                 site = Site(names[0], u.weight.target, tuple(p.shape), int(d_in), int(d_out), u.layout, [], names)
+                site.experts = int(experts)
                 by_param[id(p)] = site
             elif site.layout != u.layout:
                 raise PatternError(
@@ -310,7 +316,8 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
             key += "_"
         keys.add(key)
         weight = nm.model.get_parameter(site.name)
-        nm.adapters[key] = NeatAdapter(
+        adapter_class = NeatAdapter if not site.experts else functools.partial(ExpertsAdapter, site.experts)
+        nm.adapters[key] = adapter_class(
             site.d_in,
             site.d_out,
             config.rank,
@@ -322,7 +329,13 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
             device=weight.device,
             generator=generator,
         )
-        for use in site.uses:
+        if site.experts:  # one adapter call per graph, the update after each per-expert op (neat_fx.experts)
+            by_graph: dict[fx.Graph, list] = {}
+            for use in site.uses:
+                by_graph.setdefault(use.node.graph, []).append(use)
+            for graph, uses in by_graph.items():
+                insert_experts(graph, uses, key)
+        for use in site.uses if not site.experts else ():
             _insert_one(use, key)
         shared = any(a in other_uses for a in site.aliases)
         nm.site_infos.append(
@@ -339,6 +352,7 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
                 dtype=str(weight.dtype).removeprefix("torch."),
                 shared_with_other_ops=shared,
                 linear_paths=linear_attribute_paths(nm.model, site) if shared else site.aliases,
+                experts=site.experts,
             )
         )
 
