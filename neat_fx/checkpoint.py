@@ -11,6 +11,10 @@ mix (a kill between the two renames leaves `<folder>.old`, which `load_checkpoin
 when a copy is damaged). `load_checkpoint` checks everything (the model, the adapters' configuration, the
 run's settings given as `expect=`, the optimizer's class and the shape of each state tensor) before it
 restores anything. JSON and safetensors only.
+
+Under FSDP2 every rank calls both: the adapters and the optimizer state are gathered whole (they are small) and
+rank 0 writes; on load each rank reads the files and keeps its shard. A checkpoint of a sharded run loads into
+one process and the other way round.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from safetensors.torch import save_file
 
 from .atomic import previous_copy, staged_folder
 from .containers import NeatModule
-from .distributed import any_sharded
+from .distributed import any_sharded, barrier, full_tensor, is_rank_zero, is_sharded, shard_like
 from .errors import AdapterMismatchError
 from .io import load_adapters, read_adapters, save_adapters
 from .io.writing import load_tensors, read_json
@@ -72,16 +76,52 @@ def save_checkpoint(
 ) -> Path:
     """Write a resumable checkpoint of a training run to `folder` (replaced atomically); returns it."""
     _check_module(nm, "save_checkpoint")
-    if any_sharded(nm):
-        raise NotImplementedError(
-            "save_checkpoint: nm is sharded (FSDP2); its optimizer state is sharded too. Checkpoint a sharded run "
-            "with torch.distributed.checkpoint (dcp.save of model and optimizer state dicts), and save the adapters "
-            "with neat_fx.save_adapters on every rank."
-        )
     folder = Path(folder)
+    sharded = any_sharded(nm)
+    # Sharded (FSDP2): every rank calls this; the adapters and the optimizer state are gathered whole (they are
+    # small), rank 0 writes, the others wait, so the checkpoint loads into any number of ranks, or none.
+    opt_sd = _whole_optimizer_state(optimizer) if optimizer is not None else None
+    if sharded and not is_rank_zero():
+        save_adapters(nm, folder / "adapters")  # its gathering collectives; only rank 0 writes
+        barrier()
+        return folder
+    try:
+        _write(folder, nm, opt_sd, optimizer, scheduler, step, extra)
+    finally:
+        if sharded:
+            barrier()
+    return folder
+
+
+def _whole_optimizer_state(optimizer) -> dict:
+    """`optimizer.state_dict()` with every sharded state tensor gathered (a collective under FSDP2: the same
+    order on every rank)."""
+    sd = optimizer.state_dict()
+    for idx in sorted(sd["state"]):
+        entry = dict(sd["state"][idx])  # state_dict() shares these dicts with the live optimizer state
+        for k in sorted(entry):
+            if is_sharded(entry[k]):
+                entry[k] = full_tensor(entry[k])
+        sd["state"][idx] = entry
+    return sd
+
+
+def _shard_like_parameters(opt_sd: dict, optimizer):
+    """Give each whole state tensor the sharding of its parameter (FSDP2), so each rank keeps its part."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = [i for g in opt_sd["param_groups"] for i in g["params"]]
+    by_id = {i: params[n] for n, i in enumerate(index)}
+    for idx, entry in opt_sd["state"].items():
+        p = by_id[idx]
+        for k, v in entry.items():
+            if is_sharded(p) and isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
+                entry[k] = shard_like(v, p)
+
+
+def _write(folder: Path, nm, opt_sd, optimizer, scheduler, step, extra):
     with staged_folder(folder, check=_read) as tmp:  # _read: read back before it replaces anything
         save_adapters(nm, tmp / "adapters")
-        tensors, opt_meta = _split_optimizer(optimizer.state_dict()) if optimizer is not None else ({}, None)
+        tensors, opt_meta = _split_optimizer(opt_sd) if opt_sd is not None else ({}, None)
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {
             "format": FORMAT,
@@ -95,7 +135,6 @@ def save_checkpoint(
         }
         save_file(tensors, str(tmp / STATE_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(meta))
-    return folder
 
 
 def _check_module(nm, what: str):
@@ -274,6 +313,7 @@ def load_checkpoint(
         )
     load_adapters(nm, found / "adapters")  # checks sites, shapes and base-weight fingerprints before copying
     if opt_sd is not None:
+        _shard_like_parameters(opt_sd, optimizer)
         optimizer.load_state_dict(opt_sd)
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(meta["scheduler"])

@@ -533,10 +533,10 @@ class NeatModule(GraphContainer):
         for name, _ in _blocks.fsdp_modules(self.model):
             if name not in blocks:
                 raise ConfigError(
-                    f"fully_shard was applied to model.{name}, which this {type(self).__name__} does not run as "
-                    f"a unit (it runs one captured graph; only its blocks and the module itself can be FSDP "
-                    f"units). Its blocks: {_short(self.blocks())}. Use "
-                    f"fully_shard(neat_fx.submodule(nm, block)) for each block, then fully_shard(nm)."
+                    f"fully_shard was applied to model.{name}, which this NeatModule does not run as a unit (it "
+                    f"runs one captured graph; only its blocks and the module itself can be FSDP units). Its "
+                    f"blocks: {_short(self.blocks())}. Use fully_shard(neat_fx.submodule(nm, block)) for each "
+                    f"block, then fully_shard(nm)."
                 )
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:

@@ -22,15 +22,20 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def shard_like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor `value` sharded as `param` is (each rank keeps its part), or `value` if `param` is whole."""
+    if not is_sharded(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        value.to(device=param.device_mesh.device_type, dtype=param.dtype), param.device_mesh, param.placements
+    )
+
+
 def copy_into(param: torch.Tensor, value: torch.Tensor):
     """`param.copy_(value)` where `value` is a whole tensor and `param` may be sharded (each rank keeps its part)."""
-    if is_sharded(param):
-        from torch.distributed.tensor import distribute_tensor
-
-        value = distribute_tensor(
-            value.to(device=param.device_mesh.device_type, dtype=param.dtype), param.device_mesh, param.placements
-        )
-    param.copy_(value)
+    param.copy_(shard_like(value, param))
 
 
 def is_rank_zero() -> bool:

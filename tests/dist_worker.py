@@ -4,6 +4,7 @@ reference. Trains a tiny BERT with NEAT for a few steps and writes what the test
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py ddp OUT
     python tests/dist_worker.py single OUT
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py fsdp OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py fsdp_blocks OUT
 """
 
 from __future__ import annotations
@@ -63,6 +64,40 @@ def adapter_state(nm) -> dict:
     return out
 
 
+def watch_unsharding(nm) -> list:
+    """Record, each time a layer's unit starts its forward, whether that layer's weights are whole (gathered) and
+    every other layer's are still sharded: the evidence that one layer at a time is unsharded."""
+    from torch.distributed.tensor import DTensor
+
+    seen = []
+    names = neat_fx.blocks(nm)
+    layers = {n: neat_fx.submodule(nm, n) for n in names}
+
+    def hook(module, args):  # registered after fully_shard: runs after FSDP's unshard
+        mine = all(not isinstance(p, DTensor) for p in module.parameters())
+        others = all(isinstance(p, DTensor) for m in layers.values() if m is not module for p in m.parameters())
+        seen.append(bool(mine and others))
+
+    for m in layers.values():
+        m.register_forward_pre_hook(hook)
+    return seen
+
+
+def foreign_unit_error() -> str:
+    """fully_shard on a module that is not a block of nm (an attention sublayer): the message nm raises."""
+    from torch.distributed.fsdp import fully_shard
+
+    nm = build()
+    fully_shard(nm.model.bert.encoder.layer[0].attention)
+    fully_shard(nm)
+    probe = next(batches())[0]
+    try:
+        nm(**{k: v[:2] for k, v in probe.items()})
+    except neat_fx.ConfigError as exc:
+        return str(exc)
+    return ""
+
+
 def main():
     mode, out = sys.argv[1], Path(sys.argv[2])
     faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack into the test's log
@@ -80,22 +115,38 @@ def main():
     elif mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        # One FSDP unit at the root: the captured graph reads parameters directly (get_attr), so the pre-forward
-        # hooks of per-layer units would never run; the root unit unshards all of them around nm's forward.
+        run = fully_shard(nm)  # one unit at the root: every weight gathered around nm's forward
+    elif mode == "fsdp_blocks":
+        from torch.distributed.fsdp import fully_shard
+
+        # torchtitan's recipe: one unit per transformer layer (nm runs each layer's graph through the layer's
+        # own hooks), activation checkpointing per layer, then the root unit for the rest.
+        for name in neat_fx.blocks(nm):
+            fully_shard(neat_fx.submodule(nm, name))
+        nm.set_checkpointing(True)
         run = fully_shard(nm)
+        unsharded_alone = watch_unsharding(nm)
     else:
         run = nm
     params = [p for p in nm.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.1)
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)  # momentum: the optimizer state a resume must restore
     losses, agree = [], []
     shard = GLOBAL_BATCH // world
-    for inputs, labels in batches():
+    extra = {}
+
+    def step(inputs, labels):
         part = {k: v[rank * shard : (rank + 1) * shard] for k, v in inputs.items()}
         loss = torch.nn.functional.cross_entropy(run(**part).logits, labels[rank * shard : (rank + 1) * shard])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        return loss.item()
+
+    for i, (inputs, labels) in enumerate(batches()):
+        if mode == "fsdp_blocks" and i == STEPS - 1:
+            # a checkpoint of the sharded run before the last step; below, resuming from it redoes that step
+            neat_fx.save_checkpoint(out / "ckpt", nm, opt, step=i)
+        losses.append(step(inputs, labels))
         if mode == "ddp":
             # every rank holds the same adapters after every step
             flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -104,7 +155,15 @@ def main():
             agree.append(max(float((g - gathered[0]).abs().max()) for g in gathered))
     probe = next(batches())[0]
     state = adapter_state(nm)  # under FSDP2 a collective: every rank
-    if mode == "fsdp":
+    if mode == "fsdp_blocks":
+        extra["unsharded_alone"] = unsharded_alone
+        last = neat_fx.load_checkpoint(out / "ckpt", nm, opt)
+        losses.append(step(*list(batches())[last["step"]]))
+        resumed = adapter_state(nm)
+        extra["resume_diff"] = max(float((resumed[k] - state[k]).abs().max()) for k in state)
+        extra["resume_step"] = last["step"]
+        extra["foreign_unit"] = foreign_unit_error()
+    if mode in ("fsdp", "fsdp_blocks"):
         # Sharded: every rank calls save_adapters (it gathers, rank 0 writes) and load_adapters.
         neat_fx.save_adapters(nm, out / "saved")
         with torch.no_grad():
@@ -125,7 +184,9 @@ def main():
         with torch.no_grad():
             fold_diff = float((neat_fx.fold(plain)(**probe).logits - plain(**probe).logits).abs().max())
         (out / "result.json").write_text(
-            json.dumps(dict(losses=losses, agree=agree, world=world, fold_diff=fold_diff, reload_diff=reload_diff))
+            json.dumps(
+                dict(losses=losses, agree=agree, world=world, fold_diff=fold_diff, reload_diff=reload_diff, **extra)
+            )
         )
     if mode != "single":
         # The FSDP/DDP wrappers hold the process group; drop them so destroy_process_group really tears gloo
