@@ -38,6 +38,7 @@ from torch import fx
 from .adapters import neat_apply, neat_delta, neat_fold
 from .errors import AdapterMismatchError, ConfigError
 from .io import fingerprint_matches, read_adapters
+from .io.loaded import refuse_expert_sites
 from .ops import Use, op_uses, replace_weight
 
 log = logging.getLogger("neat_fx.backend")
@@ -129,6 +130,7 @@ class NeatBackend:
         if adapters is not None:
             folder = Path(adapters)
             self.adapters = read_adapters(folder)  # FileNotFoundError / AdapterMismatchError name the problem
+            refuse_expert_sites(self.adapters, "the compile backend (neat_fx.backend(adapters=…))")
             self.adapters_path = folder
 
     __name__ = "neat"

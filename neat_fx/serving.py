@@ -28,6 +28,7 @@ from .adapters import neat_hidden
 from .containers import FoldedModule
 from .errors import AdapterMismatchError, ConfigError
 from .io import fingerprint_matches, read_adapters
+from .io.loaded import refuse_expert_sites
 from .match import find_uses
 from .names import adapter_key
 from .transform import bind_targets
@@ -200,6 +201,8 @@ def serve(model: nn.Module, adapters, example_inputs, *, active: str | None = No
     """
     named = _named_folders(adapters)
     loaded = {name: read_adapters(folder) for name, folder in named.items()}
+    for lo in loaded.values():
+        refuse_expert_sites(lo, "neat_fx.serve")
     params = dict(model.named_parameters(remove_duplicate=False))
     aliases: dict[int, tuple[str, ...]] = {}
     for n, p in params.items():

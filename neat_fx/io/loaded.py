@@ -35,6 +35,20 @@ class LoadedAdapters:
     extra: dict = field(default_factory=dict)
 
 
+def refuse_expert_sites(loaded: LoadedAdapters, what: str):
+    """Raise AdapterMismatchError if `loaded` holds adapters of routed-expert stacks, which `what` (a consumer that
+    finds sites through the 2-D op table: the compile backend's adapters=, serve) does not apply yet — rather than
+    leave them out silently."""
+    experts = [n for n, meta in loaded.site_meta.items() if meta.get("experts")]
+    if experts:
+        shown = ", ".join(experts[:6]) + (f", … ({len(experts) - 6} more)" if len(experts) > 6 else "")
+        raise AdapterMismatchError(
+            f"{loaded.path}: {what} does not apply adapters of routed-expert stacks yet: {shown}. Load them onto the "
+            f"model (neat_fx.load_adapters) and fold or merge (neat_fx.fold / neat_fx.merge_into), or save without "
+            f"them (transform with exclude=)."
+        )
+
+
 _MISSING = object()
 
 
@@ -69,22 +83,29 @@ def _as_tuple(t):
     return t if isinstance(t, tuple) else (t,)
 
 
-def check_site_tensors(path, site: str, parts: dict, keys: dict, rank: int, d_out: int | None, dtype=None):
+def check_site_tensors(
+    path, site: str, parts: dict, keys: dict, rank: int, d_out: int | None, dtype=None, experts: int = 0
+):
     """Shapes and dtypes of one site's tensors against the config, before anything is written anywhere:
-    A and B (d_out, r), every encoder and decoder (r, r), floating point (`dtype` when the config records it).
+    A and B (d_out, r), every encoder and decoder (r, r), floating point (`dtype` when the config records it);
+    a stack of `experts` routed experts has each with a leading (E,) dimension.
     `keys` maps "A", "B", ("encoders", i), ("decoders", i) to the tensor's name in the file."""
-    d = d_out if d_out is not None else (parts["A"].shape[0] if parts["A"].dim() == 2 else None)
-    want = {"A": (d, rank), "B": (d, rank)}
+    lead = (experts,) if experts else ()
+    a = parts["A"]
+    d = d_out if d_out is not None else (a.shape[-2] if a.dim() == 2 + len(lead) else None)
+    want = {"A": (*lead, d, rank), "B": (*lead, d, rank)}
     for part in ("encoders", "decoders"):
         for i in range(len(parts[part])):
-            want[(part, i)] = (rank, rank)
+            want[(part, i)] = (*lead, rank, rank)
+    e = "E, " if experts else ""
     for k, shape in want.items():
         t = parts[k] if isinstance(k, str) else parts[k[0]][k[1]]
-        what = {"A": "(d_out, r)", "B": "(d_out, r)"}.get(k, "(r, r)") if isinstance(k, str) else "(r, r)"
+        what = f"({e}{'d_out, r' if k in ('A', 'B') else 'r, r'})"
         if tuple(t.shape) != shape:
             raise AdapterMismatchError(
                 f"{path}: tensor {keys[k]} of site {site} has shape {tuple(t.shape)}; expected {shape} = {what} "
-                f"for rank {rank}; nothing was loaded (the file does not belong to this config: save again)"
+                f"for rank {rank}{f' and {experts} experts' if experts else ''}; nothing was loaded (the file does "
+                f"not belong to this config: save again)"
             )
         if not t.dtype.is_floating_point or (dtype is not None and t.dtype != dtype):
             raise AdapterMismatchError(

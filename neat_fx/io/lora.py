@@ -25,7 +25,7 @@ from ..containers import NeatModule
 from ..errors import AdapterMismatchError
 from ..names import module_name
 from .fingerprint import fingerprint, fingerprint_matches
-from .peft import CONFIG, PREFIX, WEIGHTS, peft_name, trained_modules
+from .peft import CONFIG, PREFIX, WEIGHTS, peft_name, refuse_experts, trained_modules
 from .writing import write_swapped
 
 #: safetensors header key holding {module name: fingerprint of its base weight} and the source.
@@ -52,6 +52,9 @@ def _lora_module(nm: NeatModule, site) -> tuple[str, bool] | str:
 
 @torch.no_grad()
 def save(nm: NeatModule, folder: Path):
+    experts = [s.name for s in nm.site_infos if s.experts]
+    if experts:
+        raise AdapterMismatchError(refuse_experts("The LoRA form", experts))
     modules, unsupported = {}, []
     for site in nm.site_infos:
         found = _lora_module(nm, site)

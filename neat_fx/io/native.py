@@ -47,6 +47,7 @@ def save(nm: NeatModule, folder: Path):
                     "layout": s.layout,
                     "d_in": s.d_in,
                     "d_out": s.d_out,
+                    **({"experts": s.experts} if s.experts else {}),
                     "dtype": s.dtype,
                     "fingerprint": fingerprint(nm.weight_of(s)),
                     "activation": nm.adapters[s.key].activation,
@@ -101,6 +102,8 @@ def read(folder: Path) -> LoadedAdapters:
         get_field(fp, "sample", list, cpath, "a list of numbers", prefix=p + "fingerprint.")
         finite_number(fp, "norm", cpath, prefix=p + "fingerprint.")
         get_field(s, "d_out", int, cpath, "an integer", prefix=p, default=None)
+        if get_field(s, "experts", int, cpath, "the number of routed experts, an integer ≥ 0", prefix=p, default=0) < 0:
+            raise mismatch(cpath, f"field '{p}experts'", f"is {s['experts']}", "an integer ≥ 0")
         if "scale" in s:
             finite_number(s, "scale", cpath, prefix=p)
     for i, t in enumerate(trainable_meta):
@@ -144,7 +147,7 @@ def read(folder: Path) -> LoadedAdapters:
             "encoders": [tensor(keys[("encoders", j)], where) for j in range(config.hidden_layers)],
             "decoders": [tensor(keys[("decoders", j)], where) for j in range(config.hidden_layers)],
         }
-        check_site_tensors(wfile, n, parts, keys, config.rank, s.get("d_out"), config.dtype)
+        check_site_tensors(wfile, n, parts, keys, config.rank, s.get("d_out"), config.dtype, s.get("experts", 0))
         sites[n] = parts
         site_meta[n] = s
     trainable = {}

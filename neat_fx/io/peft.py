@@ -28,6 +28,9 @@ def save(nm: NeatModule, folder: Path):
         raise AdapterMismatchError(
             f"PEFT's PEANuT has no {act!r} activation (it takes transformers' ACT2FN names); save with format='neat'"
         )
+    experts = [s.name for s in nm.site_infos if s.experts]
+    if experts:
+        raise AdapterMismatchError(refuse_experts("PEFT's PEANuT", experts))
     unsupported = []
     for s in nm.site_infos:
         try:
@@ -76,6 +79,23 @@ def save(nm: NeatModule, folder: Path):
         }
 
     write_swapped(folder, WEIGHTS, tensors, CONFIG, make_config)
+
+
+def refuse_experts(what: str, names: list[str]) -> str:
+    """The message refusing to write adapters of routed-expert stacks in a PEFT format."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = f"peft {version('peft')}"
+    except PackageNotFoundError:
+        installed = "peft not installed"
+    shown = ", ".join(names[:6]) + (f", … ({len(names) - 6} more)" if len(names) > 6 else "")
+    return (
+        f"{what} cannot hold adapters of routed-expert stacks (3-D parameters): {shown}. PEFT adapts nn.Parameters "
+        f"only through LoRA's target_parameters ({installed}; PEANuT has none), whose checkpoint keys depend on how "
+        f"PEFT nests its wrappers. Save with format='neat', merge (neat_fx.merge_into) and save the model, or "
+        f"transform with exclude= for them."
+    )
 
 
 def trained_modules(nm: NeatModule, tensors: dict) -> list[str]:
