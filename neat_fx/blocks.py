@@ -35,13 +35,14 @@ UNITS_ATTR = "neat_blocks"
 def candidate_blocks(model: nn.Module) -> list[str]:
     """The elements of every nn.ModuleList of `model` that hold parameters, in module order: a transformer's
     layers, a Swin stage and its blocks (nested lists give nested blocks)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     names = []
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList):
             for child_name, child in module.named_children():
                 if any(True for _ in child.parameters()):
                     names.append(f"{name}.{child_name}" if name else child_name)
-    return names
+    return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
 def resolve_block_names(model: nn.Module, spec) -> list[str]:
@@ -57,6 +58,8 @@ def resolve_block_names(model: nn.Module, spec) -> list[str]:
         if not isinstance(item, str):
             raise ConfigError(f"blocks must name modules (strings), got {item!r}")
         hit = [n for n in modules if n and (n == item or fnmatch.fnmatchcase(n, item))]
+        if item not in modules:  # a glob: its outermost matches ("layers.*" means the layers, not their parts)
+            hit = _outermost(hit)
         if not hit:
             raise ConfigError(
                 f"blocks: {item!r} names no module of {type(model).__name__}; its repeated blocks are "
@@ -137,8 +140,8 @@ def _split_into(graph: fx.Graph, names: list[str], out: Split):
     for node in graph.nodes:
         if owner.get(node) not in (None, ...):
             regions.setdefault(owner[node], []).append(node)
-    order = {n: i for i, n in enumerate(graph.nodes)}
     for name in outer:
+        order = {n: i for i, n in enumerate(graph.nodes)}  # again after each cut: it adds call nodes
         region = regions.get(name)
         if not region:
             out.refused[name] = "the captured graph runs none of its code (never called)"
@@ -253,3 +256,20 @@ def fsdp_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     except ImportError:  # a torch built without distributed
         return []
     return [(n, m) for n, m in model.named_modules() if n and isinstance(m, FSDPModule)]
+
+
+def refuse_composable_checkpoint(names, modules):
+    """torch.distributed._composable.checkpoint recomputes a module by calling its Python forward again, which
+    cannot take a block graph's inputs: point to the checkpointing that recomputes the graph."""
+    try:
+        from torch.distributed._composable.contract import _get_registry
+    except ImportError:
+        return
+    for name, module in zip(names, modules):
+        if "checkpoint" in (_get_registry(module) or {}):
+            raise ConfigError(
+                f"torch.distributed._composable.checkpoint was applied to block {name!r}: it recomputes the "
+                f"block by calling its Python forward, not the captured graph nm runs. Remove it and use "
+                f"nm.set_checkpointing([{name!r}]) (or neat_fx.transform(..., checkpoint=True)), which composes "
+                f"with fully_shard."
+            )

@@ -504,6 +504,8 @@ class NeatModule(GraphContainer):
             self._refuse_foreign_units()
         if not self._checkpointed and not any(_blocks.has_hooks(m) for m in self._block_modules()):
             return gm
+        if not compiling:
+            _blocks.refuse_composable_checkpoint(self._block_names, self._block_modules())
         runner = self._runner(mode)
         if not compiling:
             for name, module in zip(self._block_names, self._block_modules()):
