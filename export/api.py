@@ -64,8 +64,9 @@ def to_onnx(
               `onnxruntime_genai.Model(path)` runs, precision from dtype/quantize ("int4"/"int8" with
               `block_size`), for `device`; verified by greedy generation in onnxruntime-genai against the merged
               model's generate on the example prompts; returns a `genai_route.GenaiReport`.
-    dynamic:  True: every axis the model allows stays dynamic (named batch, sequence, …); False: static; or a
-              torch.export dynamic_shapes spec keyed by the forward's argument names.
+    dynamic:  True: the batch and sequence axes stay dynamic where the model allows (named batch, sequence, …),
+              image channels/height/width static — transform's rule (`neat_fx.capture.default_dynamic_dims`);
+              False: static; or a torch.export dynamic_shapes spec keyed by the forward's argument names.
     verify:   run ONNX Runtime on `device` against PyTorch on the example inputs and on a batch of another
               batch size and length; fp32 within 1e-4, fp16 within 1e-2 of each output's scale. On failure
               nothing is written at `path`.

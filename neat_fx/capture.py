@@ -1,12 +1,17 @@
 """Capture: a model and example inputs → one FX graph per mode ("train", "eval").
 
-Route "export" (default): `torch.export.export(strict=False)` with every tensor dimension left to
-`Dim.AUTO`, so batch and sequence stay dynamic where the model allows; then `ExportedProgram.module()`.
-Route "fx": `torch.fx.symbolic_trace`, with `nn.Linear` calls lowered to `F.linear` on `get_attr`
-weights so both routes present linear ops the same way to the matcher.
+Route "export" (default): `torch.export.export(strict=False)`, then `ExportedProgram.module()`. With
+`dynamic=True` the batch and sequence dimensions are left to `Dim.AUTO` (`default_dynamic_dims` says which) and
+image geometry stays static; `dynamic="all"` leaves every dimension to `Dim.AUTO`.
+Route "fx": `torch.fx.symbolic_trace`, with `nn.Linear` calls lowered to `F.linear` on `get_attr` weights so both
+routes present linear ops the same way to the matcher.
 
-Each mode gets its own graph because `ExportedProgram.module()` fixes dropout / batch-norm behaviour
-(and any `if self.training` branch) at capture time.
+Each mode needs its own graph because `ExportedProgram.module()` fixes dropout / batch-norm behaviour (and any
+`if self.training` branch) at capture time. Capturing costs seconds, so the eval graph is derived from the train
+graph when they differ only by those ops' flags (`derive_eval_graph`), and checked against the eager model in
+eval mode on the example inputs; anything else in the train graph that depends on training (random draws outside
+dropout, writes to the model's state) or a derived graph that does not reproduce the eager model gets the eval
+graph captured on its own.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import os
 import re
 import warnings
@@ -24,7 +30,10 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
+from .numerics import compare
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +43,7 @@ class Capture:
     mode: str
     graph: fx.Graph
     owner: nn.Module  # resolves get_attr / call_module targets that are not the model's own
+    derived: str | None = None  # eval graph derived from the train graph: what was flipped; None when captured
 
 
 def split_example_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -62,15 +72,50 @@ def split_example_inputs(example_inputs) -> tuple[tuple, dict]:
     )
 
 
-def auto_dynamic_shapes(forward, args: tuple, kwargs: dict):
-    """A torch.export `dynamic_shapes` spec leaving every dimension of every tensor input to `Dim.AUTO` (torch
-    keeps dynamic what the model allows), shaped like the inputs: a tuple for positional-only inputs, else a
-    dict keyed by `forward`'s argument names."""
+def token_lengths(tensors) -> set[int]:
+    """The sequence lengths of the token-like inputs: dimension 1 of every integer or bool tensor of rank 2 (ids,
+    attention masks, position ids, token type ids, labels)."""
+    return {
+        int(t.shape[1])
+        for t in tensors
+        if t.dim() == 2 and not (t.is_floating_point() or t.is_complex()) and t.shape[1] >= 2
+    }
+
+
+def default_dynamic_dims(x: torch.Tensor, sequences: set[int] = frozenset()) -> list[int]:
+    """The dimensions of input `x` that `dynamic=True` leaves to `Dim.AUTO` (the others are static):
+
+    - dimension 0 of every tensor of rank ≥ 1 — the batch;
+    - dimension 1 of every tensor of rank 2 or 3 — the sequence or time axis of (batch, length) token ids, masks,
+      labels and raw audio, and of (batch, length, features) embeddings, hidden states and feature frames;
+    - any later dimension whose size equals a token input's sequence length (`sequences`, from
+      `token_lengths`) — e.g. the two sequence axes of a 4-D attention mask (batch, 1, length, length).
+
+    Everything else is static: the features of (batch, length, features), channels and height/width of images
+    (batch, channels, height, width), the geometry of video frames. A dimension left to `Dim.AUTO` that the model
+    fixes, or whose example size is 0 or 1, is specialised by torch.export without error."""
+    if x.dim() == 0:
+        return []
+    dims = [0]
+    if x.dim() in (2, 3):
+        dims.append(1)
+    dims += [d for d in range(2, x.dim()) if d not in dims and int(x.shape[d]) in sequences]
+    return dims
+
+
+def auto_dynamic_shapes(forward, args: tuple, kwargs: dict, every_dim: bool = False):
+    """A torch.export `dynamic_shapes` spec for the inputs: `Dim.AUTO` on the batch and sequence dimensions
+    (`default_dynamic_dims`), or on every dimension with `every_dim=True`; torch keeps dynamic what the model
+    allows. Shaped like the inputs: a tuple for positional-only inputs, else a dict keyed by `forward`'s argument
+    names."""
     from torch.export import Dim
+
+    sequences = token_lengths(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
 
     def spec(x):
         if isinstance(x, torch.Tensor):
-            return {i: Dim.AUTO for i in range(x.dim())} or None
+            dims = range(x.dim()) if every_dim else default_dynamic_dims(x, sequences)
+            return {i: Dim.AUTO for i in dims} or None
         return None
 
     def specs_of(tree):
@@ -84,6 +129,23 @@ def auto_dynamic_shapes(forward, args: tuple, kwargs: dict):
     # Mixed: name the positional arguments by the signature of forward.
     bound = inspect.signature(forward).bind_partial(*args, **kwargs)
     return {k: specs_of(v) for k, v in bound.arguments.items()}
+
+
+def dynamic_shapes_for(forward, args: tuple, kwargs: dict, dynamic):
+    """torch.export's `dynamic_shapes` for transform's `dynamic=`: True (batch and sequence, the default),
+    "all" (every dimension), False / None (static), or the caller's own spec (a dict, tuple or list)."""
+    if dynamic is True:
+        return auto_dynamic_shapes(forward, args, kwargs)
+    if isinstance(dynamic, str) and dynamic == "all":
+        return auto_dynamic_shapes(forward, args, kwargs, every_dim=True)
+    if dynamic is False or dynamic is None:
+        return None
+    if isinstance(dynamic, (dict, tuple, list)):
+        return dynamic
+    raise ConfigError(
+        f"dynamic must be True (batch and sequence dimensions dynamic), 'all' (every dimension), False (static) or "
+        f"a torch.export dynamic_shapes spec (dict or tuple), got {dynamic!r}"
+    )
 
 
 @contextlib.contextmanager
@@ -225,13 +287,7 @@ def _export_module(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynam
         return ep.module()
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic) -> Capture:
-    if dynamic is True:
-        dynamic_shapes = auto_dynamic_shapes(model.forward, args, kwargs)
-    elif dynamic is False or dynamic is None:
-        dynamic_shapes = None
-    else:
-        dynamic_shapes = dynamic  # the caller's own torch.export dynamic_shapes
+def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic_shapes) -> Capture:
     try:
         gm = _export_module(model, args, kwargs, mode, dynamic_shapes)
     except Exception as exc:
@@ -275,14 +331,266 @@ def _symbolic_trace(model: nn.Module, mode: str) -> Capture:
     return Capture(mode, graph, model)
 
 
-def capture(model: nn.Module, args: tuple, kwargs: dict, *, method: str, modes, dynamic=True) -> dict[str, Capture]:
-    captures = {}
-    for mode in modes:
-        if method == "export":
-            captures[mode] = _export(model, args, kwargs, mode, dynamic)
-        else:
-            captures[mode] = _symbolic_trace(model, mode)
-    return captures
+def capture(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    method: str,
+    modes,
+    dynamic=True,
+    reference=None,
+    rtol: float = 1e-4,
+) -> dict[str, Capture]:
+    """One graph per mode in `modes`. With method "export" and both modes, the train graph is captured and the eval
+    graph derived from it where it can be (`derive_eval_graph`) and reproduces, within `rtol`, `reference` — the
+    eager model's eval-mode output on the example inputs (computed here when not given); else captured too."""
+    if method != "export":
+        return {mode: _symbolic_trace(model, mode) for mode in modes}
+    dynamic_shapes = dynamic_shapes_for(model.forward, args, kwargs, dynamic)
+    if "train" in modes and "eval" in modes:
+        train = _export(model, args, kwargs, "train", dynamic_shapes)
+        derived = _derived_eval(train, model, args, kwargs, reference, rtol)
+        captures = {"train": train, "eval": derived or _export(model, args, kwargs, "eval", dynamic_shapes)}
+    else:
+        captures = {mode: _export(model, args, kwargs, mode, dynamic_shapes) for mode in modes}
+    return {mode: captures[mode] for mode in modes}
+
+
+# ---------------------------------------------------------------- the eval graph from the train graph
+
+#: ops that take their training behaviour as an argument: schema name → (argument, its value in eval mode).
+EVAL_ARGUMENTS = {
+    **{
+        f"aten::{op}{inplace}": ("train", False)
+        for op in ("dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout")
+        for inplace in ("", "_")
+    },
+    "aten::native_dropout": ("train", False),
+    "aten::rrelu": ("training", False),
+    "aten::rrelu_": ("training", False),
+    "aten::scaled_dot_product_attention": ("dropout_p", 0.0),
+}
+#: normalisations that use batch statistics in training and their running statistics (when tracked) in eval.
+RUNNING_STATS = {"aten::batch_norm": "training", "aten::instance_norm": "use_input_stats"}
+#: ops a drop-path / stochastic-depth mask is computed with (HF's drop_path, timm's, torchvision's).
+_MASK_OPS = frozenset(
+    f"aten::{op}"
+    for op in (
+        "rand",
+        "rand_like",
+        "new_zeros",
+        "new_ones",
+        "zeros_like",
+        "ones_like",
+        "bernoulli",
+        "bernoulli_",
+        "empty",
+        "new_empty",
+        "empty_like",
+        "add",
+        "add_",
+        "floor",
+        "floor_",
+        "div",
+        "div_",
+        "mul",
+        "mul_",
+        "to",
+        "_to_copy",
+    )
+)
+
+#: mask ops whose tensor argument gives only the dtype, device (and shape) of the new tensor.
+_LIKE_OPS = frozenset(
+    f"aten::{op}" for op in ("new_empty", "new_zeros", "new_ones", "empty_like", "rand_like", "zeros_like", "ones_like")
+)
+
+
+def _schema_name(node: fx.Node) -> str | None:
+    target = node.target
+    return target._schema.name if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) else None
+
+
+def _argument(node: fx.Node, name: str):
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            if i < len(node.args) and not a.kwarg_only:
+                return node.args[i]
+            return node.kwargs.get(name, a.default_value)
+    raise KeyError(name)
+
+
+def _set_argument(node: fx.Node, name: str, value):
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            if i < len(node.args) and not a.kwarg_only:
+                node.args = node.args[:i] + (value,) + node.args[i + 1 :]
+            else:
+                node.kwargs = {**node.kwargs, name: value}
+            return
+    raise KeyError(name)
+
+
+def _is_random(node: fx.Node) -> bool:
+    return _schema_name(node) is not None and torch.Tag.nondeterministic_seeded in node.target.tags
+
+
+def _tensor_node(a) -> bool:
+    return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+
+
+def _mask_chain(node: fx.Node) -> set[fx.Node] | None:
+    """The nodes computing `node` when it is a random mask: random draws, fresh tensors and arithmetic on them
+    with numbers and sizes only (no tensor of the model or of the inputs); else None."""
+    chain, todo, random = set(), [node], False
+    while todo:
+        n = todo.pop()
+        if n in chain:
+            continue
+        if _schema_name(n) not in _MASK_OPS:
+            return None
+        chain.add(n)
+        random = random or _is_random(n)
+        if _schema_name(n) not in _LIKE_OPS:  # x.new_empty(shape): x gives the dtype and device only
+            todo += [a for a in pytree.tree_leaves((n.args, n.kwargs)) if _tensor_node(a)]
+    if not random or any(u not in chain for n in chain if n is not node for u in n.users):
+        return None
+    return chain
+
+
+def _drop_paths(graph: fx.Graph) -> int:
+    """Rewrite every drop path (stochastic depth) — `x * mask` or `x.div(keep) * mask`, the mask drawn at random —
+    to `x`, what it computes in eval mode. Returns how many."""
+    count = 0
+    for node in list(graph.nodes):
+        if _schema_name(node) != "aten::mul" or len(node.args) != 2 or not all(map(_tensor_node, node.args)):
+            continue
+        for x, mask in (node.args, node.args[::-1]):
+            chain = _mask_chain(mask) if len(mask.users) == 1 else None
+            if chain is None or _mask_chain(x) is not None:
+                continue
+            kept = x
+            if _schema_name(x) == "aten::div" and isinstance(x.args[1], (int, float)) and _tensor_node(x.args[0]):
+                kept = x.args[0]  # HF's drop_path divides the kept rows by keep_prob
+            node.replace_all_uses_with(kept)
+            graph.erase_node(node)
+            for n in sorted(chain | ({x} if kept is not x else set()), key=_position(graph), reverse=True):
+                if not n.users:
+                    graph.erase_node(n)
+            count += 1
+            break
+    return count
+
+
+def _position(graph: fx.Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: order[n]
+
+
+def _base(node: fx.Node) -> fx.Node:
+    """The tensor `node` is a view of (itself if it is none)."""
+    while _schema_name(node) is not None:
+        returns = node.target._schema.returns
+        alias = returns[0].alias_info if returns else None
+        if alias is None or alias.is_write or not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The tensors an in-place / out= op writes."""
+    out = []
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) and not a.kwarg_only else node.kwargs.get(a.name)
+            out += [v for v in pytree.tree_leaves(value) if isinstance(v, fx.Node)]
+    return out
+
+
+def derive_eval_graph(train: fx.Graph, owner: nn.Module) -> tuple[fx.Graph | None, str]:
+    """The eval graph of a captured train graph, when they differ only by what can be flipped: dropout (and its
+    feature / alpha variants, sdpa's dropout_p, RReLU) set to eval, batch and instance norm on their running
+    statistics (their `num_batches_tracked` counter no longer counted), drop paths removed. Returns (graph, what
+    was changed), or (None, why not) when the train graph holds other training-dependent work: random draws
+    outside those ops, writes to the model's state, or any of it inside a subgraph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = copy.deepcopy(train)
+    done: dict[str, int] = {}
+
+    def note(what):
+        done[what] = done.get(what, 0) + 1
+
+    for _ in range(_drop_paths(graph)):
+        note("drop path")
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and isinstance(_resolve_or_none(owner, node.target), fx.GraphModule):
+            sub, why = derive_eval_graph(_resolve_or_none(owner, node.target).graph, owner)
+            if sub is None or why:
+                return None, f"training-dependent ops inside the subgraph {node.target} ({why or 'none flippable'})"
+            continue
+        name = _schema_name(node)
+        if name is None:
+            continue
+        if name in EVAL_ARGUMENTS:
+            arg, value = EVAL_ARGUMENTS[name]
+            if _argument(node, arg) != value:
+                _set_argument(node, arg, value)
+                note(name.removeprefix("aten::"))
+            continue
+        if name in RUNNING_STATS:
+            mean, var = _argument(node, "running_mean"), _argument(node, "running_var")
+            if mean is not None and var is not None and _argument(node, RUNNING_STATS[name]):
+                _set_argument(node, RUNNING_STATS[name], False)
+                note(name.removeprefix("aten::"))
+            continue
+        if node.target._schema.is_mutable:
+            state = [_base(w) for w in _written(node)]
+            state = [w.target for w in state if w.op == "get_attr"]
+            if state and all(t.rsplit(".", 1)[-1] == "num_batches_tracked" for t in state) and not node.users:
+                graph.erase_node(node)  # the batch-norm step counter counts training steps only
+                continue
+            if state:
+                return None, f"{node.target} writes the model's state {state[0]}"
+        if _is_random(node):
+            return None, f"{node.target} draws random numbers outside dropout"
+    graph.lint()
+    return graph, ", ".join(f"{k} ×{v}" for k, v in done.items())
+
+
+def _resolve_or_none(root, target: str):
+    try:
+        return resolve_attr(root, target)
+    except AttributeError:
+        return None
+
+
+def _derived_eval(train: Capture, model: nn.Module, args: tuple, kwargs: dict, reference, rtol: float):
+    """The eval Capture derived from `train` (sharing its owner) if derivable and equal to the eager model in eval
+    mode on the example inputs within `rtol`; else None (the caller captures the eval graph)."""
+    graph, what = derive_eval_graph(train.graph, train.owner)
+    if graph is None:
+        log.debug("capture: eval graph captured on its own: %s", what)
+        return None
+    try:
+        if reference is None:
+            with train_mode(model, False), torch.no_grad():
+                reference = model(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = fx.GraphModule(train.owner, copy.deepcopy(graph))
+        with torch.no_grad():
+            out = gm(*args, **kwargs)
+    except Exception as exc:
+        log.debug("capture: eval graph captured on its own: the derived one fails: %s", first_lines(exc, 1))
+        return None
+    result = compare(reference, out, rtol=rtol)
+    if not result["ok"]:
+        log.debug("capture: eval graph captured on its own: the derived one differs by %.3g", result["max_rel"])
+        return None
+    return Capture("eval", graph, train.owner, derived=what or "nothing to flip")
 
 
 def resolve_attr(root: Any, target: str):

@@ -58,7 +58,11 @@ def transform(
                     `NeatConfig` (documented there; None = its default: rank 8, depth 2, relu, scale 1.0,
                     capture "export", modes ("train", "eval")) — or pass them all as `config=` (then none of
                     them, and no patterns, may be passed beside it).
-    dynamic:        True: every dimension free where the model allows (batch, sequence); False: static
+    dynamic:        True: the batch and sequence dimensions dynamic where the model allows, the rest static —
+                    dim 0 of every input, dim 1 of inputs of rank 2-3 ((batch, length) ids, masks, audio;
+                    (batch, length, features) embeddings), and later dims of the token inputs' length (4-D
+                    masks); image channels/height/width stay static (`capture.default_dynamic_dims`).
+                    "all": every dimension dynamic where the model allows (slower to capture); False: static
                     shapes; or a torch.export `dynamic_shapes` spec.
     check:          compare the captured graph with the eager model on the example inputs.
     blocks:         the model's blocks, which nm can run one by one as units (per-block FSDP2, activation
@@ -89,7 +93,9 @@ def transform(
 
     cap.refuse_non_finite(args, kwargs)
     reference = cap.check_runs_eagerly(model, args, kwargs) if check else None
-    captures = cap.capture(model, args, kwargs, method=config.capture, modes=config.modes, dynamic=dynamic)
+    how = dict(method=config.capture, modes=config.modes, dynamic=dynamic)
+    # one capture serves both modes where it can: the eval graph derived from the train graph, checked on `reference`
+    captures = cap.capture(model, args, kwargs, **how, reference=reference, rtol=CAPTURE_RTOL)
     nm = NeatModule(model, config)
     graphs = {mode: bind_targets(c, model, nm) for mode, c in captures.items()}
 

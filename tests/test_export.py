@@ -47,16 +47,16 @@ def test_parity_for_every_zoo_model(name, tmp_path):
     nm = neat_fx.transform(model, patterns, example, rank=4, modes=("eval",))
     randomize_adapters(nm, std=0.2)
     nm.eval()
-    options = {}
     if name == "cnn":
-        # torch.onnx lowers adaptive pooling for the example's height/width only: the default (all axes dynamic)
-        # is caught by the verification on another image size; exported with a dynamic batch only, it works.
+        # image height/width are static by default (capture and export), the batch dynamic. With every axis
+        # dynamic, torch.onnx lowers adaptive pooling for the example's height/width only: the verification on
+        # another image size catches it.
+        every = neat_fx.transform(model, patterns, example, rank=4, modes=("eval",), dynamic="all")
+        all_axes = {"x": {i: torch.export.Dim.AUTO for i in range(4)}}
         with pytest.raises(ExportError, match="fails on inputs of shapes"):
-            to_onnx(nm, example, tmp_path / "m.onnx")
+            to_onnx(every, example, tmp_path / "m.onnx", dynamic=all_axes)
         assert list(tmp_path.iterdir()) == []
-        options = {"dynamic": {"x": {0: torch.export.Dim.AUTO}}}
-        other = (torch.randn(3, 3, 12, 12),)
-    report = to_onnx(nm, example, tmp_path / "m.onnx", **options)
+    report = to_onnx(nm, example, tmp_path / "m.onnx")
     assert report.folded_first and report.path.exists()
     assert len(report.parity) == 2 and report.max_rel_diff <= 1e-4
     assert report.parity[0]["shapes"] != report.parity[1]["shapes"]  # a second batch of another shape

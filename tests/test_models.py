@@ -99,7 +99,9 @@ def test_transform_train_fold(name):
 
 def plain_capture_counts_full(model, example):
     args, kwargs = cap.split_example_inputs(example)
-    c = cap.capture(model, args, kwargs, method="export", modes=("eval",))["eval"]
+    # both modes, as transform captures: the eval graph derived from the train graph may keep a train-mode layout
+    # no-op (BERT's sdpa output .contiguous()) that an eval-only capture does not record
+    c = cap.capture(model, args, kwargs, method="export", modes=("train", "eval"))["eval"]
     counts = op_counts(c.graph, include_modules=True)
     # our graphs hold the guard module under extras.<mode>__…; a plain capture names it _guards_fn
     return {("extras.eval___guards_fn" if k == "_guards_fn" else k): v for k, v in counts.items()}

@@ -211,7 +211,8 @@ class SmallCNN(nn.Module):
 def cnn():
     torch.manual_seed(9)
     g = torch.Generator().manual_seed(9)
-    return SmallCNN(), (torch.randn(4, 3, 12, 12, generator=g),), (torch.randn(2, 3, 10, 10, generator=g),), ["head"]
+    # another batch size, the same image size: dynamic=True keeps image height/width static (dynamic="all" frees them)
+    return SmallCNN(), (torch.randn(4, 3, 12, 12, generator=g),), (torch.randn(2, 3, 12, 12, generator=g),), ["head"]
 
 
 class Tied(nn.Module):
