@@ -7,6 +7,7 @@ op on W0 + ΔW, in float64). A table entry without a case here fails `test_every
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from neat_fx.adapters import neat_apply, neat_delta
-from neat_fx.ops import OPS, Slot, flip, op_uses, replace_weight, transposed_source
+from neat_fx.ops import EXPERT_OPS, OPS, Slot, expert_uses, flip, op_uses, replace_weight, transposed_source
 
 aten = torch.ops.aten
 D_IN, D_OUT, R = 5, 3, 2
@@ -232,3 +233,108 @@ def test_every_entry_has_cases():
 def test_operator_matmul_and_functional_linear_are_in_the_table():
     targets = {t for e in OPS for t in e.functions}
     assert operator.matmul in targets and torch.nn.functional.linear in targets and torch.einsum in targets
+
+
+# -- routed experts (EXPERT_OPS) -------------------------------------------------------------------------------
+E_EXPERTS, E_IN, E_OUT, E_R, E_N = 3, 8, 4, 4, 2  # sizes whose fp32 strides suit aten._grouped_mm's kernel
+
+
+def _expert_cases():
+    for entry in EXPERT_OPS:
+        for name in sorted(entry.names):
+            grouped = entry.kind == "grouped_mm"
+            for path in [(), ("transpose",)] if grouped else [(), ("index",), ("transpose",), ("index", "transpose")]:
+                yield pytest.param(entry, name, path, id=f"{name}-w{entry.weight}-{'-'.join(path) or 'direct'}")
+
+
+def _expert_target(name):
+    if name.startswith("transformers::"):
+        pytest.importorskip("transformers.integrations.moe")  # registers the op
+    ns, op = name.split("::")
+    return getattr(getattr(torch.ops, ns), op).default
+
+
+@pytest.mark.parametrize("entry, name, path", list(_expert_cases()))
+def test_expert_entry(entry, name, path):
+    """The matcher finds the per-expert op through the path with the expected layout, and the update experts.insert
+    adds equals the op run on the stack W0 + ΔW (one NEAT per expert)."""
+    from neat_fx.experts import ExpertsAdapter, insert
+
+    target = _expert_target(name)
+    grouped = entry.kind == "grouped_mm"
+    dtype = torch.float32 if name == "aten::_grouped_mm" else torch.float64
+    transposed = "transpose" in path
+    stored = flip(entry.layout) if transposed else entry.layout
+    g = torch.Generator().manual_seed(0)
+    root = nn.Module()
+    shape = (E_EXPERTS, E_OUT, E_IN) if stored == "out_in" else (E_EXPERTS, E_IN, E_OUT)
+    root.W = nn.Parameter(torch.randn(shape, generator=g, dtype=dtype), requires_grad=False)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    extra = graph.placeholder("extra")  # expert ids of every row (index) or group offsets (grouped_mm)
+    w = graph.get_attr("W")
+    if "index" in path:
+        w = graph.call_function(aten.index.Tensor, (w, [extra]))
+    if transposed:
+        w = graph.call_function(aten.transpose.int, (w, -2, -1))
+    args = [None] * 2
+    args[entry.weight], args[entry.x] = w, x
+    op = graph.call_function(target, (*args, extra) if grouped else tuple(args))
+    graph.output(op)
+    gm = fx.GraphModule(root, graph)
+
+    uses = expert_uses(gm.graph, lambda n: n.op == "get_attr" and n.target == "W")
+    assert len(uses) == 1
+    use = uses[0]
+    assert use.node is op and use.kind == entry.kind and use.layout == stored and len(use.path) == len(path)
+    assert use.head is (use.path[0] if path else op)
+
+    rows = 5 if "index" in path or grouped else E_EXPERTS
+    if grouped:  # rows sorted by expert: 2, 0 and 3 rows
+        x_val, extra_val = torch.randn(rows, E_IN, generator=g, dtype=dtype), torch.tensor([2, 2, 5], dtype=torch.int32)
+    else:
+        x_shape = (rows, E_IN, E_N) if entry.layout == "out_in" else (rows, E_N, E_IN)
+        x_val = torch.randn(x_shape, generator=g, dtype=dtype)
+        extra_val = torch.tensor([2, 0, 2, 1, 0]) if "index" in path else torch.zeros(0, dtype=torch.long)
+    gm.adapters = nn.ModuleDict(
+        {"w": ExpertsAdapter(E_EXPERTS, E_IN, E_OUT, E_R, 1, "relu", 0.7, stored, dtype=dtype, generator=g)}
+    )
+    with torch.no_grad():
+        for p in gm.adapters["w"].parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5)
+    insert(gm.graph, uses, "w")
+    gm.graph.lint()
+    gm.recompile()
+    with torch.no_grad():
+        adapted = gm(x_val, extra_val)
+        ad = gm.adapters["w"]
+        delta = neat_delta(gm.W, *ad.tensors(), "relu", 0.7, stored, dtype=dtype)  # batched over experts
+        assert delta.shape == shape
+        gm.W.add_(delta)
+        want = fx.GraphModule(root, _plain(gm.graph))(x_val, extra_val)
+    tol = 1e-5 if dtype == torch.float32 else 1e-6
+    assert (adapted - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
+
+
+def _plain(graph):
+    """A copy of `graph` without the expert update (the op reading the stack as it is)."""
+    from neat_fx.experts import remove
+
+    graph = copy.deepcopy(graph)
+    remove(graph, lambda key, weight: weight)
+    return graph
+
+
+def test_expert_ops_need_an_activation_and_the_right_transpose():
+    root = nn.Module()
+    root.W, root.V = nn.Parameter(torch.randn(2, 3, 3)), nn.Parameter(torch.randn(2, 3, 3))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    w, v = graph.get_attr("W"), graph.get_attr("V")
+    graph.output(
+        (
+            graph.call_function(aten.bmm.default, (w, v)),  # two stacks: no activation, no site
+            graph.call_function(aten.bmm.default, (graph.call_function(aten.transpose.int, (w, 0, 1)), x)),
+        )
+    )
+    assert expert_uses(graph, lambda n: n.op == "get_attr") == []
