@@ -153,6 +153,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement")
     ap.add_argument("--ratio-repeats", type=int, default=3, help="static exports and transforms per warm process")
     ap.add_argument("--out", default="transform_cost", help="results/<out>.json and .md")
+    ap.add_argument("--warm-only", action="store_true", help="no 'first use' processes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
@@ -163,7 +164,7 @@ def main():
         print(json.dumps(one(a.case, a.layers, a.hidden, a.patterns, a.rank, a.seq, a.warm, ratio)))
         return
     runs = []
-    cases = [(c, p, w) for c in a.cases for p in CASES[c]["patterns"] for w in (False, True)]
+    cases = [(c, p, w) for c in a.cases for p in CASES[c]["patterns"] for w in (False, True) if w or not a.warm_only]
     for i in range(a.repeats):
         for case, patterns, warm in cases:
             cmd = [sys.executable, __file__, "--child", "--case", case, "--patterns", *patterns]

@@ -569,11 +569,15 @@ def _resolve_or_none(root, target: str):
 
 def _derived_eval(train: Capture, model: nn.Module, args: tuple, kwargs: dict, reference, rtol: float):
     """The eval Capture derived from `train` (sharing its owner) if derivable and equal to the eager model in eval
-    mode on the example inputs within `rtol`; else None (the caller captures the eval graph)."""
+    mode on the example inputs within `rtol`; else None (the caller captures the eval graph). A model on the meta
+    device has no values to compare: the structural rule alone decides."""
     graph, what = derive_eval_graph(train.graph, train.owner)
     if graph is None:
         log.debug("capture: eval graph captured on its own: %s", what)
         return None
+    derived = Capture("eval", graph, train.owner, derived=what or "nothing to flip")
+    if any(p.is_meta for p in model.parameters()):
+        return derived
     try:
         if reference is None:
             with train_mode(model, False), torch.no_grad():
@@ -583,14 +587,14 @@ def _derived_eval(train: Capture, model: nn.Module, args: tuple, kwargs: dict, r
             gm = fx.GraphModule(train.owner, copy.deepcopy(graph))
         with torch.no_grad():
             out = gm(*args, **kwargs)
+        result = compare(reference, out, rtol=rtol)
     except Exception as exc:
         log.debug("capture: eval graph captured on its own: the derived one fails: %s", first_lines(exc, 1))
         return None
-    result = compare(reference, out, rtol=rtol)
     if not result["ok"]:
         log.debug("capture: eval graph captured on its own: the derived one differs by %.3g", result["max_rel"])
         return None
-    return Capture("eval", graph, train.owner, derived=what or "nothing to flip")
+    return derived
 
 
 def resolve_attr(root: Any, target: str):
