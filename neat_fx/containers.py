@@ -250,6 +250,13 @@ class GraphContainer(nn.Module):
     def forward(self, *args, **kwargs):
         mode = "train" if self.training else "eval"
         gm = self.graph_module(mode)
+        ref = self._reference
+        if ref is not None and ref.is_meta and not torch.compiler.is_compiling():
+            raise ConfigError(
+                f"{type(self).__name__} holds weights on the meta device (built without storage): load them before "
+                f"calling it: nm.to_empty(device=...) then model.load_state_dict(state_dict, assign=False) (or "
+                f"FSDP2's sharded init: fully_shard the blocks and nm, to_empty, load per shard)."
+            )
         try:
             bound = self._signatures[mode].bind(*args, **kwargs)
         except TypeError as exc:
@@ -410,7 +417,44 @@ class NeatModule(GraphContainer):
 
     def _apply(self, fn, recurse=True):
         object.__setattr__(self, "_shared_weights", None)  # .to() may replace parameter objects
-        return super()._apply(fn, recurse)
+        ref = self._reference
+        was_meta = ref is not None and ref.is_meta
+        result = super()._apply(fn, recurse)
+        ref = self._reference
+        if was_meta and ref is not None and not ref.is_meta:
+            # to_empty from the meta device leaves the adapters as uninitialised memory: give them the values
+            # transform would have given them on the real model (same seed, same order)
+            self.reset_adapters()
+            _warn_unsaved_buffers(self.model)
+        return result
+
+    @torch.no_grad()
+    def reset_adapters(self, seed: int | None = None):
+        """Initialise every adapter as transform does: A and the r×r layers Kaiming-uniform, B zero (ΔW = 0),
+        drawn in site order from `seed` (default: the transform's seed; None there: torch's global RNG).
+        Sharded adapters (FSDP2) keep their part on each rank."""
+        from .adapters import NeatAdapter
+        from .distributed import copy_into
+
+        seed = self.neat_config.seed if seed is None else seed
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for site in self.site_infos:
+            ad = self.adapters[site.key]
+            fresh = NeatAdapter(
+                ad.d_in,
+                ad.d_out,
+                ad.rank,
+                ad.hidden_layers,
+                ad.activation,
+                ad.scale,
+                ad.layout,
+                dtype=ad.A.dtype,
+                device="cpu",
+                generator=generator,
+                experts=getattr(ad, "experts", 0),
+            )
+            for p, q in zip(ad.parameters(), fresh.parameters()):
+                copy_into(p, q.to(p.dtype))
 
     # -- blocks: the model's layers as units (per-block FSDP2, activation checkpointing) ----------------------
     def _set_blocks(self, names: list[str]):
@@ -667,3 +711,24 @@ def _build_runner(nm: NeatModule, mode: str, gm: fx.GraphModule) -> _Runner:
         object.__setattr__(runner.units[name], "_gm", _graph_module_over(nm, extra, graph))
     runner.root = _graph_module_over(nm, extra, split.root)
     return runner
+
+
+def _warn_unsaved_buffers(model: nn.Module):
+    """After to_empty, buffers that no state dict holds (non-persistent: a rotary embedding's inv_freq) are
+    uninitialised memory, and loading the weights will not fix them: name them."""
+    import warnings
+
+    names = [
+        f"{name}.{b}" if name else b
+        for name, module in model.named_modules()
+        for b in module._non_persistent_buffers_set
+        if module._buffers.get(b) is not None
+    ]
+    if names:
+        warnings.warn(
+            f"{type(model).__name__} left the meta device: its non-persistent buffers {_short(names)} hold "
+            f"uninitialised memory and are in no state dict; compute them again before training (a Hugging Face "
+            f"rotary embedding: build it again, `model.model.rotary_emb = type(model.model.rotary_emb)(model.config)`"
+            f"; torchtitan: model.init_weights()).",
+            stacklevel=3,
+        )
