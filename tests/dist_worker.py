@@ -98,6 +98,37 @@ def foreign_unit_error() -> str:
     return ""
 
 
+def meta_sharded_init() -> float:
+    """A BERT built on the meta device, transformed, one FSDP2 unit per layer and the root, then materialised
+    with to_empty and loaded shard by shard (each rank keeps its part): it computes what a transform of the real
+    model computes (largest logit difference, eval mode)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from neat_fx.distributed import copy_into
+
+    real, ex, _, patterns = zoo.bert()
+    with torch.device("meta"):
+        model = type(real)(real.config)
+    nm = neat_fx.transform(model, patterns, ex, rank=4, seed=0)
+    for name in neat_fx.blocks(nm):
+        fully_shard(neat_fx.submodule(nm, name))
+    fully_shard(nm)
+    nm.to_empty(device="cpu")
+    ref = neat_fx.transform(real, patterns, ex, rank=4, seed=0)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            copy_into(p, real.get_parameter(name))
+        for name, b in real.named_buffers():
+            model.get_buffer(name).copy_(b)
+        for key, ad in ref.adapters.items():
+            ad.B.copy_(torch.randn(ad.B.shape, generator=g) * 0.1)
+            copy_into(nm.adapters[key].B, ad.B)
+    nm.eval(), ref.eval()
+    with torch.no_grad():
+        return float((nm(**ex).logits - ref(**ex).logits).abs().max())
+
+
 def main():
     mode, out = sys.argv[1], Path(sys.argv[2])
     faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack into the test's log
@@ -163,6 +194,7 @@ def main():
         extra["resume_diff"] = max(float((resumed[k] - state[k]).abs().max()) for k in state)
         extra["resume_step"] = last["step"]
         extra["foreign_unit"] = foreign_unit_error()
+        extra["meta_init_diff"] = meta_sharded_init()
     if mode in ("fsdp", "fsdp_blocks"):
         # Sharded: every rank calls save_adapters (it gathers, rank 0 writes) and load_adapters.
         neat_fx.save_adapters(nm, out / "saved")

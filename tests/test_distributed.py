@@ -79,3 +79,5 @@ def test_fsdp2_one_unit_per_layer_with_checkpointing_matches_one_process(single,
     assert "model.bert.encoder.layer.0.attention" in res["foreign_unit"]
     assert "bert.encoder.layer.0, bert.encoder.layer.1" in res["foreign_unit"]
     assert (tmp_path / "ckpt" / "trainer_state.json").exists()
+    # built on the meta device, sharded per layer, to_empty, loaded shard by shard: the real model's function
+    assert res["meta_init_diff"] < 1e-5
