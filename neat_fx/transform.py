@@ -91,8 +91,13 @@ def transform(
     args, kwargs = cap.split_example_inputs(example_inputs)
     _warn_static_batch(args, kwargs, dynamic)
 
-    cap.refuse_non_finite(args, kwargs)
-    reference = cap.check_runs_eagerly(model, args, kwargs) if check else None
+    # A model built on the meta device (no storage; weights loaded after) is captured without running it: its
+    # outputs hold no values to check. (docs/design.md, "Big models")
+    on_meta = _refuse_meta_options(model, config)
+    if not on_meta:
+        cap.refuse_non_finite(args, kwargs)
+    check_values = check and not on_meta
+    reference = cap.check_runs_eagerly(model, args, kwargs) if check_values else None
     how = dict(method=config.capture, modes=config.modes, dynamic=dynamic)
     # one capture serves both modes where it can: the eval graph derived from the train graph, checked on `reference`
     captures = cap.capture(model, args, kwargs, **how, reference=reference, rtol=CAPTURE_RTOL)
@@ -110,9 +115,30 @@ def transform(
         if checkpoint:
             nm.set_checkpointing(checkpoint)
         nm._record_base_versions()
-        if check and "eval" in graphs:
+        if check_values and "eval" in graphs:
             _check_capture(nm, model, args, kwargs, reference)
     return nm
+
+
+def _refuse_meta_options(model: nn.Module, config: NeatConfig) -> bool:
+    """Whether `model` is on the meta device; what a meta model cannot have (trainable copies would be copies of
+    nothing: load the weights first). A model partly on meta is refused: say which parameters."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if not meta:
+        return False
+    real = [n for n, p in model.named_parameters() if not p.is_meta]
+    if real:
+        raise ConfigError(
+            f"{type(model).__name__} is partly on the meta device ({len(meta)} parameters, e.g. {meta[0]}) and partly "
+            f"not (e.g. {real[0]}); build it wholly on meta (with torch.device('meta'): ...) or load all its weights"
+        )
+    if config.trainable:
+        raise ConfigError(
+            f"trainable={list(config.trainable)} on a meta-device model: a trained-in-full copy would copy weights "
+            f"that are not loaded yet. Load the weights (to_empty + load_state_dict) and transform the real model, "
+            f"or leave trainable= out."
+        )
+    return True
 
 
 @contextlib.contextmanager
