@@ -82,11 +82,12 @@ def insert(graph: fx.Graph, uses: list[ExpertUse], key: str):
         factors = graph.call_module("adapters." + key, (weight,))
         f1 = graph.call_function(operator.getitem, (factors, 0))
         f2 = graph.call_function(operator.getitem, (factors, 1))
-    added = [factors, f1, f2]
+    _mark([factors, f1, f2], key, first)
     for use in uses:
         y = use.node
         head_arg = 0 if use.path else use.weight_arg
         use.head.meta[EXPERT_HEAD] = (key, head_arg)
+        added = []
         with graph.inserting_before(y.next):
             x = y.args[use.x_arg]
             z = _replay(graph, use, f1, x, added)
@@ -95,8 +96,17 @@ def insert(graph: fx.Graph, uses: list[ExpertUse], key: str):
         added.append(out)
         out.meta[EXPERT_OUT] = key
         y.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
-    for n in added:
+        _mark(added, key, y)
+
+
+def _mark(nodes: list[fx.Node], key: str, like: fx.Node):
+    """Flag the nodes `insert` added, in the module (nn_module_stack) of the op they adapt: a graph split into
+    blocks (neat_fx.blocks) keeps them with it."""
+    stack = like.meta.get("nn_module_stack")
+    for n in nodes:
         n.meta[EXPERT_NODE] = key
+        if stack is not None:
+            n.meta["nn_module_stack"] = dict(stack)
 
 
 def _replay(graph: fx.Graph, use: ExpertUse, factor: fx.Node, x: fx.Node, added: list) -> fx.Node:

@@ -283,3 +283,20 @@ def test_a_3d_parameter_no_expert_op_reads_is_explained():
 
     with pytest.raises(PatternError, match=r"stack is 3-D \(4, 6, 5\) but read by einsum.*per-expert matmul"):
         neat_fx.transform(Odd(), ["stack"], (torch.randn(3, 5),), modes=("eval",))
+
+
+def test_blocks_keep_the_expert_update_with_its_layer(moe):
+    """Activation checkpointing cuts the graph into layers by nn_module_stack: the expert update goes with its op."""
+    impl, model, nm = moe
+    nm2 = neat_fx.transform(model, EXPERT_PATTERNS, EXAMPLE, rank=4, depth=4, checkpoint=True)
+    nm2.adapters.load_state_dict(nm.adapters.state_dict())
+    ids = _inputs(9)
+    nm.train(), nm2.train()
+    nm.zero_grad()
+    a, b = nm(input_ids=ids).logits, nm2(input_ids=ids).logits
+    a.square().mean().backward()
+    b.square().mean().backward()
+    assert rel_diff(b.detach(), a.detach()) <= 1e-6
+    for p, q in zip(nm.adapters.parameters(), nm2.adapters.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    nm.eval()
