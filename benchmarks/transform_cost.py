@@ -28,7 +28,7 @@ from common import rss_mb, save_results
 
 CASES = {
     "llama24": {"patterns": [["*q_proj", "*v_proj"], ["*"]], "what": "LLaMA-shaped, 24 layers, hidden 256"},
-    "swin": {"patterns": [["*query", "*value"]], "what": "Swin, 64×64, embed 48, depths 2-2-2"},
+    "swin": {"patterns": [["*q_proj", "*v_proj"]], "what": "Swin, 64×64, embed 48, depths 2-2-2"},
 }
 
 

@@ -526,8 +526,9 @@ def derive_eval_graph(train: fx.Graph, owner: nn.Module) -> tuple[fx.Graph | Non
     for _ in range(_drop_paths(graph)):
         note("drop path")
     for node in list(graph.nodes):
-        if node.op == "get_attr" and isinstance(_resolve_or_none(owner, node.target), fx.GraphModule):
-            sub, why = derive_eval_graph(_resolve_or_none(owner, node.target).graph, owner)
+        module = _resolve_or_none(owner, node.target) if node.op == "get_attr" else None
+        if isinstance(module, fx.GraphModule):  # a subgraph (torch.cond branch, set_grad_enabled region, …)
+            sub, why = derive_eval_graph(module.graph, module)
             if sub is None or why:
                 return None, f"training-dependent ops inside the subgraph {node.target} ({why or 'none flippable'})"
             continue
