@@ -61,9 +61,16 @@ class ExpertsAdapter(NeatAdapter):
             d_in, d_out, rank, hidden_layers, activation, scale, layout, dtype, device, generator, experts=experts
         )
 
-    def forward(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, weight: torch.Tensor, align: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`align`: zero-pad r so a factor's rows are whole 16-byte multiples in W's dtype (torch's grouped_mm
+        kernel refuses other strides: r = 4 in bf16 would not run). The zeros change no product."""
         h = neat_hidden(weight, self.A, list(self.encoders), list(self.decoders), self.activation, self.layout)
         sb = self.B * self.scale  # (E, d_out, r)
+        if align:
+            per = max(1, 16 // weight.element_size())
+            pad = -self.rank % per
+            if pad:
+                h, sb = torch.nn.functional.pad(h, (0, pad)), torch.nn.functional.pad(sb, (0, pad))
         if self.layout == "out_in":  # W_e (d_out, d_in) = … + (s·B_e) H_eᵀ
             return h.mT, sb
         return h, sb.mT  # W_e (d_in, d_out) = … + H_e (s·B_e)ᵀ
@@ -78,8 +85,9 @@ def insert(graph: fx.Graph, uses: list[ExpertUse], key: str):
     order = {n: i for i, n in enumerate(graph.nodes)}
     first = min((u.head for u in uses), key=order.__getitem__)
     weight = uses[0].weight
+    align = any(u.kind == "grouped_mm" for u in uses)
     with graph.inserting_before(first):
-        factors = graph.call_module("adapters." + key, (weight,))
+        factors = graph.call_module("adapters." + key, (weight, align) if align else (weight,))
         f1 = graph.call_function(operator.getitem, (factors, 0))
         f2 = graph.call_function(operator.getitem, (factors, 1))
     _mark([factors, f1, f2], key, first)

@@ -300,3 +300,18 @@ def test_blocks_keep_the_expert_update_with_its_layer(moe):
     for p, q in zip(nm.adapters.parameters(), nm2.adapters.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
     nm.eval()
+
+
+def test_bf16_grouped_mm_runs_torch_kernel_at_a_rank_it_cannot_stride():
+    """In bf16 transformers captures torch's `_grouped_mm` kernel, which needs 16-byte strides: rank 4 (8 bytes) runs
+    because the factors are zero-padded to rank 8."""
+    model = qwen3_moe("grouped_mm").to(torch.bfloat16)
+    nm = neat_fx.transform(model, EXPERT_PATTERNS, EXAMPLE, rank=4, modes=("eval",))
+    assert any(str(n.target) == "aten._grouped_mm.default" for n in nm.graph("eval").nodes)
+    randomize_adapters(nm, std=0.3)
+    ids = _inputs(5)
+    with torch.no_grad():
+        out = nm(input_ids=ids).logits.float()
+        want = reference(model, nm)(input_ids=ids).logits.float()
+        assert rel_diff(out, want) <= 2e-2  # bf16: the reference rounds W0 + ΔW, nm rounds the update
+        assert rel_diff(model(input_ids=ids).logits.float(), want) > 0.1
