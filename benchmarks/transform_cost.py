@@ -79,12 +79,12 @@ def static_export_s(model, inputs) -> float:
         return time.perf_counter() - t0
 
 
-def one(case: str, layers: int, hidden: int, patterns: list[str], rank: int, seq: int, warm: bool, ratio: int):
+def one(case: str, layers: int, hidden: int, patterns: list[str], rank: int, seq: int, warm: bool, ratio: int, threads):
     import torch
 
     import neat_fx
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     if warm:  # pay torch.export's one-time costs (imports, caches) on a tiny model first
         tiny = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
         neat_fx.transform(tiny, "*", (torch.randn(2, 8),))
@@ -154,6 +154,13 @@ def main():
     ap.add_argument("--ratio-repeats", type=int, default=3, help="static exports and transforms per warm process")
     ap.add_argument("--out", default="transform_cost", help="results/<out>.json and .md")
     ap.add_argument("--warm-only", action="store_true", help="no 'first use' processes")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 by default: on a shared 2-core machine two OpenMP threads make the model runs inside "
+        "transform (its checks) many times slower whenever another process holds a core, the export hardly",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
@@ -161,7 +168,7 @@ def main():
     a = ap.parse_args()
     if a.child:
         ratio = a.ratio_repeats if a.warm and a.patterns == CASES[a.case]["patterns"][0] else 0
-        print(json.dumps(one(a.case, a.layers, a.hidden, a.patterns, a.rank, a.seq, a.warm, ratio)))
+        print(json.dumps(one(a.case, a.layers, a.hidden, a.patterns, a.rank, a.seq, a.warm, ratio, a.threads)))
         return
     runs = []
     cases = [(c, p, w) for c in a.cases for p in CASES[c]["patterns"] for w in (False, True) if w or not a.warm_only]
@@ -169,7 +176,7 @@ def main():
         for case, patterns, warm in cases:
             cmd = [sys.executable, __file__, "--child", "--case", case, "--patterns", *patterns]
             cmd += ["--layers", str(a.layers), "--hidden", str(a.hidden), "--rank", str(a.rank), "--seq", str(a.seq)]
-            cmd += ["--ratio-repeats", str(a.ratio_repeats)] + (["--warm"] if warm else [])
+            cmd += ["--ratio-repeats", str(a.ratio_repeats), "--threads", str(a.threads)] + (["--warm"] if warm else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(f"run {i}: {runs[-1]}", flush=True)
@@ -208,14 +215,15 @@ def main():
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "neat_fx_from": os.path.dirname(neat_fx.__file__),
-        "threads": 2,
+        "threads": a.threads,
         "command": "python benchmarks/transform_cost.py " + " ".join(sys.argv[1:]),
     }
     lines = [
         "# transform cost: time, memory, and the ratio to one static torch.export",
         "",
         f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"{meta['cpus']} CPUs, 2 threads; random weights, rank {a.rank}; median of {a.repeats} fresh processes.",
+        f"{meta['cpus']} CPUs, {a.threads} torch thread(s); random weights, rank {a.rank}; median of {a.repeats} "
+        "fresh processes.",
         "",
         "Models: " + "; ".join(f"{c} = {CASES[c]['what']}" for c in a.cases) + ".",
         "First use in a process pays torch.export's one-time costs; 'warm' ran a tiny transform first. The ratio: "

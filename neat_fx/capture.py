@@ -583,11 +583,12 @@ def _derived_eval(train: Capture, model: nn.Module, args: tuple, kwargs: dict, r
         if reference is None:
             with train_mode(model, False), torch.no_grad():
                 reference = model(*args, **kwargs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gm = fx.GraphModule(train.owner, copy.deepcopy(graph))
-        with torch.no_grad():
-            out = gm(*args, **kwargs)
+        gm = fx.GraphModule(train.owner, graph)  # run once here; the graph is installed in its own module later
+        try:
+            with torch.no_grad():
+                out = gm(*args, **kwargs)
+        finally:
+            graph.owning_module = None
         result = compare(reference, out, rtol=rtol)
     except Exception as exc:
         log.debug("capture: eval graph captured on its own: the derived one fails: %s", first_lines(exc, 1))
