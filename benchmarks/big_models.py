@@ -165,7 +165,7 @@ def run_checkpoint(steps: int) -> dict:
         return saved
 
     def with_checkpointing(on: bool):
-        def run():
+        def run(_step):
             nm.set_checkpointing(on)
             step()
 

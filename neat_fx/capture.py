@@ -302,9 +302,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic_shap
             f"torch.export could not capture {type(model).__name__} in {mode} mode:\n    {first_lines(exc)}"
             f"{user_frame(exc, model)}\n{_export_fixes(model, exc, mode, eval_captures)}"
         ) from exc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deepcopy of the pytree spec warns about a deprecated API
-        graph = copy.deepcopy(gm.graph)
+    # The graph itself, not a copy (copying costs ~0.1 s on a 24-layer model): `gm` is never run again, it only holds
+    # the attributes the graph refers to; un-owned, the graph takes nodes that call the container's modules.
+    graph = gm.graph
+    graph.owning_module = None
     return Capture(mode, graph, gm)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from . import blocks as _blocks
+from . import units as _units
 from .config import NeatConfig
 from .errors import ConfigError, InputMismatchError
 
@@ -546,14 +546,14 @@ class NeatModule(GraphContainer):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             self._refuse_foreign_units()
-        if not self._checkpointed and not any(_blocks.has_hooks(m) for m in self._block_modules()):
+        if not self._checkpointed and not any(_units.has_hooks(m) for m in self._block_modules()):
             return gm
         if not compiling:
-            _blocks.refuse_composable_checkpoint(self._block_names, self._block_modules())
+            _units.refuse_composable_checkpoint(self._block_names, self._block_modules())
         runner = self._runner(mode)
         if not compiling:
             for name, module in zip(self._block_names, self._block_modules()):
-                if name in runner.refused and (_blocks.has_hooks(module) or name in self._checkpointed):
+                if name in runner.refused and (_units.has_hooks(module) or name in self._checkpointed):
                     raise ConfigError(
                         f"block {name!r} has forward hooks (fully_shard or checkpointing applied to it?) but "
                         f"cannot run as a unit in {mode} mode: {runner.refused[name]}. Apply them to its parent "
@@ -576,7 +576,7 @@ class NeatModule(GraphContainer):
         if not (dist.is_available() and dist.is_initialized()):
             return
         blocks = set(self._block_names)
-        for name, _ in _blocks.fsdp_modules(self.model):
+        for name, _ in _units.fsdp_modules(self.model):
             if name not in blocks:
                 raise ConfigError(
                     f"fully_shard was applied to model.{name}, which this NeatModule does not run as a unit (it "
@@ -698,15 +698,15 @@ def _graph_module_over(container: nn.Module, extra: dict, graph: fx.Graph) -> fx
 
 
 def _build_runner(nm: NeatModule, mode: str, gm: fx.GraphModule) -> _Runner:
-    split = _blocks.split_graph(gm.graph, nm._block_names)
+    split = _units.split_graph(gm.graph, nm._block_names)
     units = nn.ModuleDict()  # not a child of nm: FSDP2 must reach each block's weights by one path only
     runner = _Runner(gm, gm.code, None, {}, dict(split.refused))
     for name in split.blocks:
-        unit = _blocks.BlockUnit(name, nm.model.get_submodule(name))
+        unit = _units.BlockUnit(name, nm.model.get_submodule(name))
         unit.checkpoint = name in nm._checkpointed
-        units[_blocks.unit_key(name)] = unit
+        units[_units.unit_key(name)] = unit
         runner.units[name] = unit
-    extra = {_blocks.UNITS_ATTR: units}
+    extra = {_units.UNITS_ATTR: units}
     for name, graph in split.blocks.items():
         object.__setattr__(runner.units[name], "_gm", _graph_module_over(nm, extra, graph))
     runner.root = _graph_module_over(nm, extra, split.root)

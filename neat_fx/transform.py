@@ -12,7 +12,6 @@ from torch import fx, nn
 
 from . import capture as cap
 from .adapters import NeatAdapter
-from .blocks import resolve_block_names
 from .config import NeatConfig
 from .containers import FoldedModule, NeatModule, SiteInfo
 from .errors import CaptureError, ConfigError, PatternError
@@ -22,6 +21,7 @@ from .match import Site, describe_use, find_uses, matches, name_list, output_hea
 from .names import adapter_key
 from .numerics import compare, flat_tensors
 from .ops import Use
+from .units import resolve_block_names
 
 #: how close the captured graph must come to the eager model on the example inputs (of each output's scale).
 CAPTURE_RTOL = 1e-4

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import neat_fx
-from neat_fx.blocks import UNITS_ATTR
 from neat_fx.memory import LiveTensorBytes
+from neat_fx.units import UNITS_ATTR
 
 import zoo
 from helpers import max_diff, op_counts, randomize_adapters
