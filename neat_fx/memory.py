@@ -26,9 +26,16 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # only storages the op allocated: a view, an in-place op or an op returning its input reuses an input's
+        # storage (a transposed weight is the weight's memory, not the forward's)
+        inputs = {
+            t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._note(t.untyped_storage())
+                storage = t.untyped_storage()
+                if storage._cdata not in inputs:
+                    self._note(storage)
         return out
 
     def _note(self, storage):

@@ -143,7 +143,7 @@ def test_checkpointing_gives_equal_gradients_and_keeps_far_fewer_bytes():
     worst = max(float((plain[k] - ckpt[k]).abs().max() / plain[k].abs().max().clamp_min(1e-12)) for k in plain)
     assert worst < 1e-5, worst  # dropout masks replayed: the same function, only float reassociation differs
     assert any(float(g.abs().max()) > 0 for g in plain.values())
-    assert saved_plain / saved_ckpt >= 3.0, (saved_plain, saved_ckpt)  # measured 5.6x on hidden 128
+    assert saved_plain / saved_ckpt >= 3.0, (saved_plain, saved_ckpt)  # the bound; 22.7x in big_models.md
 
 
 def test_composable_checkpoint_on_a_layer_is_refused_with_the_fix(llama):
