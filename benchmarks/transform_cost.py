@@ -154,6 +154,9 @@ def main():
     ap.add_argument("--ratio-repeats", type=int, default=3, help="static exports and transforms per warm process")
     ap.add_argument("--out", default="transform_cost", help="results/<out>.json and .md")
     ap.add_argument("--warm-only", action="store_true", help="no 'first use' processes")
+    ap.add_argument("--runs-from", help="a results JSON of this script: render its runs again instead of measuring")
+    ap.add_argument("--before", help="a results JSON of this script run on an earlier library: shown as 'before'")
+    ap.add_argument("--before-label", default="", help="what that library was (e.g. its commit)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -170,8 +173,65 @@ def main():
         ratio = a.ratio_repeats if a.warm and a.patterns == CASES[a.case]["patterns"][0] else 0
         print(json.dumps(one(a.case, a.layers, a.hidden, a.patterns, a.rank, a.seq, a.warm, ratio, a.threads)))
         return
-    runs = []
     cases = [(c, p, w) for c in a.cases for p in CASES[c]["patterns"] for w in (False, True) if w or not a.warm_only]
+    if a.runs_from:  # render again from the runs of an earlier invocation, with its meta
+        earlier = json.loads(open(a.runs_from).read())
+        runs, meta = earlier["runs"], earlier["meta"]
+    else:
+        runs, meta = measure(a, cases), None
+    summary = summarise(runs, cases)
+    if meta is None:
+        import torch
+        import transformers
+
+        import neat_fx
+
+        meta = {
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "neat_fx_from": os.path.dirname(neat_fx.__file__),
+            "threads": a.threads,
+            "command": "python benchmarks/transform_cost.py " + " ".join(sys.argv[1:]),
+        }
+    data = {"meta": meta, "summary": summary, "runs": runs}
+    lines = [
+        "# transform cost: time, memory, and the ratio to one static torch.export",
+        "",
+        f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"{meta['cpus']} CPUs, {meta['threads']} torch thread(s); random weights, rank {a.rank}; median of "
+        f"{a.repeats} fresh processes.",
+        "",
+        "Models: " + "; ".join(f"{c} = {CASES[c]['what']}" for c in a.cases) + ".",
+        "First use in a process pays torch.export's one-time costs; 'warm' ran a tiny transform first. The ratio: "
+        f"median transform over median static `torch.export.export` (eval mode, same inputs), {a.ratio_repeats} of "
+        "each alternating in every warm process.",
+        "",
+        *table(summary),
+    ]
+    if a.before:
+        before = json.loads(open(a.before).read())
+        data["before"] = {"label": a.before_label, **before}
+        samples = max((s.get("ratio_samples", 0) for s in before["summary"]), default=0)
+        lines += [
+            "",
+            "## Before: a capture per mode, every dimension `Dim.AUTO`",
+            "",
+            f"`{before['meta']['command']}` with the library of an earlier commit (`--before-label`: "
+            f"{a.before_label}) imported from `{before['meta']['neat_fx_from']}` ahead of the editable install; "
+            f"same machine, same session; one process per row, ratio from {samples} sample(s).",
+            "",
+            *table(before["summary"]),
+        ]
+    if a.runs_from or a.before:
+        data["rendered_with"] = "python benchmarks/transform_cost.py " + " ".join(sys.argv[1:])
+        lines += ["", f"Rendered with `{data['rendered_with']}`."]
+    save_results(a.out, data, lines, indent=2)
+
+
+def measure(a, cases) -> list[dict]:
+    runs = []
     for i in range(a.repeats):
         for case, patterns, warm in cases:
             cmd = [sys.executable, __file__, "--child", "--case", case, "--patterns", *patterns]
@@ -180,14 +240,15 @@ def main():
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(f"run {i}: {runs[-1]}", flush=True)
-    import torch
-    import transformers
+    return runs
 
-    import neat_fx
 
+def summarise(runs: list[dict], cases) -> list[dict]:
     summary = []
     for case, patterns, warm in cases:
         rs = [r for r in runs if r["case"] == case and r["patterns"] == patterns and r["warm"] == warm]
+        if not rs:
+            continue
         med = lambda k, rs=rs: statistics.median(r[k] for r in rs)  # noqa: E731
         s = {
             "case": case,
@@ -209,27 +270,11 @@ def main():
                 ratio_samples=len(transforms),
             )
         summary.append(s)
-    meta = {
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "neat_fx_from": os.path.dirname(neat_fx.__file__),
-        "threads": a.threads,
-        "command": "python benchmarks/transform_cost.py " + " ".join(sys.argv[1:]),
-    }
+    return summary
+
+
+def table(summary: list[dict]) -> list[str]:
     lines = [
-        "# transform cost: time, memory, and the ratio to one static torch.export",
-        "",
-        f"`{meta['command']}` — torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"{meta['cpus']} CPUs, {a.threads} torch thread(s); random weights, rank {a.rank}; median of {a.repeats} "
-        "fresh processes.",
-        "",
-        "Models: " + "; ".join(f"{c} = {CASES[c]['what']}" for c in a.cases) + ".",
-        "First use in a process pays torch.export's one-time costs; 'warm' ran a tiny transform first. The ratio: "
-        f"median transform over median static `torch.export.export` (eval mode, same inputs), {a.ratio_repeats} of "
-        "each alternating in every warm process.",
-        "",
         "| model | patterns | process | sites | transform (s) | RSS added (MB) | model fp32 (MB) | trainable params "
         "| static export (s) | warm transform (s) | ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -245,7 +290,7 @@ def main():
             f"{s['transform_s']:.2f} | {s['rss_added_mb']:.1f} | {s['model_mb_fp32']:.1f} | "
             f"{s['trainable_params']:,} | {ratio} |"
         )
-    save_results(a.out, {"meta": meta, "summary": summary, "runs": runs}, lines, indent=2)
+    return lines
 
 
 if __name__ == "__main__":
