@@ -72,14 +72,10 @@ def split_example_inputs(example_inputs) -> tuple[tuple, dict]:
     )
 
 
-def token_lengths(tensors) -> set[int]:
-    """The sequence lengths of the token-like inputs: dimension 1 of every integer or bool tensor of rank 2 (ids,
-    attention masks, position ids, token type ids, labels)."""
-    return {
-        int(t.shape[1])
-        for t in tensors
-        if t.dim() == 2 and not (t.is_floating_point() or t.is_complex()) and t.shape[1] >= 2
-    }
+def sequence_lengths(tensors) -> set[int]:
+    """The sequence lengths among the inputs: the size of dimension 1 of every tensor of rank 2 or 3 ((batch, length)
+    ids, masks, labels, audio; (batch, length, features) embeddings), when 2 or more."""
+    return {int(t.shape[1]) for t in tensors if t.dim() in (2, 3) and t.shape[1] >= 2}
 
 
 def default_dynamic_dims(x: torch.Tensor, sequences: set[int] = frozenset()) -> list[int]:
@@ -88,12 +84,14 @@ def default_dynamic_dims(x: torch.Tensor, sequences: set[int] = frozenset()) -> 
     - dimension 0 of every tensor of rank ≥ 1 — the batch;
     - dimension 1 of every tensor of rank 2 or 3 — the sequence or time axis of (batch, length) token ids, masks,
       labels and raw audio, and of (batch, length, features) embeddings, hidden states and feature frames;
-    - any later dimension whose size equals a token input's sequence length (`sequences`, from
-      `token_lengths`) — e.g. the two sequence axes of a 4-D attention mask (batch, 1, length, length).
+    - any later dimension whose size is one of those sequence lengths (`sequences`, from `sequence_lengths`) —
+      e.g. the two sequence axes of a 4-D attention mask or bias (batch, 1 or heads, length, length).
 
     Everything else is static: the features of (batch, length, features), channels and height/width of images
-    (batch, channels, height, width), the geometry of video frames. A dimension left to `Dim.AUTO` that the model
-    fixes, or whose example size is 0 or 1, is specialised by torch.export without error."""
+    (batch, channels, height, width), the geometry of video frames — unless a size happens to equal a sequence
+    length (then that dimension is left to `Dim.AUTO` too, which costs capture time, not correctness). A dimension
+    left to `Dim.AUTO` that the model fixes, or whose example size is 0 or 1, is specialised by torch.export without
+    error."""
     if x.dim() == 0:
         return []
     dims = [0]
@@ -110,7 +108,7 @@ def auto_dynamic_shapes(forward, args: tuple, kwargs: dict, every_dim: bool = Fa
     names."""
     from torch.export import Dim
 
-    sequences = token_lengths(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+    sequences = sequence_lengths(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
 
     def spec(x):
         if isinstance(x, torch.Tensor):

@@ -60,8 +60,8 @@ def transform(
                     them, and no patterns, may be passed beside it).
     dynamic:        True: the batch and sequence dimensions dynamic where the model allows, the rest static —
                     dim 0 of every input, dim 1 of inputs of rank 2-3 ((batch, length) ids, masks, audio;
-                    (batch, length, features) embeddings), and later dims of the token inputs' length (4-D
-                    masks); image channels/height/width stay static (`capture.default_dynamic_dims`).
+                    (batch, length, features) embeddings), and later dims of a size equal to such a length
+                    (4-D masks); image channels/height/width stay static (`capture.default_dynamic_dims`).
                     "all": every dimension dynamic where the model allows (slower to capture); False: static
                     shapes; or a torch.export `dynamic_shapes` spec.
     check:          compare the captured graph with the eager model on the example inputs.

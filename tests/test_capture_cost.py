@@ -261,7 +261,7 @@ def test_dropout_hard_wired_to_train_stays_random_in_eval(exports):
 
 def test_default_dynamic_dims_rule():
     ids = torch.zeros(2, 8, dtype=torch.long)
-    seqs = cap.token_lengths([ids])
+    seqs = cap.sequence_lengths([ids, torch.randn(2, 8, 32), torch.randn(2, 3, 32, 32)])
     assert seqs == {8}
     rule = lambda t: cap.default_dynamic_dims(t, seqs)  # noqa: E731
     assert rule(ids) == [0, 1]  # ids, masks, labels: batch and sequence
@@ -270,6 +270,8 @@ def test_default_dynamic_dims_rule():
     assert rule(torch.randn(2, 8, 32)) == [0, 1]  # inputs_embeds / hidden states: features static
     assert rule(torch.randn(2, 3, 32, 32)) == [0]  # images: channels, height, width static
     assert rule(torch.ones(2, 1, 8, 8, dtype=torch.bool)) == [0, 2, 3]  # a 4-D attention mask
+    assert rule(torch.randn(2, 4, 8, 8)) == [0, 2, 3]  # an additive per-head bias
+    assert cap.default_dynamic_dims(torch.randn(2, 4, 8, 8)) == [0]  # without sequence inputs: an image
     assert rule(torch.zeros(2, dtype=torch.long)) == [0]  # one label per example
     assert rule(torch.tensor(1.0)) == []
     spec = cap.auto_dynamic_shapes(None, (), dict(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32), n=3))
