@@ -29,7 +29,7 @@ class ExportConfig:
 
     dtype: str = "fp32"
     optimize: str = "auto"
-    dynamic: object = True  # True, False, or a torch.export dynamic_shapes spec
+    dynamic: object = True  # True (batch, sequence), "all", False, or a torch.export dynamic_shapes spec
     opset: int | None = None
     verify: bool = True
     device: str = "cpu"
@@ -58,12 +58,13 @@ class ExportConfig:
             raise ConfigError(f"opset must be None (the exporter's default) or a positive integer, got {self.opset!r}")
         if (
             self.dynamic is not True
+            and self.dynamic != "all"
             and self.dynamic is not False
             and self.dynamic is not None
             and not isinstance(self.dynamic, (dict, tuple, list))
         ):
             raise ConfigError(
-                f"dynamic must be True, False or a torch.export dynamic_shapes spec (dict or tuple), "
+                f'dynamic must be True, "all", False or a torch.export dynamic_shapes spec (dict or tuple), '
                 f"got {type(self.dynamic).__name__}"
             )
         if self.verify_inputs is not None and not isinstance(self.verify_inputs, (list, tuple)):

@@ -251,7 +251,7 @@ def _torch_export(module, args, kwargs, opts: ExportConfig, optimize_program: bo
     bound = inspect.signature(gm.forward).bind(*args, **kwargs)
     bound.apply_defaults()
     inputs = dict(bound.arguments)
-    dynamic_shapes = cap.auto_dynamic_shapes(gm.forward, (), inputs) if opts.dynamic is True else (opts.dynamic or None)
+    dynamic_shapes = cap.dynamic_shapes_for(gm.forward, (), inputs, opts.dynamic)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)

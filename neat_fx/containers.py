@@ -104,12 +104,18 @@ def _explain_guard(message: str, arguments: dict, gm: fx.GraphModule, container)
     what = f"{type(container).__name__}: input {name!r} dimension {dim} {got}"
     if op == "==":
         example = _example_size(gm, name, dim)
-        if bound <= 1 or example is None or example == bound:
+        if bound <= 1:
             return (
                 f"{what}, but the capture fixed it to {bound}: torch.export specialises a dimension whose example "
-                f"size was {bound}{' (sizes 0 and 1 always are)' if bound <= 1 else ' when the model makes it so'}. "
-                f"Transform again with example inputs of another size along that dimension (e.g. an example "
-                f"batch of 2 or more) to keep it dynamic."
+                f"size was {bound} (sizes 0 and 1 always are). Transform again with example inputs of another size "
+                f"along that dimension (e.g. an example batch of 2 or more) to keep it dynamic."
+            )
+        if example is None or example == bound:
+            return (
+                f"{what}, but the capture fixed it to {bound}, the example's size: by default only the batch and "
+                f"the sequence stay dynamic (image height/width and other geometry are fixed), or the model fixes "
+                f'it. Transform with dynamic="all" (or a torch.export dynamic_shapes spec naming this dimension) '
+                f"to keep it free, or call with size {bound} there."
             )
         return f"{what}; the captured model accepts only {bound} there."
     limit = {"<=": "at most", "<": "less than", ">=": "at least", ">": "more than"}[op]

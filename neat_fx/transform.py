@@ -190,7 +190,7 @@ def _install_graphs(container, model: nn.Module, graphs: dict):
 
 
 def _warn_static_batch(args, kwargs, dynamic):
-    if dynamic is not True:
+    if dynamic is not True and dynamic != "all":
         return
     leaves = flat_tensors((args, kwargs))
     if leaves and all(t.dim() >= 1 and t.shape[0] == 1 for t in leaves):
