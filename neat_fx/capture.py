@@ -234,6 +234,14 @@ def _export_fixes(model: nn.Module, exc: BaseException, mode: str, eval_captures
             "a dimension the model fixes was left dynamic: pass dynamic=False, or a torch.export "
             "dynamic_shapes spec that leaves only the axes that vary (e.g. the batch)"
         )
+    config = getattr(model, "config", None)
+    experts = any(getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+    if experts and getattr(config, "_experts_implementation", None) in (None, "eager"):
+        fixes.append(
+            'the routed experts run the "eager" implementation, a Python loop over the experts a batch reaches, '
+            'which torch.export cannot capture: build the model with experts_implementation="batched_mm" (or '
+            '"grouped_mm"), e.g. from_pretrained(..., experts_implementation="batched_mm")'
+        )
     if any(s in text for s in ("data-dependent", "DataDependent", "GuardOnDataDependent", "numpy")):
         fixes.append(
             "the model branches on tensor values or converts tensors to numpy at the line above: make that "

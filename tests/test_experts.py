@@ -315,3 +315,9 @@ def test_bf16_grouped_mm_runs_torch_kernel_at_a_rank_it_cannot_stride():
         want = reference(model, nm)(input_ids=ids).logits.float()
         assert rel_diff(out, want) <= 2e-2  # bf16: the reference rounds W0 + ΔW, nm rounds the update
         assert rel_diff(model(input_ids=ids).logits.float(), want) > 0.1
+
+
+def test_eager_experts_capture_error_names_the_implementation_to_use():
+    model = qwen3_moe("eager")  # a Python loop over the experts a batch reaches: torch.export refuses it
+    with pytest.raises(neat_fx.CaptureError, match=r'experts_implementation="batched_mm"'):
+        neat_fx.transform(model, "*q_proj", _inputs(0))
