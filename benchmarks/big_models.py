@@ -25,21 +25,6 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-#: meta-llama/Llama-3.2-1B's config.json (the shape; weights are random here).
-LLAMA32_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    head_dim=64,
-)
-
 
 def llama(layers: int, hidden: int, vocab: int = 1024, dropout: float = 0.0):
     import torch
@@ -206,7 +191,7 @@ def meta_worker(on_meta: bool, out: str):
 
     import neat_fx
 
-    from common import rss_mb
+    from common import LLAMA32_1B, rss_mb
 
     torch.set_num_threads(2)
     cfg = transformers.LlamaConfig(**LLAMA32_1B, use_cache=False)

@@ -378,3 +378,18 @@ QWEN25_05B = dict(
     bos_token_id=151643,
     eos_token_id=151643,
 )
+
+#: meta-llama/Llama-3.2-1B's config.json (the shape; weights are random in the benchmarks): big_models.py.
+LLAMA32_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    head_dim=64,
+)

@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from . import units as _units
 from .config import NeatConfig
 from .errors import ConfigError, InputMismatchError
+from .units import short_names
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -490,10 +491,9 @@ class NeatModule(GraphContainer):
         """The model's own module of block `name` (model-relative, or with nm's "model." prefix), after checking
         that every mode runs it as a unit."""
         names = self._block_names
-        if name not in names and name.startswith("model.") and name[len("model.") :] in names:
-            name = name[len("model.") :]
+        name = _units.model_relative(name, names)
         if name not in names:
-            raise ConfigError(f"{name!r} is not a block of this {type(self).__name__}; its blocks: {_short(names)}")
+            raise ConfigError(f"{name!r} is not a block of this NeatModule; its blocks: {short_names(names)}")
         for mode in self.modes:
             runner = self._runner(mode)
             if name in runner.refused:
@@ -521,7 +521,7 @@ class NeatModule(GraphContainer):
                 if not chosen:
                     raise ConfigError(
                         f"checkpointing needs blocks, and {type(self.model).__name__} has none that run as units "
-                        f"(blocks are the elements of its nn.ModuleLists: {_short(self._block_names)}); pass "
+                        f"(blocks are the elements of its nn.ModuleLists: {short_names(self._block_names)}); pass "
                         f"blocks=[module names] to neat_fx.transform"
                     )
             else:
@@ -529,13 +529,12 @@ class NeatModule(GraphContainer):
                 for item in [blocks] if isinstance(blocks, str) else list(blocks):
                     if not isinstance(item, str):
                         raise ConfigError(f"checkpoint blocks must be names (strings), got {item!r}")
+                    item = _units.model_relative(item, units)
                     hit = [n for n in units if n == item or fnmatch.fnmatchcase(n, item)]
-                    if not hit and item.startswith("model."):
-                        hit = [n for n in units if n == item[len("model.") :]]
                     if not hit:
                         raise ConfigError(
                             f"checkpoint: {item!r} is not a block of this {type(self).__name__}; blocks that run "
-                            f"as units: {_short(units)}"
+                            f"as units: {short_names(units)}"
                         )
                     chosen.update(hit)
                 chosen = frozenset(chosen)
@@ -587,7 +586,7 @@ class NeatModule(GraphContainer):
                 raise ConfigError(
                     f"fully_shard was applied to model.{name}, which this NeatModule does not run as a unit (it "
                     f"runs one captured graph; only its blocks and the module itself can be FSDP units). Its "
-                    f"blocks: {_short(self.blocks())}. Use fully_shard(neat_fx.submodule(nm, block)) for each "
+                    f"blocks: {short_names(self.blocks())}. Use fully_shard(neat_fx.submodule(nm, block)) for each "
                     f"block, then fully_shard(nm)."
                 )
 
@@ -672,13 +671,6 @@ class FoldedModule(GraphContainer):
         self.extras = nn.Module()
 
 
-def _short(names, limit: int = 8) -> str:
-    names = list(names)
-    if not names:
-        return "none"
-    return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 @dataclass
 class _Runner:
     """The flat graph of one mode split into blocks: `root` calls `units` (block name → BlockUnit)."""
@@ -732,7 +724,7 @@ def _warn_unsaved_buffers(model: nn.Module):
     ]
     if names:
         warnings.warn(
-            f"{type(model).__name__} left the meta device: its non-persistent buffers {_short(names)} hold "
+            f"{type(model).__name__} left the meta device: its non-persistent buffers {short_names(names)} hold "
             f"uninitialised memory and are in no state dict; compute them again before training (a Hugging Face "
             f"rotary embedding: build it again, `model.model.rotary_emb = type(model.model.rotary_emb)(model.config)`"
             f"; torchtitan: model.init_weights()).",

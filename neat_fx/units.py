@@ -62,18 +62,26 @@ def resolve_block_names(model: nn.Module, spec) -> list[str]:
             hit = _outermost(hit)
         if not hit:
             raise ConfigError(
-                f"blocks: {item!r} names no module of {type(model).__name__}; its repeated blocks are "
-                f"{_short(candidate_blocks(model))}"
+                f"blocks: {item!r} names no module of {type(model).__name__}; its repeated blocks (elements of "
+                f"nn.ModuleLists with parameters) are {short_names(candidate_blocks(model))}"
             )
         names.extend(n for n in hit if n not in names)
     return names
 
 
-def _short(names, limit: int = 8) -> str:
+def short_names(names, limit: int = 8) -> str:
+    """Names for an error message: the first `limit`, then how many more; "none" for no names."""
     names = list(names)
     if not names:
-        return "none (no nn.ModuleList with parameters)"
+        return "none"
     return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def model_relative(name: str, names) -> str:
+    """A block name as the model spells it: nm's own spelling ("model." + the model's name) is accepted too."""
+    if name not in names and name.startswith("model.") and name[len("model.") :] in names:
+        return name[len("model.") :]
+    return name
 
 
 # -- splitting a flat graph ------------------------------------------------------------------------------------
