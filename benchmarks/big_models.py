@@ -239,8 +239,8 @@ def run_meta() -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=("fsdp", "checkpoint", "meta"), action="append")
-    ap.add_argument("--steps", type=int, default=15, help="timed steps per variant (checkpointing)")
-    ap.add_argument("--hidden", type=int, default=512, help="hidden size of the checkpointing model")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per variant (checkpointing)")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the checkpointing model")
     ap.add_argument("--fsdp-worker", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--meta-worker", nargs=2, metavar=("KIND", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
