@@ -41,6 +41,8 @@ def sites(nm: NeatModule) -> list[SiteInfo]:
 
 def blocks(nm: NeatModule) -> list[str]:
     """The model's blocks that `nm` runs as units (its transformer layers), by the model's names."""
+    if not isinstance(nm, NeatModule):
+        raise ConfigError(f"blocks takes a NeatModule (what neat_fx.transform returns), got {type(nm).__name__}")
     return nm.blocks()
 
 

@@ -526,9 +526,7 @@ class NeatModule(GraphContainer):
                     )
             else:
                 chosen = set()
-                for item in [blocks] if isinstance(blocks, str) else list(blocks):
-                    if not isinstance(item, str):
-                        raise ConfigError(f"checkpoint blocks must be names (strings), got {item!r}")
+                for item in _units.as_names(blocks, "checkpointing"):
                     item = _units.model_relative(item, units)
                     hit = [n for n in units if n == item or fnmatch.fnmatchcase(n, item)]
                     if not hit:

@@ -51,12 +51,10 @@ def resolve_block_names(model: nn.Module, spec) -> list[str]:
         return candidate_blocks(model)
     if spec is False:
         return []
-    items = [spec] if isinstance(spec, str) else list(spec)
+    items = as_names(spec, "blocks")
     modules = dict(model.named_modules())
     names = []
     for item in items:
-        if not isinstance(item, str):
-            raise ConfigError(f"blocks must name modules (strings), got {item!r}")
         hit = [n for n in modules if n and (n == item or fnmatch.fnmatchcase(n, item))]
         if item not in modules:  # a glob: its outermost matches ("layers.*" means the layers, not their parts)
             hit = _outermost(hit)
@@ -67,6 +65,16 @@ def resolve_block_names(model: nn.Module, spec) -> list[str]:
             )
         names.extend(n for n in hit if n not in names)
     return names
+
+
+def as_names(spec, what: str) -> list[str]:
+    """A name or a list of names (strings), else ConfigError saying what `what` takes."""
+    items = [spec] if isinstance(spec, str) else spec
+    if not isinstance(items, (list, tuple, set, frozenset)) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(
+            f"{what} takes True, False, a module name or a list of module names (strings, globs allowed), got {spec!r}"
+        )
+    return list(items)
 
 
 def short_names(names, limit: int = 8) -> str:

@@ -261,6 +261,12 @@ def test_bad_block_names_are_refused_before_anything_runs(llama):
         neat_fx.submodule(nm, "model.embed_tokens")
     with pytest.raises(neat_fx.ConfigError, match="submodule takes a NeatModule"):
         neat_fx.submodule(model, "model.layers.0")
+    with pytest.raises(neat_fx.ConfigError, match="blocks takes True, False, a module name or a list"):
+        neat_fx.transform(model, "all-linear", ex, blocks=3)
+    with pytest.raises(neat_fx.ConfigError, match="checkpointing takes True, False, a module name or a list"):
+        nm.set_checkpointing([0, 1])
+    with pytest.raises(neat_fx.ConfigError, match="blocks takes a NeatModule"):
+        neat_fx.blocks(model)
     flat = neat_fx.transform(model, "*q_proj", ex, blocks=False)
     assert neat_fx.blocks(flat) == []
     with pytest.raises(neat_fx.ConfigError, match="checkpointing needs blocks"):
