@@ -496,9 +496,10 @@ class NeatModule(GraphContainer):
             raise ConfigError(f"{name!r} is not a block of this NeatModule; its blocks: {short_names(names)}")
         for mode in self.modes:
             runner = self._runner(mode)
-            if name in runner.refused:
+            if name not in runner.units:
                 raise ConfigError(
-                    f"block {name!r} cannot run as a unit in {mode} mode: {runner.refused[name]}. Shard or "
+                    f"block {name!r} cannot run as a unit in {mode} mode: "
+                    f"{runner.refused.get(name, 'not split')}. Shard or "
                     f"checkpoint its parent or its children instead."
                 )
         return self.model.get_submodule(name)

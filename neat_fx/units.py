@@ -159,15 +159,13 @@ def _split_into(graph: fx.Graph, names: list[str], out: Split):
     for name in outer:
         order = {n: i for i, n in enumerate(graph.nodes)}  # again after each cut: it adds call nodes
         region = regions.get(name)
-        if not region:
-            out.refused[name] = "the captured graph runs none of its code (never called)"
-            continue
-        why = _cut(graph, name, region, order, out)
+        why = _cut(graph, name, region, order, out) if region else "the captured graph runs none of its code"
+        inner = [n for n in names if n.startswith(name + ".")]
         if why:
             out.refused[name] = why
-            continue
-        inner = [n for n in names if n.startswith(name + ".")]
-        if inner:
+            for n in inner:  # they stay inline with it
+                out.refused[n] = f"it is inside block {name!r}, which stays inline: {why}"
+        elif inner:
             _split_into(out.blocks[name], inner, out)
     graph.lint()
 

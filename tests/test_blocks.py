@@ -245,6 +245,9 @@ def test_a_layer_called_twice_stays_inline_and_says_why():
     assert neat_fx.blocks(nm) == ["layers.1"]
     with pytest.raises(neat_fx.ConfigError, match=r"'layers.0' cannot run as a unit .*called more than once"):
         neat_fx.submodule(nm, "layers.0")
+    nested = neat_fx.transform(model, "*", (x,), blocks=["layers.0", "layers.0.inp"])
+    with pytest.raises(neat_fx.ConfigError, match=r"'layers.0.inp' cannot run .* inside block 'layers.0'"):
+        neat_fx.submodule(nested, "layers.0.inp")  # inside a layer that stays inline: inline too
     model.layers[0].register_forward_pre_hook(lambda m, a: None)
     with pytest.raises(neat_fx.ConfigError, match=r"block 'layers.0' has forward hooks .* cannot run as a unit"):
         nm(x)
