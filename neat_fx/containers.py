@@ -467,6 +467,7 @@ class NeatModule(GraphContainer):
     def _set_blocks(self, names: list[str]):
         object.__setattr__(self, "_block_names", list(names))
         object.__setattr__(self, "_runners", {})
+        object.__setattr__(self, "_block_module_list", None)
 
     def _runner(self, mode: str) -> _Runner:
         """The graph of `mode` split into a root graph calling one unit per block (built on first need, rebuilt
@@ -545,11 +546,11 @@ class NeatModule(GraphContainer):
     def _entry(self, mode: str, gm: fx.GraphModule):
         """The flat graph, unless a block must run as a unit: checkpointing is on, or a block module has forward
         hooks (FSDP2's unshard/reshard, composable checkpointing, the user's own)."""
-        if not self._block_names:
-            return gm
         compiling = torch.compiler.is_compiling()
         if not compiling:
             self._refuse_foreign_units()
+        if not self._block_names:
+            return gm
         if not self._checkpointed and not any(_units.has_hooks(m) for m in self._block_modules()):
             return gm
         if not compiling:
@@ -567,7 +568,7 @@ class NeatModule(GraphContainer):
 
     def _block_modules(self) -> list[nn.Module]:
         cached = self.__dict__.get("_block_module_list")
-        if cached is None or len(cached) != len(self._block_names):
+        if cached is None:
             cached = [self.model.get_submodule(n) for n in self._block_names]
             object.__setattr__(self, "_block_module_list", cached)
         return cached
@@ -583,7 +584,8 @@ class NeatModule(GraphContainer):
         for name, _ in _units.fsdp_modules(self.model):
             if name not in blocks:
                 raise ConfigError(
-                    f"fully_shard was applied to model.{name}, which this NeatModule does not run as a unit (it "
+                    f"fully_shard was applied to {'model.' + name if name else 'the model itself (nm.model)'}, which "
+                    f"this NeatModule does not run as a unit (it "
                     f"runs one captured graph; only its blocks and the module itself can be FSDP units). Its "
                     f"blocks: {short_names(self.blocks())}. Use fully_shard(neat_fx.submodule(nm, block)) for each "
                     f"block, then fully_shard(nm)."

@@ -269,7 +269,7 @@ def fsdp_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed
         return []
-    return [(n, m) for n, m in model.named_modules() if n and isinstance(m, FSDPModule)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FSDPModule)]
 
 
 def refuse_composable_checkpoint(names, modules):
