@@ -7,7 +7,7 @@
 #                                          graphs) vs eager NEAT and PEFT LoRA, fp32 then bf16
 # Results land in benchmarks/results/ and, when $OUT is set, are copied there too.
 # The ONNX stage needs onnxruntime-gpu built for the machine's CUDA (1.31 is CUDA 13): put it first on
-# PYTHONPATH. neat_fx is installed without dependencies into /tmp/neatfx (export/ maps into the package).
+# PYTHONPATH. neat_fx is installed without dependencies into /tmp/neatfx .
 set -uo pipefail
 stage=${1:-all}
 cd "$(dirname "$0")/.."

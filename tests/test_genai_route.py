@@ -3,7 +3,7 @@ identical to the merged model's own generate in fp32 (LLaMA, Qwen2, Mistral with
 Gemma-2 with its tied head), int4 runs with its drift reported, the caller's objects untouched, the folder
 written whole or not at all, unsupported families and bad options refused before any work.
 
-The shared merged-copy helper (export/merged.py) is tested without onnxruntime-genai."""
+The shared merged-copy helper (neat_fx/export/merged.py) is tested without onnxruntime-genai."""
 
 from __future__ import annotations
 

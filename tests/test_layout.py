@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The installed package and where each part lives (neat_fx.export is mapped from export/ by the install).
-PACKAGES = {"neat_fx": ROOT / "neat_fx", "neat_fx.export": ROOT / "export"}
+# The installed package and where it lives.
+PACKAGES = {"neat_fx": ROOT / "neat_fx"}
 
 
 def _modules() -> dict[str, Path]:
@@ -17,8 +17,6 @@ def _modules() -> dict[str, Path]:
             rel = path.relative_to(folder).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
             name = ".".join([pkg, *parts])
-            if name.startswith("neat_fx.export.") and folder == PACKAGES["neat_fx"]:
-                continue
             found[name] = path
     return found
 
@@ -88,7 +86,7 @@ def test_cycle_finder_finds_one():
 
 def test_no_module_points_at_the_shared_folder_or_the_old_design_file():
     """The package carries its own design notes (docs/design.md) and no path into ../shared."""
-    for path in list((ROOT / "neat_fx").rglob("*.py")) + list((ROOT / "export").rglob("*.py")):
+    for path in (ROOT / "neat_fx").rglob("*.py"):
         text = path.read_text()
         assert "DESIGN.md" not in text and '"shared"' not in text, path
     assert (ROOT / "docs" / "design.md").exists()

@@ -50,7 +50,7 @@ def task_of(model: nn.Module) -> str:
 
 
 def merged_copy(module: nn.Module) -> nn.Module:
-    """A transformers model with W0 + ΔW merged, leaving the caller's objects untouched (export/merged.py)."""
+    """A transformers model with W0 + ΔW merged, leaving the caller's objects untouched (neat_fx/export/merged.py)."""
     return merged.merged_copy(module, route="via='optimum'")
 
 

@@ -74,7 +74,7 @@ def to_onnx(
               model: `module` is then the untouched base model; each adapted site reads its H and s·B as graph
               inputs with zero defaults (the bare file is the base model), and `<name>.onnx_adapter` beside
               `path` holds each adapter's values for ONNX Runtime's LoRA mechanism (run with
-              `neat_fx.export.AdapterSession`). fp32 only; see export/multi.py.
+              `neat_fx.export.AdapterSession`). fp32 only; see neat_fx/export/multi.py.
     """
     t_start = time.perf_counter()
     opts = ExportConfig(
@@ -96,7 +96,7 @@ def to_onnx(
     oe._onnx_modules()
     if not isinstance(module, nn.Module):
         raise TypeError(f"to_onnx exports an nn.Module, got {type(module).__name__}")
-    if via == "genai":  # `path` is the output folder (export/genai_route.py)
+    if via == "genai":  # `path` is the output folder (neat_fx/export/genai_route.py)
         from . import genai_route
 
         return genai_route.to_folder(module, example_inputs, path, opts, t_start)

@@ -7,7 +7,7 @@ from the merged Hugging Face model.
 The builder (`onnxruntime_genai.models.builder`) is the reference exporter for the LLM families it knows
 (LLaMA, Mistral, Qwen2/3, Phi-3, Gemma 1–3, …): GroupQueryAttention with its KV cache, rotary embedding inside
 the attention op, int4/int8 `MatMulNBits` weights. It reads a Hugging Face folder, so this route merges
-`W0 + ΔW` into a copy of the model (export/merged.py), saves it to a scratch folder beside the destination, runs
+`W0 + ΔW` into a copy of the model (neat_fx/export/merged.py), saves it to a scratch folder beside the destination, runs
 the builder there, checks greedy generation in onnxruntime-genai against the merged model's own `generate`, and
 only then renames the finished folder onto the destination: on any failure nothing is left there.
 
