@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -101,11 +102,34 @@ def default_dynamic_dims(x: torch.Tensor, sequences: set[int] = frozenset()) -> 
     return dims
 
 
+def bound_inputs(forward, args: tuple, kwargs: dict) -> dict | None:
+    """The example inputs by `forward`'s parameter names, as the capture exports them (`named_forward`): a `*args`
+    parameter holds a tuple, and the inputs a `**kwargs` parameter takes stand by their own names. None when
+    `forward` has no signature to bind to (or the inputs do not fit it: running the model reports that better)."""
+    if forward is None:
+        return None
+    try:
+        bound = dict(inspect.signature(forward).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return None
+    var = _var_keyword(forward)
+    return {**{k: v for k, v in bound.items() if k != var}, **bound.get(var, {})}
+
+
+def _var_keyword(forward) -> str | None:
+    """The name of `forward`'s `**kwargs` parameter, if it has one."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+
 def auto_dynamic_shapes(forward, args: tuple, kwargs: dict, every_dim: bool = False):
     """A torch.export `dynamic_shapes` spec for the inputs: `Dim.AUTO` on the batch and sequence dimensions
     (`default_dynamic_dims`), or on every dimension with `every_dim=True`; torch keeps dynamic what the model
-    allows. Shaped like the inputs: a tuple for positional-only inputs, else a dict keyed by `forward`'s argument
-    names."""
+    allows. A dict keyed by the inputs' names (`bound_inputs`); without a signature, a tuple for positional-only
+    inputs, else a dict keyed by the keyword names."""
     from torch.export import Dim
 
     sequences = sequence_lengths(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
@@ -120,25 +144,65 @@ def auto_dynamic_shapes(forward, args: tuple, kwargs: dict, every_dim: bool = Fa
         # None for non-tensor leaves, keeping the container structure torch.export expects.
         return pytree.tree_map(spec, tree, is_leaf=lambda x: x is None)
 
+    bound = bound_inputs(forward, args, kwargs)
+    if bound is not None:
+        return {k: specs_of(v) for k, v in bound.items()}
     if not kwargs:
         return tuple(specs_of(a) for a in args)
-    if not args:
-        return {k: specs_of(v) for k, v in kwargs.items()}
-    # Mixed: name the positional arguments by the signature of forward.
-    bound = inspect.signature(forward).bind_partial(*args, **kwargs)
-    return {k: specs_of(v) for k, v in bound.arguments.items()}
+    return {k: specs_of(v) for k, v in kwargs.items()}
+
+
+def _flatten_var_keyword(forward, spec: dict) -> dict:
+    """A caller's dict spec with the entry of a `**kwargs` parameter (a dict) spread into the top level: the inputs
+    are exported by their own names (`named_forward`)."""
+    var = _var_keyword(forward)
+    if var is None or not isinstance(spec.get(var), dict):
+        return spec
+    return {**{k: v for k, v in spec.items() if k != var}, **spec[var]}
+
+
+def named_forward(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
+    """`model`, or — when example inputs go to its forward's `**kwargs` — a shallow copy of it whose `forward` takes
+    them as named keyword-only parameters and calls the model's own. torch.export mis-binds a dynamic_shapes spec
+    under a `**kwargs` parameter (non-strict export; pytorch/pytorch#150022), and names are what the rest of the
+    pipeline keys inputs by. The copy shares the model's parameters, buffers, submodules and hooks (the captured
+    names are the model's); the model itself is not written to."""
+    var = _var_keyword(model.forward)
+    if var is None:
+        return model
+    signature = inspect.signature(model.forward)
+    try:
+        extra = signature.bind(*args, **kwargs).arguments.get(var)
+    except TypeError:
+        return model  # the inputs do not fit: running the model says so
+    if not extra:
+        return model
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+    own = model.forward
+
+    def forward(*a, **k):
+        return own(*a, **k)
+
+    forward.__signature__ = signature.replace(parameters=params)
+    view = copy.copy(model)
+    view.forward = forward
+    return view
 
 
 def dynamic_shapes_for(forward, args: tuple, kwargs: dict, dynamic):
     """torch.export's `dynamic_shapes` for transform's `dynamic=`: True (batch and sequence, the default),
-    "all" (every dimension), False / None (static), or the caller's own spec (a dict, tuple or list)."""
+    "all" (every dimension), False / None (static), or the caller's own spec (a dict, tuple or list; a dict may
+    give the inputs of a `**kwargs` parameter at the top level or in a dict under its name)."""
     if dynamic is True:
         return auto_dynamic_shapes(forward, args, kwargs)
     if isinstance(dynamic, str) and dynamic == "all":
         return auto_dynamic_shapes(forward, args, kwargs, every_dim=True)
     if dynamic is False or dynamic is None:
         return None
-    if isinstance(dynamic, (dict, tuple, list)):
+    if isinstance(dynamic, dict):
+        return _flatten_var_keyword(forward, dynamic)
+    if isinstance(dynamic, (tuple, list)):
         return dynamic
     raise ConfigError(
         f"dynamic must be True (batch and sequence dimensions dynamic), 'all' (every dimension), False (static) or "
@@ -255,11 +319,33 @@ def _export_fixes(model: nn.Module, exc: BaseException, mode: str, eval_captures
     return "Fixes: " + "; or ".join(fixes) + "."
 
 
+def leaves_with_path(tree) -> list[tuple[tuple, Any]]:
+    """`pytree.tree_flatten_with_path(tree)[0]` — each leaf with its key path — also for nodes registered without
+    key paths (`register_pytree_node` without `flatten_with_keys_fn`, as diffusers registers its output classes),
+    where torch raises: their children are keyed by dataclass field when the counts agree, else by position."""
+
+    def walk(node, path):
+        children, spec = pytree.tree_flatten(node, is_leaf=lambda x: x is not node)  # one level down
+        if spec.is_leaf():
+            return [(path, node)]
+        try:
+            keys = [p[0] for p, _ in pytree.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]]
+        except ValueError:  # no flatten_with_keys_fn for this node
+            fields = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+            keys = (
+                [pytree.GetAttrKey(f) for f in fields]
+                if len(fields) == len(children)
+                else [pytree.SequenceKey(i) for i in range(len(children))]
+            )
+        return [leaf for key, child in zip(keys, children) for leaf in walk(child, (*path, key))]
+
+    return walk(tree, ())
+
+
 def refuse_non_finite(args: tuple, kwargs: dict):
     """Example inputs must be finite: the capture is checked by comparing outputs on them, and NaN compares
     unequal to itself (the error would blame the capture)."""
-    leaves, _ = pytree.tree_flatten_with_path((args, kwargs))
-    for path, t in leaves:
+    for path, t in leaves_with_path((args, kwargs)):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             first, rest = path[1], pytree.keystr(path[2:])
             name = f"positional argument {first.idx}{rest}" if path[0].idx == 0 else f"{first.key!r}{rest}"
@@ -289,7 +375,8 @@ def check_runs_eagerly(model: nn.Module, args: tuple, kwargs: dict):
 def _export_module(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic_shapes) -> fx.GraphModule:
     with train_mode(model, mode == "train"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        target = named_forward(model, args, kwargs)  # after train_mode: a copy takes the model's mode
+        ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
         return ep.module()
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import capture as cap
+
 
 def other_batch(args: tuple, kwargs: dict, dynamic_axes: dict[tuple, str]):
     """Example inputs resized along their dynamic axes: a batch of another batch size and length.
@@ -37,10 +39,10 @@ def other_batch(args: tuple, kwargs: dict, dynamic_axes: dict[tuple, str]):
 
 
 def output_names(out) -> list[str]:
-    """Names for the flattened outputs: 'logits' for ModelOutput fields and dict keys, else output_<i>."""
-    paths, _ = pytree.tree_flatten_with_path(out)
+    """Names for the flattened outputs, from their key paths: 'logits' for ModelOutput and dataclass fields and dict
+    keys, 'output_0' for positions (also the children of output classes registered without key paths)."""
     names, seen = [], set()
-    for i, (path, leaf) in enumerate(paths):
+    for i, (path, leaf) in enumerate(cap.leaves_with_path(out)):
         if not isinstance(leaf, torch.Tensor):
             continue
         parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
