@@ -3,7 +3,7 @@
 neat-fx --version
 neat-fx finetune [--model DIR] [--data DIR] [--rank 8] … (the main job: train, fold, export, verify)
 neat-fx export --model DIR --adapters DIR --out model.onnx [--fp16] [--optimize auto] [--device cpu]
-neat-fx export --model DIR --adapters DIR_A DIR_B … --out model.onnx (one model, one .onnx_adapter per folder)
+neat-fx export --model DIR --adapters DIR_A DIR_B … --out model.onnx (one model, model.<folder>.onnx_adapter each)
 neat-fx export --model DIR --adapters DIR --out lm.onnx --task text-generation-with-past [--quantize int4]
 """
 
@@ -27,8 +27,9 @@ ONNX Runtime against PyTorch on two batches of different shapes before the file 
 
 With several --adapters folders: one fp32 model serving them all (nothing folded: each adapted site reads
 its H and s·B as graph inputs whose defaults are zeros, so the bare model is the base model) and, beside
---out, <folder name>.onnx_adapter for each (ONNX Runtime's LoRA adapter format; run them with
-neat_fx.export.AdapterSession or RunOptions.add_active_adapter). Each adapter is verified against PyTorch.
+--out, <out stem>.<folder name>.onnx_adapter for each (ONNX Runtime's LoRA adapter format; run them with
+neat_fx.export.AdapterSession or RunOptions.add_active_adapter). Each adapter is verified against PyTorch; each
+file records the model it was written for, and AdapterSession refuses a file of another model.
 
 With --task text-generation-with-past (a decoder LM): one file for prefill and cached decoding, its key/value
 cache as inputs past_key_values.{i}.key/.value and outputs present.{i}.key/.value (Optimum's names), decoder
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         required=True,
         nargs="+",
         help="adapter folder from neat_fx.save_adapters (or PEFT PEANuT); several folders: one ONNX model serving "
-        "them all, with <folder name>.onnx_adapter beside --out for each (ONNX Runtime's LoRA adapters)",
+        "them all, with <out stem>.<folder name>.onnx_adapter beside --out for each (ONNX Runtime's LoRA adapters)",
     )
     ex.add_argument(
         "--out", required=True, help="the ONNX file to write, e.g. model.onnx (with --via genai: a new or empty folder)"

@@ -6,6 +6,7 @@ options, a failed verification leaves no file)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from helpers import randomize_adapters, three_bert_adapters
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
-from neat_fx.export import AdapterSession, ExportError, multi, to_onnx  # noqa: E402
+from neat_fx.export import AdapterSession, ExportError, multi, runtime, to_onnx  # noqa: E402
 
 TOL = 1e-4
 
@@ -45,8 +46,13 @@ def exported(tmp_path_factory):
 
 def test_files_inputs_and_defaults(exported):
     model, _, _, modules, _, out, report = exported
-    assert sorted(p.name for p in out.iterdir()) == ["a.onnx_adapter", "b.onnx_adapter", "c.onnx_adapter", "model.onnx"]
-    assert report.adapters == {n: out / f"{n}.onnx_adapter" for n in "abc"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.a.onnx_adapter",
+        "model.b.onnx_adapter",
+        "model.c.onnx_adapter",
+        "model.onnx",
+    ]
+    assert report.adapters == {n: out / f"model.{n}.onnx_adapter" for n in "abc"}
     assert report.input_names == ["input_ids", "attention_mask"]
 
     sites = {s.name: s for m in modules.values() for s in m.sites()}  # the union: 26 sites of 2 layers + pooler
@@ -71,16 +77,14 @@ def test_files_inputs_and_defaults(exported):
 
     # each adapter file holds that adapter's sites and trained parameters, nothing else
     for n, nm in modules.items():
-        got = ort.AdapterFormat.read_adapter(str(out / f"{n}.onnx_adapter")).get_parameters()
+        got = ort.AdapterFormat.read_adapter(str(report.adapters[n])).get_parameters()
         mine = {f"neat.{module_name(s.name)}.{part}" for s in nm.sites() for part in ("h", "sb")}
         mine |= {f"neat.{t}" for t in nm.trainable_names.values()}
         assert set(got) == mine
         for s in nm.sites():
             shape = tuple(got[f"neat.{module_name(s.name)}.h"].shape())
             assert shape == tuple(defaults[f"neat.{module_name(s.name)}.h"].shape)
-    assert {"neat.classifier.weight"} <= set(
-        ort.AdapterFormat.read_adapter(str(out / "a.onnx_adapter")).get_parameters()
-    )
+    assert {"neat.classifier.weight"} <= set(ort.AdapterFormat.read_adapter(str(report.adapters["a"])).get_parameters())
 
 
 def test_each_adapter_equals_its_own_module(exported):
@@ -118,7 +122,7 @@ def test_unknown_adapter_and_missing_files(exported, tmp_path):
         runner.run(None, {}, adapter="z")
     copy = tmp_path / "model.onnx"
     copy.write_bytes(report.path.read_bytes())  # the model without its adapter files
-    with pytest.raises(FileNotFoundError, match="'a'.*a.onnx_adapter"):
+    with pytest.raises(FileNotFoundError, match="'a'.*model.a.onnx_adapter"):
         AdapterSession(copy, "cpu")
 
 
@@ -158,17 +162,17 @@ def test_failed_verification_writes_nothing(exported, tmp_path, monkeypatch):
     model, example, _, _, root, _, _ = exported
     write = multi._write_adapter
 
-    def wrong(path, inputs, name):  # adapter 'b' written with twice its values
+    def wrong(path, inputs, name, model_fingerprint):  # adapter 'b' written with twice its values
         if name == "b":
             inputs = [dataclasses.replace(i, values={k: 2 * v for k, v in i.values.items()}) for i in inputs]
-        write(path, inputs, name)
+        write(path, inputs, name, model_fingerprint)
 
     monkeypatch.setattr(multi, "_write_adapter", wrong)
-    (tmp_path / "a.onnx_adapter").write_bytes(b"previous")
+    (tmp_path / "m.onnx").write_bytes(b"previous")
     with pytest.raises(ExportError, match="adapter 'b' active and PyTorch disagree.*Nothing was written"):
         to_onnx(model, example, tmp_path / "m.onnx", adapters={"a": root / "a", "b": root / "b"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx_adapter"]  # no temporaries, old file kept
-    assert (tmp_path / "a.onnx_adapter").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporaries, old file kept
+    assert (tmp_path / "m.onnx").read_bytes() == b"previous"
 
 
 @pytest.mark.slow
@@ -222,8 +226,8 @@ def test_cli_exports_several_adapters(exported, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "adapter 'b'" in r.stdout and sorted(p.name for p in out.iterdir()) == [
-        "a.onnx_adapter",
-        "b.onnx_adapter",
+        "m.a.onnx_adapter",
+        "m.b.onnx_adapter",
         "m.onnx",
     ]
     runner = AdapterSession(out / "m.onnx", "cpu")
@@ -231,6 +235,110 @@ def test_cli_exports_several_adapters(exported, tmp_path):
     with torch.no_grad():
         for name in ("a", "b"):
             assert rel(modules[name](**other).logits, runner.run(None, feed, adapter=name)[0]) <= TOL
+
+
+def _two_bases_one_folder(root: Path):
+    """Two models that differ in one base weight, each with an adapter named 'sst2' of its own, exported as
+    model1.onnx and model2.onnx into one folder. Returns (folder, {model stem: (base, example, other, NeatModule)})."""
+    out = root / "models"
+    out.mkdir()
+    made = {}
+    for i, stem in enumerate(("model1", "model2")):
+        base, example, other, patterns = zoo.home_grown()
+        base.eval()
+        if i:
+            with torch.no_grad():
+                base.w_mid.mul_(1.5)
+        nm = neat_fx.transform(base, patterns, example, rank=2, modes=("eval",))
+        randomize_adapters(nm, std=0.2, seed=10 + i)
+        neat_fx.save_adapters(nm, root / stem / "sst2")
+        to_onnx(base, example, out / f"{stem}.onnx", adapters=[root / stem / "sst2"])
+        made[stem] = base, example, other, nm.eval()
+    return out, made
+
+
+def test_two_models_with_adapters_of_one_name_share_a_folder(tmp_path):
+    """Adapter files are named after their model too: the second export leaves the first model's adapter as it
+    was (it used to overwrite `sst2.onnx_adapter`, and model1 then computed with model2's adapter). A file of the
+    other model copied over one's own is refused by AdapterSession, and the export will not replace it."""
+    out, made = _two_bases_one_folder(tmp_path)
+    with torch.no_grad():
+        want = {stem: nm(*other) for stem, (_, _, other, nm) in made.items()}
+    assert rel(want["model1"], want["model2"].numpy()) > 100 * TOL  # the two adapters compute differently
+    other = made["model1"][2]
+    for stem in made:
+        runner = AdapterSession(out / f"{stem}.onnx", "cpu")
+        assert runner.adapter_names == ["sst2"]
+        feed = {runner.get_inputs()[0].name: other[0].numpy()}
+        assert rel(want[stem], runner.run(None, feed, adapter="sst2")[0]) <= TOL
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model1.onnx",
+        "model1.sst2.onnx_adapter",
+        "model2.onnx",
+        "model2.sst2.onnx_adapter",
+    ]
+
+    mine = (out / "model1.sst2.onnx_adapter").read_bytes()
+    (out / "model1.sst2.onnx_adapter").write_bytes((out / "model2.sst2.onnx_adapter").read_bytes())
+    with pytest.raises(
+        neat_fx.AdapterMismatchError,
+        match=r"model1.sst2.onnx_adapter is not the file of adapter 'sst2' of .*model1.onnx.*written for another "
+        r"model.*copy the file to_onnx wrote beside model1.onnx",
+    ):
+        AdapterSession(out / "model1.onnx", "cpu")
+    base, example, _, _ = made["model1"]
+    with pytest.raises(neat_fx.ConfigError, match=r"model1.sst2.onnx_adapter exists .* belong to another model"):
+        to_onnx(base, example, out / "model1.onnx", adapters=[tmp_path / "model1" / "sst2"])
+    assert (out / "model1.sst2.onnx_adapter").read_bytes() == (out / "model2.sst2.onnx_adapter").read_bytes()
+    (out / "model1.sst2.onnx_adapter").write_bytes(mine)  # its own file back: accepted, and replaced by an export
+    to_onnx(base, example, out / "model1.onnx", adapters=[tmp_path / "model1" / "sst2"])
+    runner = AdapterSession(out / "model1.onnx", "cpu")
+    assert rel(want["model1"], runner.run(None, {runner.get_inputs()[0].name: other[0].numpy()}, "sst2")[0]) <= TOL
+    assert len(list(out.iterdir())) == 4  # no temporaries left
+
+
+def test_adapter_files_of_other_adapters_or_tools_are_refused(exported, tmp_path):
+    """Each file records its model and adapter: a file of another adapter of the same model, a file without our
+    tag and a file that is no adapter are refused, naming the file, the model and the fix."""
+    *_, report = exported
+    model = tmp_path / "model.onnx"
+    model.write_bytes(report.path.read_bytes())
+    for f in report.adapters.values():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    AdapterSession(model, "cpu")  # the copies are the model's own
+    b = tmp_path / "model.b.onnx_adapter"
+    b.write_bytes(report.adapters["a"].read_bytes())
+    with pytest.raises(neat_fx.AdapterMismatchError, match=r"model.b.onnx_adapter is not the file of adapter 'b'"):
+        AdapterSession(model, "cpu")
+    untagged = ort.AdapterFormat()
+    untagged.set_adapter_version(1)
+    untagged.set_parameters(ort.AdapterFormat.read_adapter(str(report.adapters["b"])).get_parameters())
+    untagged.export_adapter(str(b))
+    with pytest.raises(neat_fx.AdapterMismatchError, match="'b'.*records no model tag"):
+        AdapterSession(model, "cpu")
+    b.write_bytes(b"not an adapter")
+    with pytest.raises(neat_fx.AdapterMismatchError, match="'b'.*not an ONNX Runtime adapter file.*export again"):
+        AdapterSession(model, "cpu")
+
+
+def test_models_exported_before_the_fingerprint_still_run(exported, tmp_path):
+    """A model written the old way (files `<adapter>.onnx_adapter`, no fingerprint) runs, with a warning that its
+    files cannot be checked and how to have them checked."""
+    _, _, other, modules, _, _, report = exported
+    proto = onnx.load(str(report.path))
+    meta = {p.key: p.value for p in proto.metadata_props if p.key != runtime.META_MODEL_FINGERPRINT}
+    meta[runtime.META_ADAPTERS] = json.dumps({n: f"{n}.onnx_adapter" for n in report.adapters})
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    for n, f in report.adapters.items():
+        (tmp_path / f"{n}.onnx_adapter").write_bytes(f.read_bytes())
+    with pytest.warns(UserWarning, match=r"older neat_fx: its adapter files \(a.onnx_adapter, b.onnx_adapter"):
+        runner = AdapterSession(tmp_path / "model.onnx", "cpu")
+    feed = {k: v.numpy() for k, v in other.items()}
+    with torch.no_grad():
+        assert rel(modules["c"](**other).logits, runner.run(None, feed, adapter="c")[0]) <= TOL
 
 
 # ---------------------------------------------------------------- the PyTorch bank's mixed batches (serving.py)

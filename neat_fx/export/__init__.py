@@ -3,7 +3,7 @@
     from neat_fx.export import to_onnx, session
     report = to_onnx(neat_fx.fold(nm), batch, "model.onnx")
     sess = session("model.onnx")
-    to_onnx(base_model, batch, "many.onnx", adapters={"a": dir_a, "b": dir_b})  # + a.onnx_adapter, b.onnx_adapter
+    to_onnx(base_model, batch, "many.onnx", adapters={"a": dir_a, "b": dir_b})  # + many.a.onnx_adapter, many.b.…
     AdapterSession("many.onnx").run(None, feed, adapter="a")
     to_onnx(neat_fx.fold(nm), batch, "lm.onnx", task="text-generation-with-past", quantize="int4")
     generate("lm.onnx", input_ids, attention_mask, max_new_tokens=64)   # prompt + new tokens, KV cache in ORT

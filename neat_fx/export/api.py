@@ -72,9 +72,10 @@ def to_onnx(
               nothing is written at `path`.
     adapters: saved adapter folders ({name: folder}, or a list named after the folders) to serve from one
               model: `module` is then the untouched base model; each adapted site reads its H and s·B as graph
-              inputs with zero defaults (the bare file is the base model), and `<name>.onnx_adapter` beside
-              `path` holds each adapter's values for ONNX Runtime's LoRA mechanism (run with
-              `neat_fx.export.AdapterSession`). fp32 only; see neat_fx/export/multi.py.
+              inputs with zero defaults (the bare file is the base model), and `<path stem>.<name>.onnx_adapter`
+              beside `path` holds each adapter's values for ONNX Runtime's LoRA mechanism (run with
+              `neat_fx.export.AdapterSession`, which refuses a file another export wrote). fp32 only; see
+              neat_fx/export/multi.py.
     """
     t_start = time.perf_counter()
     opts = ExportConfig(

@@ -15,8 +15,12 @@ s·B, the base value for a trained parameter — so the file run without an adap
 the exporter's optimiser nor ONNX Runtime constant-folds an initializer that is a graph input, so the
 optimised file keeps them overridable (checked after optimisation, and by the verification).
 
-`<name>.onnx_adapter` (onnxruntime.AdapterFormat) beside the model holds one adapter's values: the sites and
-parameters it has (the others keep their defaults). Verified before anything is renamed into place: ONNX
+`<model stem>.<name>.onnx_adapter` (onnxruntime.AdapterFormat) beside the model holds one adapter's values: the
+sites and parameters it has (the others keep their defaults). Named after the model too, so that two models exported
+into one folder with adapters of the same names keep their own files. The model records its fingerprint (the base
+weights its adapters were computed from, the inputs they override) and each file the tag of that fingerprint and its
+adapter's name (`runtime.adapter_tag`): `AdapterSession` refuses a file another export wrote, and the export refuses
+to replace an existing file that is not the replaced model's own. Verified before anything is renamed into place: ONNX
 Runtime with each adapter active (LoraAdapter + RunOptions.add_active_adapter) against the bank with that
 adapter active, and the bare model against the base model, on the example and on a batch of another shape.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -39,6 +44,7 @@ from neat_fx import capture as cap
 from neat_fx.atomic import Staging
 from neat_fx.containers import GraphContainer
 from neat_fx.errors import ConfigError
+from neat_fx.io import fingerprint
 from neat_fx.names import module_name
 from neat_fx.numerics import compare, flat_tensors
 
@@ -278,33 +284,72 @@ def _check_declared(onnx, model_path: Path, inputs: list[AdapterInput]):
         )
 
 
-def _write_adapter(path: Path, inputs: list[AdapterInput], name: str):
+def _write_adapter(path: Path, inputs: list[AdapterInput], name: str, model_fingerprint: str):
     import numpy as np
 
     ort = runtime._ort()
     arrays = {
         i.name: np.ascontiguousarray(i.values[name].detach().cpu().float().numpy()) for i in inputs if name in i.values
     }
+    tag = runtime.adapter_tag(model_fingerprint, name)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
+    fmt.set_model_version(tag)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
     fmt.export_adapter(str(path))
-    back = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
-    if set(back) != set(arrays):
+    back = ort.AdapterFormat.read_adapter(str(path))
+    if set(back.get_parameters()) != set(arrays) or back.get_model_version() != tag:
         raise oe.ExportError(f"the adapter file for {name!r} did not read back what was written; nothing was written")
 
 
 def _adapter_files(path: Path, names: list[str]) -> dict[str, Path]:
+    """`<model stem>.<adapter name>.onnx_adapter` beside the model for each adapter."""
     files = {}
     for name in names:
         if "/" in name or "\\" in name or name in (".", ".."):
             raise ConfigError(
                 f"adapter name {name!r} cannot name a file; pass a dict {{name: folder}} with another name"
             )
-        files[name] = path.with_name(name + ADAPTER_SUFFIX)
+        files[name] = path.with_name(f"{path.stem}.{name}{ADAPTER_SUFFIX}")
         if files[name] == path:
             raise ConfigError(f"the adapter file of {name!r} would overwrite the model at {path}")
     return files
+
+
+def _model_fingerprint(bank, inputs: list[AdapterInput]) -> str:
+    """What the adapter files are valid for: the base weights their H = σ(W0ᵀ A) were computed from (our
+    fingerprints of them) and the inputs they override (names, shapes). A hex digest."""
+    base = {name: fingerprint(bank.model.get_parameter(name)) for name, _ in bank.site_sources.values()}
+    shapes = {i.name: list(i.default.shape) for i in inputs}
+    text = json.dumps({"base": base, "inputs": shapes}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_replaceable(path: Path, files: dict[str, Path], model_fingerprint: str):
+    """An existing adapter file is replaced only if it is the replaced model's own (or already this export's):
+    another model's file of the same name (`a.onnx` with adapter 'b.c', `a.b.onnx` with adapter 'c') is left
+    alone and the export refused."""
+    existing = {n: f for n, f in files.items() if f.exists()}
+    if not existing:
+        return
+    previous = _recorded_fingerprint(path)
+    for name, f in existing.items():
+        mine = {runtime.adapter_tag(model_fingerprint, name)}
+        if previous is not None:
+            mine.add(runtime.adapter_tag(previous, name))
+        if runtime.recorded_tag(f) not in mine:
+            raise ConfigError(
+                f"{f} exists and is not the adapter file of {name!r} of the model at {path}: it may belong to another "
+                f"model. Remove it, or choose another model path or adapter name; nothing was written"
+            )
+
+
+def _recorded_fingerprint(path: Path) -> str | None:
+    """The model fingerprint the multi-adapter model at `path` records, or None (no file, or not one of ours)."""
+    try:
+        return runtime.recorded_options(path).get(runtime.META_MODEL_FINGERPRINT) if path.is_file() else None
+    except Exception:  # not an ONNX model: nothing of it to keep
+        return None
 
 
 def export(model: nn.Module, example_inputs, path: Path, opts: ExportConfig, device: str, t_start: float):
@@ -325,6 +370,8 @@ def export(model: nn.Module, example_inputs, path: Path, opts: ExportConfig, dev
     with cap.train_mode(model, False):
         bank = serve(model, named, example_inputs)  # every adapter checked against the base: nothing written yet
         container, inputs = input_form(bank)
+        model_fingerprint = _model_fingerprint(bank, inputs)
+        _check_replaceable(path, files, model_fingerprint)
         program, _, optimizations, _ = oe._torch_export(container, args, kwargs, opts, optimize_program=False)
         oe._name_axes(program)
         second = (
@@ -341,6 +388,7 @@ def export(model: nn.Module, example_inputs, path: Path, opts: ExportConfig, dev
         meta = oe._metadata(opts)
         meta[runtime.META_ADAPTERS] = json.dumps({n: f.name for n, f in files.items()})
         meta[runtime.META_ADAPTER_INPUTS] = json.dumps([i.name for i in inputs])
+        meta[runtime.META_MODEL_FINGERPRINT] = model_fingerprint
         for k, v in meta.items():
             proto.metadata_props.add(key=k, value=v)
         external = oe._proto_bytes(proto) > oe.EXTERNAL_DATA_ABOVE
@@ -359,7 +407,7 @@ def export(model: nn.Module, example_inputs, path: Path, opts: ExportConfig, dev
                 oe._save(onnx, oe._with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
             _check_declared(onnx, tmp, inputs)
             for n, f in tmp_adapters.items():
-                _write_adapter(f, inputs, n)
+                _write_adapter(f, inputs, n, model_fingerprint)
             parity = []
             if opts.verify:
                 parity = _verify(tmp, tmp_adapters, device, model, bank, args, kwargs, opts.verify_inputs, second, tol)

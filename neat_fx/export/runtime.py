@@ -3,7 +3,9 @@ recorded in the model's metadata (`neat_fx.ort.*`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,25 @@ META_DISABLED = "neat_fx.ort.disabled_optimizers"
 # the graph inputs they override (JSON).
 META_ADAPTERS = "neat_fx.adapters"
 META_ADAPTER_INPUTS = "neat_fx.adapter_inputs"
+# ... and the fingerprint of what its adapter files are valid for (the base weights, the inputs they override);
+# each file carries `adapter_tag(fingerprint, its name)` as its AdapterFormat model version (an int32 is all the
+# format holds beside the tensors), so a file written for another model, or for another adapter, is refused.
+META_MODEL_FINGERPRINT = "neat_fx.model_fingerprint"
+
+
+def adapter_tag(model_fingerprint: str, adapter: str) -> int:
+    """The model version an adapter file of the model with `model_fingerprint` records for `adapter`: 31 bits of
+    a hash of both, never 0 (what a file written without one reads)."""
+    digest = hashlib.sha256(f"{model_fingerprint}\0{adapter}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31 - 1) + 1
+
+
+def recorded_tag(path) -> int | None:
+    """The model version the adapter file at `path` records, or None if it is not an ONNX Runtime adapter file."""
+    try:
+        return int(_ort().AdapterFormat.read_adapter(str(path)).get_model_version())
+    except RuntimeError:
+        return None
 
 
 def _ort():
@@ -129,6 +150,7 @@ class AdapterSession:
                 f"{path.name} serves adapters whose files are missing: {', '.join(missing)}; to_onnx writes "
                 f"them beside the model: copy them along with it"
             )
+        _check_adapter_files(path, meta.get(META_MODEL_FINGERPRINT), self.adapter_files)
         self.session = session(path, device, threads=threads, options=options, tf32=tf32)
         self._adapters, self._options = {}, {None: ort.RunOptions()}
         for name, f in self.adapter_files.items():
@@ -164,3 +186,35 @@ class AdapterSession:
 
     def get_outputs(self):
         return self.session.get_outputs()
+
+
+def _check_adapter_files(path: Path, fingerprint: str | None, files: dict[str, Path]):
+    """Each adapter file records the tag of this model and its name: a file another export wrote (another base,
+    another model's adapter of the same name) is refused, not run."""
+    from neat_fx.errors import AdapterMismatchError
+
+    if fingerprint is None:  # written before the files were tagged (and named after their model)
+        names = ", ".join(f.name for f in files.values())
+        warnings.warn(
+            f"{path.name} was exported by an older neat_fx: its adapter files ({names}) are not named after it "
+            f"and carry no fingerprint, so another model exported into the same folder with adapters of the same "
+            f"names may have overwritten them unnoticed. Export it again with to_onnx(base_model, example, "
+            f"{str(path)!r}, adapters=...) to have them checked",
+            stacklevel=3,
+        )
+        return
+    for name, f in files.items():
+        want, got = adapter_tag(fingerprint, name), recorded_tag(f)
+        if got == want:
+            continue
+        if got is None:
+            what = "it is not an ONNX Runtime adapter file"
+        elif got == 0:
+            what = "it records no model tag (written by another tool or an older neat_fx)"
+        else:
+            what = f"it records model tag {got}, written for another model or another adapter"
+        raise AdapterMismatchError(
+            f"{f} is not the file of adapter {name!r} of {path} (which expects model tag {want}): {what}. It was "
+            f"copied or overwritten from another export: copy the file to_onnx wrote beside {path.name}, or export "
+            f"again with to_onnx(base_model, example, {str(path)!r}, adapters=...)"
+        )
