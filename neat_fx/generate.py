@@ -2,16 +2,19 @@
 
 The captured graphs are cache-free (decoders are captured with `use_cache=False`), so generating through them
 would recompute the whole prefix for every new token. Instead `generate` runs the model's own `generate()` —
-its own cache classes, sliding windows, soft-capping and stopping rules — with the adapted weights `W0 + ΔW`
-put in place of the base weights for the duration of the call (`torch.func.functional_call`, nothing copied
-into the model, nothing left behind). ΔW is computed from the adapters as they are at the call, so the tokens
-always follow the latest training step; the cost of one new token is the model's own cached decode step.
+its own cache classes, sliding windows, soft-capping and stopping rules — on a view of the model (`adapted_view`:
+a shallow copy of its module tree whose adapted attributes hold `W0 + ΔW`, sharing every other tensor, in eval
+mode). Nothing of the model is written, so other threads may run the model, or generate from it, meanwhile. ΔW
+is computed from the adapters as they are at the call, so the tokens always follow the latest training step; the
+cost of one new token is the model's own cached decode step.
 (docs/design.md, "Generation")
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import types
 
 import torch
 from torch import nn
@@ -23,6 +26,9 @@ from .fold import folded_weight
 
 #: config fields that bound the positions a model can embed (learned tables: GPT-2's n_positions).
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+# one fold at a time per process: concurrent first calls fold once and share the cached weights
+_FOLD_LOCK = threading.Lock()
 
 
 def _state_key(module: NeatModule) -> tuple | None:
@@ -39,15 +45,53 @@ def cached_adapted_weights(module: NeatModule) -> dict[str, torch.Tensor]:
     """`adapted_weights(module)`, kept on the module while no tensor it is computed from changes (optimizer steps,
     load_adapters, merge_into and `copy_` move version counters; a write through `.data` does not: call
     `generate(..., keep_folded=False)` once after one)."""
-    key = _state_key(module)
-    cached = module.__dict__.get("_generation_cache")
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    module.__dict__.pop("_generation_cache", None)  # freed before the new fold: one copy at a time
-    weights = adapted_weights(module)
-    if key is not None:
-        module.__dict__["_generation_cache"] = (key, weights)
-    return weights
+    with _FOLD_LOCK:
+        key = _state_key(module)
+        cached = module.__dict__.get("_generation_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        module.__dict__.pop("_generation_cache", None)  # freed before the new fold: one copy at a time
+        weights = adapted_weights(module)
+        if key is not None:
+            module.__dict__["_generation_cache"] = (key, weights)
+        return weights
+
+
+def adapted_view(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """`model` computing with `weights` (by attribute path) in place of its own tensors, in eval mode, without
+    writing to it: a shallow copy of the module tree — new module objects, each with its own attribute dict,
+    parameter, buffer and child tables and training flag — sharing every tensor with the model (no weight is
+    copied). A module reached by two paths is one module in the view. The tensors go where
+    `torch.func.functional_call` would put them (the parameter or buffer table, else a plain attribute)."""
+    views: dict[int, nn.Module] = {}
+
+    def view_of(module: nn.Module) -> nn.Module:
+        done = views.get(id(module))
+        if done is not None:
+            return done
+        new = views[id(module)] = object.__new__(type(module))
+        state = dict(module.__dict__)
+        for key, value in state.items():  # a method bound to the module (a wrapped forward) runs on the view
+            if isinstance(value, types.MethodType) and value.__self__ is module:
+                state[key] = types.MethodType(value.__func__, new)
+        state["_parameters"] = dict(module._parameters)
+        state["_buffers"] = dict(module._buffers)
+        state["_modules"] = {k: None if c is None else view_of(c) for k, c in module._modules.items()}
+        state["training"] = False
+        new.__dict__.update(state)
+        return new
+
+    root = view_of(model)
+    for path, tensor in weights.items():
+        owner, _, name = path.rpartition(".")
+        module = root.get_submodule(owner)
+        if name in module._parameters:
+            module._parameters[name] = tensor
+        elif name in module._buffers:
+            module._buffers[name] = tensor
+        else:
+            module.__dict__[name] = tensor
+    return root
 
 
 def adapted_weights(module: NeatModule | FoldedModule) -> dict[str, torch.Tensor]:
@@ -97,17 +141,6 @@ def source_model(module) -> nn.Module:
     )
 
 
-class _Generation(nn.Module):
-    """A holder whose forward is the model's generate(), so functional_call can swap the weights around it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, kwargs):
-        return self.model.generate(**kwargs)
-
-
 @torch.no_grad()
 def generate(
     module: NeatModule | FoldedModule,
@@ -137,9 +170,8 @@ def generate(
     call follows it. With `keep_folded=True` (default) a NeatModule keeps the folded weights between calls
     while nothing they come from changes (version counters: optimizer steps, load_adapters, merge_into), at
     the memory of one fold; `keep_folded=False` folds at this call and keeps nothing. The model runs in eval
-    mode (no dropout) and is given back as it was.
-    While the call runs, the model's weight attributes point at the adapted tensors: do not run the same
-    model from another thread meanwhile.
+    mode (no dropout). Nothing of the model is written (it runs as `adapted_view`, with its own training flags):
+    other threads may run the model, or generate from the same module, while this call runs.
     """
     model = source_model(module)
     _check_generative(model)
@@ -169,13 +201,12 @@ def generate(
     if isinstance(module, NeatModule) and keep_folded:
         weights = cached_adapted_weights(module)
     else:
-        module.__dict__.pop("_generation_cache", None)
+        with _FOLD_LOCK:
+            module.__dict__.pop("_generation_cache", None)
         weights = adapted_weights(module)
-    holder = _Generation(model)
-    with cap.train_mode(model, False), _quiet_generation():
-        return torch.func.functional_call(
-            holder, {"model." + k: v for k, v in weights.items()}, (kwargs,), tie_weights=False, strict=False
-        )
+    view = adapted_view(model, weights)
+    with _quiet_generation():
+        return view.generate(**kwargs)
 
 
 def _check_generative(model: nn.Module):
@@ -250,17 +281,28 @@ def check_sampling(do_sample, temperature, top_p, top_k):
         raise GenerationError(f"top_k must be a non-negative integer or None, got {top_k!r}")
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet = {"calls": 0, "level": None}  # calls running quietly, and the verbosity the first of them found
+
+
 @contextlib.contextmanager
 def _quiet_generation():
-    """transformers logs a notice per call for settings we choose on purpose (pad = eos)."""
+    """transformers logs a notice per call for settings we choose on purpose (pad = eos). Its verbosity is
+    process-wide: it is set by the first of concurrent calls and given back by the last one."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - generate() needs transformers anyway
         yield
         return
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    with _QUIET_LOCK:
+        if _quiet["calls"] == 0:
+            _quiet["level"] = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+        _quiet["calls"] += 1
     try:
         yield
     finally:
-        hf_logging.set_verbosity(level)
+        with _QUIET_LOCK:
+            _quiet["calls"] -= 1
+            if _quiet["calls"] == 0:
+                hf_logging.set_verbosity(_quiet["level"])

@@ -17,6 +17,8 @@ against the base (our format's fingerprints) before anything is built.
 
 from __future__ import annotations
 
+import copy
+import threading
 from pathlib import Path
 
 import torch
@@ -35,22 +37,31 @@ from .transform import bind_targets
 
 #: node.meta flag of the bank nodes serve() inserts.
 BANK = "neat_bank"
+#: inputs of the per-call graph a mixed batch runs: the adapter of the call, and each row's adapter (row-wise)
+INDEX_INPUT, ROWS_INPUT = "neat_adapter_index", "neat_adapter_rows"
+_BUILD_LOCK = threading.Lock()
 
 
 class SiteBank(nn.Module):
     """Every adapter's `H` (N, d_in, r) and `s·B` (N, d_out, r) of one site, float32. Called as
-    `bank(x, y, index, form)` → `y + (x H[index]) (s·B[index])ᵀ` in the op's form."""
+    `bank(x, y, index, form)` → `y + (x H[index]) (s·B[index])ᵀ` in the op's form; with `rows` (a mixed batch's
+    adapter per row, an argument of the call, never state) row b gets adapter rows[b]."""
 
     def __init__(self, h: torch.Tensor, sb: torch.Tensor):
         super().__init__()
         self.register_buffer("h", h)
         self.register_buffer("sb", sb)
-        # a mixed batch's adapter index per row (set by AdapterBank for one call; None: every row uses `index`)
-        self.rows: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, form: str = "right") -> torch.Tensor:
-        if self.rows is not None:
-            return self._per_row(x, y)
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor,
+        form: str = "right",
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if rows is not None:
+            return self._per_row(x, y, rows)
         h, sb = self.h.index_select(0, index)[0], self.sb.index_select(0, index)[0]
         x = x.to(h.dtype)
         if form == "right":
@@ -60,10 +71,9 @@ class SiteBank(nn.Module):
         eq_h, eq_b = form[len("einsum:") :].split(";")
         return y + torch.einsum(eq_b, torch.einsum(eq_h, x, h), sb).to(y.dtype)
 
-    def _per_row(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _per_row(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Row b gets adapter rows[b]: `y[b] + (x[b] H[rows[b]]) (s·B[rows[b]])ᵀ` as two batched matmuls (the right
         form, x's first dimension the batch: checked by serve before it allows this path)."""
-        rows = self.rows
         h, sb = self.h.index_select(0, rows), self.sb.index_select(0, rows)  # (B, d_in, r), (B, d_out, r)
         xb = x.to(h.dtype).reshape(rows.shape[0], -1, x.shape[-1])
         d = torch.bmm(torch.bmm(xb, h), sb.transpose(1, 2))
@@ -104,7 +114,8 @@ class AdapterBank(FoldedModule):
 
     @torch.no_grad()
     def set_adapter(self, name: str):
-        """Make `name` the adapter every row uses (an in-place write: no recompilation)."""
+        """Make `name` the adapter every call without `adapter_names` uses: one global switch, as in PEFT (an
+        in-place write: no recompilation). A call with `adapter_names=` never reads it."""
         self.active_index.fill_(self.index_of(name))
 
     def forward(self, *args, adapter_names=None, **kwargs):
@@ -123,34 +134,62 @@ class AdapterBank(FoldedModule):
         if len(adapter_names) != batch:
             raise ConfigError(f"adapter_names has {len(adapter_names)} names for a batch of {batch} rows")
         index = torch.tensor([self.index_of(n) for n in adapter_names])
-        saved = self.active_index.clone()
         pieces = []
-        try:
-            for rep, where, per_row in self._row_groups(index):
-                whole = where.numel() == batch and bool((where == torch.arange(batch)).all())
-                part = (
-                    leaves
-                    if whole
-                    else [
-                        t.index_select(0, where.to(t.device))
-                        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch
-                        else t
-                        for t in leaves
-                    ]
-                )
-                self.active_index.fill_(rep)
-                for site in self.banks.values():
-                    site.rows = None if per_row is None else per_row.to(site.h.device)
-                a, k = pytree.tree_unflatten(part, spec)
-                out = super().forward(*a, **k)
-                if whole:
-                    return out
-                pieces.append((where, out))
-        finally:
-            self.active_index.copy_(saved)
-            for site in self.banks.values():
-                site.rows = None
+        for rep, where, per_row in self._row_groups(index):
+            whole = where.numel() == batch and bool((where == torch.arange(batch)).all())
+            part = (
+                leaves
+                if whole
+                else [
+                    t.index_select(0, where.to(t.device))
+                    if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch
+                    else t
+                    for t in leaves
+                ]
+            )
+            a, k = pytree.tree_unflatten(part, spec)
+            out = self._run_as(rep, per_row, a, k)
+            if whole:
+                return out
+            pieces.append((where, out))
         return _scatter_rows(pieces, batch)
+
+    def _run_as(self, adapter: int, rows: torch.Tensor | None, args: tuple, kwargs: dict):
+        """The graph run with adapter number `adapter` (and, row-wise, each row's adapter `rows`) given to this
+        call as arguments of the graph: nothing is written to the bank, so concurrent calls and `set_adapter`
+        in other threads do not affect it."""
+        self._sync_device()
+        gm = self._per_call_graph()
+        device = self.active_index.device
+        extra = {INDEX_INPUT: torch.tensor([adapter], dtype=torch.long, device=device)}
+        if self.rowwise:  # every row this adapter's unless a row map is given
+            if rows is None:
+                first = next(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim())
+                rows = torch.full((first.shape[0],), adapter, dtype=torch.long)
+            extra[ROWS_INPUT] = rows.to(device)
+        try:
+            bound = self._signatures["eval"].bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ConfigError(
+                f"{type(self).__name__} was captured with inputs ({', '.join(self._signatures['eval'].parameters)})"
+                f" and cannot take this call ({exc})"
+            ) from None
+        bound.apply_defaults()
+        return gm(**bound.arguments, **extra)
+
+    def _per_call_graph(self) -> fx.GraphModule:
+        """The eval graph with the adapter index (and the per-row map) as inputs instead of `active_index`,
+        built once (under a lock: concurrent first calls build it once) and dropped when the graph moves device."""
+        gm = self.__dict__.get("_per_call_gm")
+        if gm is not None and gm.graph_device == self._graph_device:
+            return gm
+        with _BUILD_LOCK:
+            gm = self.__dict__.get("_per_call_gm")
+            if gm is None or gm.graph_device != self._graph_device:
+                gm = _per_call_graph_module(self)
+                gm.graph_device = self._graph_device
+                self.__dict__["_per_call_gm"] = gm
+        return gm
 
     def _row_groups(self, index: torch.Tensor):
         """(adapter whose trained-in-full parameters the group reads, its rows, each row's adapter or None).
@@ -174,6 +213,45 @@ class AdapterBank(FoldedModule):
 
     def extra_repr(self) -> str:
         return f"adapters={self.names}, active={self.active!r}, sites={len(self.banks)}"
+
+
+def _per_call_graph_module(bank: AdapterBank) -> fx.GraphModule:
+    """A copy of the bank's eval graph that takes INDEX_INPUT (the adapter of the call, shape (1,)) in place of
+    `active_index` and, for a row-wise bank, ROWS_INPUT (each row's adapter) given to every site bank."""
+    graph = copy.deepcopy(bank.graph("eval"))
+    info = graph._codegen.pytree_info
+    spec = info.in_spec
+    if not (spec.type is tuple and spec.num_children == 2 and spec.child(1).type is dict):
+        raise ConfigError(f"{type(bank).__name__}'s graph takes its inputs as {spec}, not (args, kwargs)")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        index = graph.placeholder(INDEX_INPUT)
+    rows = None
+    if bank.rowwise:
+        with graph.inserting_after(index):
+            rows = graph.placeholder(ROWS_INPUT)
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:  # first: the index is read before the inputs
+        anchor.prepend(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node.target == "active_index":
+            node.replace_all_uses_with(index)
+            graph.erase_node(node)
+        elif rows is not None and node.meta.get(BANK) and node.op == "call_module":
+            node.kwargs = {**node.kwargs, "rows": rows}
+    leaf = torch.empty(0)  # a stand-in leaf (None is no leaf to pytree)
+    args, kwargs = pytree.tree_unflatten([leaf] * spec.num_leaves, spec)
+    names = [INDEX_INPUT] + ([ROWS_INPUT] if rows is not None else [])
+    kwargs = {**kwargs, **dict.fromkeys(names, leaf)}
+    graph._codegen.pytree_info = info._replace(
+        orig_args=[*info.orig_args, *names], in_spec=pytree.tree_structure((args, kwargs))
+    )
+    graph.lint()
+    gm = fx.GraphModule(bank, graph)
+    for name in list(gm._modules):  # the bank's own children, not GraphModule's copies of their paths
+        if name in bank._modules:
+            gm._modules[name] = bank._modules[name]
+    return gm
 
 
 def _scatter_rows(pieces: list, batch: int):

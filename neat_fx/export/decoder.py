@@ -107,11 +107,15 @@ def cache_tensors(cache) -> list[tuple] | None:
 
 class WithPast(nn.Module):
     """The model's forward with a cache given as flat tensors and returned as flat tensors, the adapted weights
-    in place of the model's own (held here as buffers, so the exporter takes them as the file's constants)."""
+    in place of the model's own (held here as buffers, so the exporter takes them as the file's constants).
+    `model` is a view of the model (neat_fx.generate.adapted_view): tracing swaps tensors in the view's tables,
+    never in the model's, and each call runs a view of it with the adapted buffers in place."""
 
     def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor], layout: CacheLayout):
+        from neat_fx.generate import adapted_view
+
         super().__init__()
-        self.model = model
+        self.model = adapted_view(model, {})
         self.layout = layout
         self._cache_arg = cache_argument(model)
         # one buffer per tensor: a head tied to the embedding stays one constant in the file
@@ -131,10 +135,15 @@ class WithPast(nn.Module):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, self._cache_arg: cache, "use_cache": True}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        weights = {p: getattr(self, f"adapted_{i}") for p, i in self._slots.items()}
-        out = torch.func.functional_call(self.model, weights, (), kwargs, tie_weights=False, strict=False)
+        out = self.adapted()(**kwargs)
         present = [t for pair in cache_tensors(returned_cache(out)) for t in pair]
         return (out.logits, *present)
+
+    def adapted(self) -> nn.Module:
+        """The model computing with this wrapper's adapted tensors (as they are now: fakes while tracing)."""
+        from neat_fx.generate import adapted_view
+
+        return adapted_view(self.model, {p: getattr(self, f"adapted_{i}") for p, i in self._slots.items()})
 
 
 def source(module: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor], bool]:
@@ -173,12 +182,12 @@ def check_decoder(model: nn.Module):
 
 def probe_layout(model: nn.Module, weights: dict, input_ids: torch.Tensor) -> CacheLayout:
     """Run the model once with a cache and read the cache's layout from what it returns."""
+    from neat_fx.generate import adapted_view
+
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     ids = input_ids[:1, :2]
-    with torch.no_grad(), cap.train_mode(model, False):
-        out = torch.func.functional_call(
-            model, weights, (), dict(input_ids=ids, use_cache=True), tie_weights=False, strict=False
-        )
+    with torch.no_grad():
+        out = adapted_view(model, weights)(input_ids=ids, use_cache=True)
     cache = returned_cache(out)
     layers = cache_tensors(cache)
     if not layers:
@@ -252,8 +261,7 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
     layout = probe_layout(model, weights, input_ids.to(model_device))
     wrapper = WithPast(model, weights, layout).eval()
     example = _example(layout, input_ids, model_device)
-    with cap.train_mode(model, False):
-        program = _torch_export(wrapper, example, layout, opts)
+    program = _torch_export(wrapper, example, layout, opts)  # the wrapper runs a view, in eval mode
     meta = dict(oe._metadata(opts), **_generation_metadata(model, layout))
     meta["neat_fx.export.task"] = TASK
     fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
@@ -274,8 +282,7 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
                 raise
             fusion_failed = cap.first_lines(exc, 1)
             log.warning("to_onnx: ONNX Runtime refuses the fused graph (%s); exporting without fusions", exc)
-            with cap.train_mode(model, False):  # the fusions rewrote the program's graph in place
-                program = _torch_export(wrapper, example, layout, opts)
+            program = _torch_export(wrapper, example, layout, opts)  # the fusions rewrote the program's graph
             proto, done = _proto(onnx, program, opts, device, False, meta)
             oe._save(onnx, proto, tmp, tmp_data, external)
             del proto
@@ -490,12 +497,11 @@ def _verify_generation(sess, device, module, wrapper, ids, mask, pad, precision)
     """Greedy tokens through ONNX Runtime vs the model's own generate (no EOS stop on either side: every
     position is compared). fp32 must match except after a step whose top-2 logits tie; other precisions report
     their agreement."""
-    from neat_fx.generate import _Generation, _quiet_generation
+    from neat_fx.generate import _quiet_generation
 
     n = VERIFY_NEW_TOKENS
-    model = wrapper.model
+    model = wrapper.adapted()
     model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    weights = {"model." + p: getattr(wrapper, f"adapted_{i}") for p, i in wrapper._slots.items()}
     gen_kwargs = dict(
         input_ids=ids.to(model_device),
         attention_mask=mask.to(model_device),
@@ -510,8 +516,8 @@ def _verify_generation(sess, device, module, wrapper, ids, mask, pad, precision)
         return_dict_in_generate=True,
         output_logits=True,
     )
-    with torch.no_grad(), cap.train_mode(model, False), _quiet_generation():
-        out = torch.func.functional_call(_Generation(model), weights, (gen_kwargs,), tie_weights=False, strict=False)
+    with torch.no_grad(), _quiet_generation():
+        out = model.generate(**gen_kwargs)
     ref = out.sequences[:, ids.shape[1] :].cpu()
     logits = torch.stack([s.float().cpu() for s in out.logits], 1)  # [batch, new, vocab]
     got = generation.generate(sess, ids, mask, max_new_tokens=n, eos_token_id=[], pad_token_id=pad)
