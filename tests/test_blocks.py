@@ -279,14 +279,19 @@ def test_bad_block_names_are_refused_before_anything_runs(llama):
 def test_blocks_by_name_and_checkpoint_at_transform(llama):
     model, _, ex, _ = llama
     nm = neat_fx.transform(model, "*q_proj", ex, blocks=["model.layers.*"], checkpoint=["model.layers.1"])
+    randomize_adapters(nm, std=0.1, seed=3)  # B != 0: a unit that dropped its adapter would show
     assert neat_fx.blocks(nm) == ["model.layers.0", "model.layers.1"]
     assert nm.checkpointed == ("model.layers.1",)
     folded = neat_fx.fold(nm)  # fold reads the flat graph: units change nothing there
     nm.eval()
-    assert max_diff(folded(**ex).logits, nm(**ex).logits) < 1e-5
+    with torch.no_grad():
+        base = model(**ex).logits
+        assert max_diff(nm(**ex).logits, base) > 1e-2  # the adapters change the output ...
+        assert max_diff(folded(**ex).logits, nm(**ex).logits) < 1e-5  # ... and the units run them as the fold has them
     # sibling blocks inside a layer, named exactly, nest inside it
     parts = ["model.layers.0", "model.layers.0.self_attn", "model.layers.0.mlp"]
     nested = neat_fx.transform(model, "*q_proj", ex, blocks=parts, checkpoint=parts[1:])
+    randomize_adapters(nested, std=0.1, seed=3)  # the same adapters as nm's
     assert neat_fx.blocks(nested) == parts
     layer = nested._runner("eval").units["model.layers.0"]._gm.graph
     assert unit_calls(layer) == [f"{UNITS_ATTR}.model__layers__0__self_attn", f"{UNITS_ATTR}.model__layers__0__mlp"]
