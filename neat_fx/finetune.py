@@ -111,10 +111,10 @@ def load_sst2(data: Path | None, train_rows: int) -> tuple[list, list, str]:
     if data is None and os.environ.get(DATA_ENV):
         data, source = Path(os.environ[DATA_ENV]), f"${DATA_ENV}"
     if data is None:
-        data, source = BUNDLED_SST2, "the SST-2 subset bundled with neat_fx (4,000 training rows, seeded sample)"
+        data, source = BUNDLED_SST2, "the SST-2 subset bundled with neat_fx (a seeded sample; see its SOURCE.md)"
     if not (data / "train.tsv").exists() or not (data / "test.tsv").exists():
         raise FinetuneError(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
-    return read_tsv(data / "train.tsv", train_rows), read_tsv(data / "test.tsv"), f"{data} ({source})"
+    return read_tsv(data / "train.tsv", train_rows), read_tsv(data / "test.tsv"), f"{source}, {data}"
 
 
 def _sst2_from_hub(train_rows: int) -> tuple[list, list, str]:
@@ -185,8 +185,8 @@ def add_arguments(ap: argparse.ArgumentParser):
         type=Path,
         metavar="PATH",
         help=f"sequence-classification: folder with train.tsv / test.tsv (default: ${DATA_ENV}, else the SST-2 "
-        f"subset bundled with the package), or '{HUB}' for GLUE SST-2 from the Hugging Face hub; causal-lm: a .jsonl file (prompt/completion per line) or a .txt file (one "
-        "example per line), required",
+        f"subset bundled with the package), or '{HUB}' for GLUE SST-2 from the Hugging Face hub; causal-lm: a "
+        ".jsonl file (prompt/completion per line) or a .txt file (one example per line), required",
     )
     ap.add_argument(
         "--train-rows",
