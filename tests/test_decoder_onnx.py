@@ -436,3 +436,58 @@ def test_weights_over_the_protobuf_limit_go_beside_the_file(tmp_path, monkeypatc
     assert torch.equal(
         generate(tmp_path / "fp32.onnx", ids, mask, max_new_tokens=8), neat_fx.generate(nm, ids, mask, max_new_tokens=8)
     )
+
+
+def _outside_vocabulary(family: str):
+    """A decoder of vocabulary 128 whose EOS (and pad) ids lie outside it: GPT-2's default EOS 50256 (its pad
+    falls back to it), a LLaMA with EOS 50256 and a pad token added without resizing (pad id = 128)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = T.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)
+        model, pad = T.GPT2LMHeadModel(cfg), 50256
+    else:
+        model, pad = T.LlamaForCausalLM(T.LlamaConfig(**decoders._common(vocab_size=128, eos_token_id=50256))), 128
+        model.generation_config.pad_token_id = pad
+    model.config.use_cache = False
+    return model.eval(), pad
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_pad_and_eos_ids_outside_the_vocabulary(family, tmp_path):
+    model, pad = _outside_vocabulary(family)
+    nm = neat_fx.transform(model, "all-linear", decoders.example_inputs(), rank=4, seed=0)
+    randomize_adapters(nm, std=0.3, seed=5)
+    example = decoders.example_inputs()
+    example["input_ids"] = example["input_ids"].masked_fill(example["attention_mask"] == 0, pad)  # a tokenizer's
+    report = to_onnx(nm, example, tmp_path / "lm.onnx", task=TASK)
+    assert report.generation["token_agreement"] == 1.0
+    meta = {p.key: p.value for p in onnx.load(str(report.path), load_external_data=False).metadata_props}
+    assert meta["neat_fx.generation.eos_token_id"] == "50256"  # the model's own ids, recorded as they are
+    assert meta["neat_fx.generation.pad_token_id"] == ("" if family == "gpt2" else "128")
+    assert meta["neat_fx.generation.vocab_size"] == "128"
+
+    merged = copy.deepcopy(model)
+    neat_fx.merge_into(merged, nm)
+    ids, mask = decoders.left_padded((9, 5), pad=pad)  # left-padded with the out-of-vocabulary pad id
+    width = ids.shape[1]
+    got = generate(report.path, ids, mask, max_new_tokens=NEW)  # EOS 50256 never comes: every row runs on
+    assert got.shape == (2, width + NEW) and torch.equal(got[:, :width], ids)
+    in_vocab = ids.masked_fill(mask == 0, 0)  # Hugging Face looks every id up, padding included
+    want = merged.generate(
+        input_ids=in_vocab, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+    )  # its own EOS, 50256: never matches either
+    assert torch.equal(got[:, width:], want[:, width:])
+
+    # a row that stops is filled with the pad id, outside the vocabulary, and the model is fed an id inside it
+    stop = int(got[1, width])
+    stopped = generate(report.path, ids, mask, max_new_tokens=NEW, eos_token_id=stop, pad_token_id=pad)
+    assert stopped[1, width] == stop and bool((stopped[1, width + 1 :] == pad).all())
+    first = int((got[0, width:] == stop).nonzero()[0]) if bool((got[0, width:] == stop).any()) else NEW
+    assert torch.equal(stopped[0, width : width + first + 1], got[0, width : width + first + 1])
+
+    real = ids.clone()
+    real[0, -1] = 128
+    with pytest.raises(GenerationError, match=r"input_ids\[0, 8\] = 128 lies outside the model's vocabulary of 128"):
+        generate(report.path, real, mask, max_new_tokens=2)

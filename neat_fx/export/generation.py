@@ -87,7 +87,9 @@ def generate(
                      padded on the left (mask 0). Without a mask every token counts.
     do_sample=False is greedy; True samples with `temperature`, `top_k`, `top_p` from a NumPy generator seeded
     with `seed`. A row stops after `eos_token_id` (default: the id the export recorded from the model's
-    generation config; `[]` never stops) and is filled with `pad_token_id` (default: recorded, else the EOS).
+    generation config; `[]` never stops; an id outside the vocabulary never comes) and is filled with
+    `pad_token_id` (default: recorded, else the EOS). Pad and EOS ids may lie outside the vocabulary: the model is
+    fed an id inside it at padded positions and after a row stops; an unmasked prompt id outside it is refused.
     timings: a dict to fill with `prefill_s`, `decode_s` and `decode_steps` (the cost of the first call and of
     the cached steps after it).
     """
@@ -117,13 +119,19 @@ def generate(
 
     ids = ids_t.numpy().astype(np.int64)
     mask = (mask_t.numpy() if mask_t is not None else np.ones_like(ids)).astype(np.int64)
+    vocab = _vocab_size(sess, meta, layout)
+    # what the model is fed where a token carries nothing (padding, rows already done): an id inside the vocabulary,
+    # as a pad or EOS id outside it (GPT-2's 50256 on a smaller table, a pad token added without resizing) cannot
+    # be looked up; the returned ids keep the caller's own
+    filler = pad if vocab is None or 0 <= pad < vocab else 0
+    fed = _fed_prompt(ids, mask, vocab, filler)
     batch = ids.shape[0]
     where = _session_device(sess)
     past = {
         n: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, 0, d), layout.dtype), where, 0)
         for n, (h, d) in layout.shapes.items()
     }
-    step_ids = ids
+    step_ids = fed
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)
     new = []
     done = np.zeros(batch, dtype=bool)
@@ -157,13 +165,39 @@ def generate(
         clock = now
         if done.all():
             break
-        step_ids = token[:, None]
+        step_ids = np.where(done, filler, token)[:, None]
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
         positions = mask.sum(-1, keepdims=True) - 1
     if timings is not None:
         timings.update(spent)
     out = np.concatenate([ids, np.stack(new, 1)], 1)
     return torch.from_numpy(out) if as_torch else out
+
+
+def _vocab_size(sess, meta: dict, layout: _Layout) -> int | None:
+    """The rows of the model's embedding table: recorded by the export, else the width of the logits."""
+    recorded = meta.get(META_PREFIX + "vocab_size", "")
+    if recorded:
+        return int(recorded)
+    width = sess.get_outputs()[layout.logits_index].shape[-1]
+    return width if isinstance(width, int) and width > 0 else None
+
+
+def _fed_prompt(ids: np.ndarray, mask: np.ndarray, vocab: int | None, filler: int) -> np.ndarray:
+    """The prompt ids as the model is fed them: padded positions (mask 0) outside the vocabulary become `filler`
+    (the mask hides them); a real token outside it is refused."""
+    if vocab is None:
+        return ids
+    outside = (ids < 0) | (ids >= vocab)
+    bad = outside & (mask != 0)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise GenerationError(
+            f"input_ids[{row}, {col}] = {int(ids[row, col])} lies outside the model's vocabulary of {vocab} ids "
+            f"(0…{vocab - 1}) and is not masked: tokenize with the model's own tokenizer, or set attention_mask to 0 "
+            f"where the id is padding"
+        )
+    return np.where(outside, filler, ids)
 
 
 def _eos(eos_token_id, meta: dict) -> np.ndarray:
