@@ -156,6 +156,9 @@ def test_key_paths_of_nodes_registered_without_them():
     out = {"out": DiffusionOutput(torch.ones(1), torch.zeros(1)), "more": (Unkeyed(torch.ones(2), None), 3)}
     paths = [pytree.keystr(p) for p, _ in cap.leaves_with_path(out)]
     assert paths == ["['out'].sample", "['out'].hidden", "['more'][0][0]", "['more'][0][1]", "['more'][1]"]
+    nan = DiffusionOutput(torch.ones(2), torch.tensor([0.0, float("nan")]))
+    with pytest.raises(neat_fx.CaptureError, match=r"example input positional argument 0\.hidden holds 1 NaN"):
+        cap.refuse_non_finite((nan,), {})
     keyed = {"a": [torch.ones(1), (torch.ones(2), None)]}
     assert cap.leaves_with_path(keyed) == pytree.tree_flatten_with_path(keyed)[0]
 
