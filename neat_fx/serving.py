@@ -179,17 +179,14 @@ class AdapterBank(FoldedModule):
 
     def _per_call_graph(self) -> fx.GraphModule:
         """The eval graph with the adapter index (and the per-row map) as inputs instead of `active_index`,
-        built once (under a lock: concurrent first calls build it once) and dropped when the graph moves device."""
-        gm = self.__dict__.get("_per_call_gm")
-        if gm is not None and gm.graph_device == self._graph_device:
-            return gm
-        with _BUILD_LOCK:
-            gm = self.__dict__.get("_per_call_gm")
-            if gm is None or gm.graph_device != self._graph_device:
-                gm = _per_call_graph_module(self)
-                gm.graph_device = self._graph_device
-                self.__dict__["_per_call_gm"] = gm
-        return gm
+        built once (under a lock: concurrent first calls build it once), again when the graph moves device."""
+        cached = self.__dict__.get("_per_call_gm")  # (the device its graph was built for, the GraphModule)
+        if cached is None or cached[0] != self._graph_device:
+            with _BUILD_LOCK:
+                cached = self.__dict__.get("_per_call_gm")
+                if cached is None or cached[0] != self._graph_device:
+                    cached = self.__dict__["_per_call_gm"] = (self._graph_device, _per_call_graph_module(self))
+        return cached[1]
 
     def _row_groups(self, index: torch.Tensor):
         """(adapter whose trained-in-full parameters the group reads, its rows, each row's adapter or None).
