@@ -115,6 +115,26 @@ def test_var_keyword_inputs_transform_train_fold_export(tmp_path):
     assert rel(want, ort_run(report.path, other)) <= TOL
 
 
+def test_hugging_face_input_through_var_keyword():
+    """Transformers 5 takes some inputs through **kwargs (TransformersKwargs: output_hidden_states here; LLaVA's
+    use_cache): captured with the batch and length dynamic, equal to the merged model on another shape."""
+    import copy
+
+    import decoders
+
+    model = decoders.build("llama")
+    example = dict(decoders.example_inputs(), output_hidden_states=False)
+    nm = neat_fx.transform(model, ["*q_proj", "*v_proj"], example, rank=4)
+    randomize_adapters(nm, std=0.3)
+    nm.eval()
+    merged = copy.deepcopy(model)
+    neat_fx.merge_into(merged, nm)
+    ids, mask = decoders.left_padded((11, 4, 7))
+    other = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        assert max_diff(nm(**other, output_hidden_states=False).logits, merged(**other).logits) <= 1e-5
+
+
 @dataclass
 class DiffusionOutput:
     """An output dataclass registered the way diffusers registers its BaseOutput subclasses: no key paths."""
