@@ -208,6 +208,7 @@ class _Compiled:
                 p.rank,
                 f"; {p.why}" if p.why else "",
             )
+        _static_sizes(extra)
         self.compiled = backend._inner()(gm, example_inputs + extra)
         self.versions = self._versions(example_inputs)
         self.extra = extra
@@ -389,6 +390,29 @@ class _Compiled:
                 self.versions = self._versions(args)
             return self.compiled(*args, *self.extra)
         return self.compiled(*args)
+
+
+def _static_sizes(extra: list[torch.Tensor]) -> None:
+    """Tell AOTAutograd (through this compilation's tracing context) that the extra inputs have static sizes.
+
+    AOTAutograd fakifies an input Dynamo did not see with fresh dynamic sizes that no Dynamo source backs;
+    a guard on one of them (broadcasting's `infer_size`, a matmul's size check) can then reach Dynamo's
+    guard creation and fail there (`IndexError` in `produce_guards_verbose`). Whether it does depended on
+    symbol names, hence on the cache state: cold caches failed. A folded weight never changes shape, so
+    its sizes are constants; the entry lives in the tracing context of this one compilation only."""
+    from torch._dynamo.source import ConstantSource
+    from torch._guards import TracingContext
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatefulSymbolicContext
+
+    context = TracingContext.try_get()
+    if context is None:  # called outside torch.compile: nothing fakifies the inputs with Dynamo's shape env
+        return
+    for i, t in enumerate(extra):
+        context.tensor_to_context[t] = StatefulSymbolicContext(
+            dynamic_sizes=[DimDynamic.STATIC] * t.dim(),
+            constraint_sizes=[None] * t.dim(),
+            tensor_source=ConstantSource(f"neat_folded_{i}"),
+        )
 
 
 def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
