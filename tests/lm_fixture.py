@@ -1,15 +1,24 @@
 """A tiny decoder LM made offline for the causal-LM tests: a 2-layer LLaMA over a character-level tokenizer
 (digits, + - = and space), pre-trained briefly from scratch on two-digit addition so that it is partly competent,
-and the addition data set as prompt/completion JSONL ("12+7=" → "19")."""
+and the addition data set as prompt/completion JSONL ("12+7=" → "19").
+
+The one home of the causal-LM quality protocol: tests/test_causal_lm.py and benchmarks/causal_lm_quality.py
+(which loads this file by path) both build the fixture with `build_folder` and run `neat-fx finetune` with
+`job_args`, and read its results table with `table` / `numbers`."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
 CHARS = "0123456789+=- "
+#: the fixture pre-trains until the model gets this share of the 200 probe sums right.
+PRETRAIN_TARGET = 0.3
+#: the NEAT run of the quality protocol: 500 steps of 32 rows at lr 1e-2 (default patterns: all-linear).
+NEAT_ARGS = ["--steps", "500", "--batch-size", "32", "--lr", "1e-2"]
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
 
@@ -179,3 +188,47 @@ def build(folder: Path, target: float, seed: int = 0) -> dict:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return {"steps": steps, "exact_match": em, "seconds": time.perf_counter() - t0}
+
+
+def build_folder(root: Path, seed: int = 0) -> dict:
+    """root/model (the fixture pre-trained with `seed` to PRETRAIN_TARGET), root/train.jsonl (2000 sums, seed 1)
+    and root/eval.jsonl (200 sums, seed 2; of 10,000 possible sums, some are in the training rows by chance);
+    returns what `build` returns."""
+    info = build(root / "model", PRETRAIN_TARGET, seed=seed)
+    write_jsonl(root / "train.jsonl", addition(2000, seed=1))
+    write_jsonl(root / "eval.jsonl", addition(200, seed=2))
+    return info
+
+
+def job_args(root: Path, out: Path) -> list[str]:
+    """`neat-fx ARGS`: the quality protocol's causal-LM job on a `build_folder` folder, one thread."""
+    args = ["finetune", "--task", "causal-lm", "--model", str(root / "model"), "--data", str(root / "train.jsonl")]
+    return args + ["--eval-data", str(root / "eval.jsonl"), *NEAT_ARGS, "--out", str(out), "--threads", "1"]
+
+
+def table(stdout: str) -> dict[str, str]:
+    """The job's results table's rows, key → value (keys are separated from values by two or more spaces)."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        if len(parts) == 2:
+            rows[parts[0]] = parts[1]
+    return rows
+
+
+def numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text)]
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of the saved model's tensors (names, shapes and bytes in name order): equal digests, equal weights."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(folder / "model.safetensors")).items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -11,6 +11,8 @@ import pytest
 
 import neat_fx
 
+from lm_fixture import numbers, table
+
 pytest.importorskip("tqdm")
 pytest.importorskip("onnxruntime")
 
@@ -94,18 +96,27 @@ def test_finetune_end_to_end(setup):
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    text = r.stdout
-    for needle in (
-        "test accuracy before → after",
-        "max |Δ logits| folded vs NEAT",
-        "ONNX fp32: verified",
-        "ONNX int8: accuracy",
-    ):
-        assert needle in text
+    rows = table(r.stdout)
+    _, after = numbers(rows["test accuracy before → after"])
+    assert numbers(rows["accuracy folded / merged"]) == [after, after]
+    for key in ("folded", "merged", "reloaded"):
+        assert numbers(rows[f"max |Δ logits| {key} vs NEAT"])[0] <= 1e-5, key
+    # ONNX: the fp32 file is the folded model (parity 1e-5, same accuracy); the int8 file is quantized (its
+    # logits move, here ≈ 2e-4, within the export's int8 check) and classifies as fp32 does: at most one of
+    # the 40 test rows (2.5 points) differs (measured: none).
+    fp32_acc = numbers(rows["ONNX fp32: accuracy / latency batch 32"])[0]
+    int8_acc = numbers(rows["ONNX int8: accuracy / latency batch 32"])[0]
+    fp32_drift = numbers(rows["ONNX fp32: max |Δ logits| vs NEAT (test set)"])[0]
+    int8_drift = numbers(rows["ONNX int8: max |Δ logits| vs NEAT (test set)"])[0]
+    assert fp32_acc == after and fp32_drift <= 1e-5
+    assert abs(int8_acc - fp32_acc) <= 2.5, (fp32_acc, int8_acc)
+    assert 10 * fp32_drift < int8_drift <= 0.05, (fp32_drift, int8_drift)
+    assert numbers(rows["ONNX fp32: verified by ONNX Runtime"])[0] <= 1e-4  # max rel, the fp32 tolerance
+    assert numbers(rows["ONNX int8: verified by ONNX Runtime"])[0] <= 0.5  # the export's int8 tolerance
     assert (out / "adapters" / "neat_config.json").exists()
-    assert (out / "model_fp32.onnx").exists() and (out / "model_int8.onnx").exists()
-    folded_line = next(line for line in text.splitlines() if line.startswith("max |Δ logits| folded vs NEAT"))
-    assert float(folded_line.split()[-1]) <= 1e-5
+    assert (out / "model_fp32.onnx").exists()
+    int8 = pytest.importorskip("onnx").load(str(out / "model_int8.onnx"))
+    assert sum(n.op_type == "MatMulInteger" for n in int8.graph.node) >= 12  # q k v o, 2 FFN matmuls × 2 layers
 
 
 def test_ctrl_c_keeps_the_last_saved_adapters(setup):
