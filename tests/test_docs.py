@@ -120,4 +120,4 @@ def test_the_checks_can_fail(tmp_path):
     assert [r[1] for r in rows] == ["serving.md", "serving.md"]
     text = (ROOT / RESULTS / "serving.md").read_text()
     assert "357.7" in text and "999.25" not in text
-    assert python_blocks(page) == [(10, "x = 1")]
+    assert python_blocks(page) == [(9, "x = 1")]
