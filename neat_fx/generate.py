@@ -13,6 +13,7 @@ cost of one new token is the model's own cached decode step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import types
 
@@ -71,9 +72,11 @@ def adapted_view(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
             return done
         new = views[id(module)] = object.__new__(type(module))
         state = dict(module.__dict__)
-        for key, value in state.items():  # a method bound to the module (a wrapped forward) runs on the view
+        for key, value in state.items():  # a forward wrapped around the module (accelerate's hooks) runs the view
             if isinstance(value, types.MethodType) and value.__self__ is module:
                 state[key] = types.MethodType(value.__func__, new)
+            elif isinstance(value, functools.partial) and value.args and value.args[0] is module:
+                state[key] = functools.partial(value.func, new, *value.args[1:], **value.keywords)
         state["_parameters"] = dict(module._parameters)
         state["_buffers"] = dict(module._buffers)
         state["_modules"] = {k: None if c is None else view_of(c) for k, c in module._modules.items()}

@@ -107,6 +107,32 @@ def test_generate_leaves_the_base_model_to_other_threads(llama_nm):
     assert all(dict(m._parameters) == tables[n] for n, m in model.named_modules())  # the very same tensors
 
 
+def test_generate_runs_forwards_wrapped_by_accelerate_hooks_on_the_view(llama_nm):
+    """accelerate's hooks (device_map dispatch) replace a module's forward by a partial bound to the module: the
+    view rebinds it, so the hooked layers compute with W0 + ΔW, and the hooks run (counted)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model, nm = llama_nm
+    ids, mask = decoders.left_padded((7, 4))
+    want = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    seen = []
+
+    class Count(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append(module)
+            return args, kwargs
+
+    layers = [*model.model.layers, model.lm_head]
+    for layer in layers:
+        hooks.add_hook_to_module(layer, Count())
+    try:
+        got = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    finally:
+        for layer in layers:
+            hooks.remove_hook_from_module(layer)
+    assert torch.equal(got, want)
+    assert seen and not any(m in layers for m in seen)  # the hooks ran on the view's modules
+
+
 def test_with_past_wrapper_leaves_the_base_model_to_other_threads(llama_nm):
     """The with-past export's traced wrapper (WithPast) computes W0 + ΔW on its own view: run in threads next
     to the base model's forward, each equals its reference, and it equals the merged model's logits."""
