@@ -277,12 +277,17 @@ class TwoLayer(nn.Module):
     def forward(self, x):
         return self.down(torch.tanh(self.up(x)))
 
+def root(source):
+    while hasattr(source, "base"):
+        source = source.base
+    return source
+
 sourceless = []
 def inductor(gm, example_inputs):  # Inductor, then note shape symbols that no Dynamo input backs
     compiled = compile_fx(gm, example_inputs)
     env = torch._guards.TracingContext.get().fake_mode.shape_env
     for symbol, sources in env.var_to_sources.items():
-        if any(isinstance(c, ConstantSource) for c in sources):
+        if any(isinstance(root(c), ConstantSource) for c in sources):
             sourceless.append(str(symbol))
     return compiled
 
