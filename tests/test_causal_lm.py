@@ -22,21 +22,22 @@ import lm_fixture
 pytest.importorskip("tqdm")
 pytest.importorskip("tokenizers")
 
-#: the fixture pre-trains until the model gets this share of probe sums right (900 steps, 27 s here, 1 thread).
-PRETRAIN_TARGET = 0.3
-#: the NEAT run: 500 steps of 32 rows at lr 1e-2, 10 s of training here. Exact match on the 200 eval sums, with
-#: four pre-training seeds of the fixture: 53.0 → 79.5 %, 44.5 → 83.5 %, 31.5 → 50.0 %, 26.0 → 52.5 %; the eval
-#: loss fell to 0.54-0.66 of its value.
-NEAT = ["--steps", "500", "--batch-size", "32", "--lr", "1e-2"]
+# The protocol (fixture, pre-training target, the job's flags) lives in lm_fixture; its figures in
+# benchmarks/results/causal_lm_quality.md (python benchmarks/causal_lm_quality.py, fixture seeds 0-3).
+table, numbers = lm_fixture.table, lm_fixture.numbers
+#: the least exact-match gain (points, the 200 eval sums) the job must show. Measured gains, fixture seeds 0-3:
+#: +36.0, +46.0, +16.0, +26.5 (this test runs seed 0); 10 leaves 6 points below the smallest for other machines'
+#: arithmetic (it changes the pre-trained fixture). A job whose adapters do nothing gains 0.
+MIN_GAIN = 10.0
+#: eval loss after / before must be at most this. Measured, seeds 0-3: 0.52, 0.47, 0.77, 0.64.
+MAX_LOSS_RATIO = 0.85
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     """A folder with the pre-trained tiny LLaMA and its tokenizer, train.jsonl (2000 sums), eval.jsonl (200)."""
     root = tmp_path_factory.mktemp("lm")
-    lm_fixture.build(root / "model", PRETRAIN_TARGET)
-    lm_fixture.write_jsonl(root / "train.jsonl", lm_fixture.addition(2000, seed=1))
-    lm_fixture.write_jsonl(root / "eval.jsonl", lm_fixture.addition(200, seed=2))
+    lm_fixture.build_folder(root, seed=0)
     return root
 
 
@@ -49,27 +50,13 @@ def in_process(*args: str) -> int:
         torch.set_num_threads(threads)
 
 
-def table(stdout: str) -> dict[str, str]:
-    """The results table's rows, key → value (keys are separated from values by two or more spaces)."""
-    rows = {}
-    for line in stdout.splitlines():
-        parts = re.split(r"\s{2,}", line.strip(), maxsplit=1)
-        if len(parts) == 2:
-            rows[parts[0]] = parts[1]
-    return rows
-
-
-def numbers(text: str) -> list[float]:
-    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text)]
-
-
 @pytest.fixture(scope="module")
 def trained(lm):
-    """The CLI run (a subprocess, as a user runs it): default patterns (all-linear), 300 steps."""
+    """The CLI run (a subprocess, as a user runs it): the quality protocol's job (500 steps), saves every 100."""
     out = lm / "run"
-    args = ["finetune", "--task", "causal-lm", "--model", str(lm / "model"), "--data", str(lm / "train.jsonl")]
-    args += ["--eval-data", str(lm / "eval.jsonl"), *NEAT, "--save-every", "100", "--out", str(out), "--threads", "1"]
-    r = subprocess.run(cli() + args, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        cli() + lm_fixture.job_args(lm, out) + ["--save-every", "100"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return out, table(r.stdout), r.stdout
 
@@ -80,9 +67,9 @@ def test_exact_match_and_loss_improve(trained):
     assert "lm_head" not in stdout.split("NEAT rank=")[0]
     em_before, em_after, n = numbers(rows["exact match before → after"])
     assert n == 200
-    assert em_after >= em_before + 10, rows["exact match before → after"]  # seen: +18.5 to +39 points
+    assert em_after >= em_before + MIN_GAIN, rows["exact match before → after"]
     loss_before, ppl_before, loss_after, ppl_after = numbers(rows["eval loss (perplexity) before → after"])
-    assert loss_after <= 0.8 * loss_before  # seen: 0.4215 → 0.2284
+    assert loss_after <= MAX_LOSS_RATIO * loss_before, rows["eval loss (perplexity) before → after"]
     assert ppl_after == pytest.approx(torch.tensor(loss_after).exp().item(), abs=0.01)
     assert numbers(rows["training"])[1] == 500  # steps
     assert rows["ONNX export"] == "not part of the causal-lm job yet"
@@ -90,10 +77,47 @@ def test_exact_match_and_loss_improve(trained):
     assert saved["step"] == 500 and saved["extra"]["task"] == "causal-lm"
 
 
+def plain_greedy_exact_match(folder, rows: list[dict], max_new_tokens: int = 7) -> tuple[float, list[str]]:
+    """Exact match graded without the job's code: the model and tokenizer saved in `folder`, reloaded with
+    from_pretrained; for each prompt alone (no padding), a plain greedy loop over the full sequence's logits (no
+    KV cache, no `generate`) until EOS; the decoded completion compared as a string with the reference."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    texts = []
+    with torch.no_grad():
+        for r in rows:
+            ids = tok(r["prompt"], return_tensors="pt")["input_ids"]
+            new = []
+            for _ in range(max_new_tokens):
+                nxt = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            texts.append(tok.decode(new, skip_special_tokens=True))
+    return sum(t.strip() == r["completion"] for t, r in zip(texts, rows)) / len(rows), texts
+
+
+def test_independent_grading_agrees_and_sees_the_gain(lm, trained):
+    """The base model and the saved merged model, graded by `plain_greedy_exact_match` (none of the job's encode,
+    greedy or exact_match): the same exact match the job printed, before and after, and a gain of MIN_GAIN."""
+    out, rows, _ = trained
+    eval_rows = [json.loads(line) for line in (lm / "eval.jsonl").read_text().splitlines()]
+    em_before, em_after, _ = numbers(rows["exact match before → after"])
+    before, _ = plain_greedy_exact_match(lm / "model", eval_rows)
+    after, texts = plain_greedy_exact_match(out / "merged", eval_rows)
+    assert 100 * before == pytest.approx(em_before, abs=0.051)
+    assert 100 * after == pytest.approx(em_after, abs=0.051)
+    assert 100 * (after - before) >= MIN_GAIN, (before, after)
+    assert sum(t == r["completion"] for t, r in zip(texts, eval_rows)) == round(200 * after)  # no stray spaces
+
+
 def test_merged_model_reloads_and_generates_what_nm_does(lm, trained):
-    """The job's own check (identical greedy generations on every eval prompt), and an independent one: the saved
-    merged model, reloaded here, scores the exact match the job reported, and generates what the saved adapters
-    loaded onto the base model generate through neat_fx.generate."""
+    """The job's own check (identical greedy generations on every eval prompt), and another: the saved merged
+    model, reloaded here, generates (Hugging Face generate, with its KV cache) what the saved adapters loaded onto
+    the base model generate through neat_fx.generate."""
     import transformers
 
     out, rows, _ = trained
@@ -104,7 +128,7 @@ def test_merged_model_reloads_and_generates_what_nm_does(lm, trained):
     assert merged.config.use_cache  # captured without cache, saved with it as the base had it
     examples = lm_finetune.read_examples(lm / "eval.jsonl")
     eval_rows = lm_finetune.encode(tok, examples, 512, tok.eos_token_id, text=False)
-    prompts = [r.gen_prompt for r in eval_rows]
+    prompts = [r.gen_prompt for r in eval_rows[:64]]
 
     def hf(ids, mask):
         return merged.generate(
@@ -117,9 +141,6 @@ def test_merged_model_reloads_and_generates_what_nm_does(lm, trained):
         )
 
     generated = lm_finetune.greedy(hf, prompts, tok.pad_token_id, tok.eos_token_id, 64, "cpu")
-    em = lm_finetune.exact_match(tok, generated, eval_rows)
-    assert 100 * em == pytest.approx(numbers(rows["exact match before → after"])[1], abs=0.051)
-
     base = transformers.AutoModelForCausalLM.from_pretrained(lm / "model")
     base.config.use_cache = False
     example = lm_finetune.collate(eval_rows[:4], tok.pad_token_id, "cpu")
@@ -130,7 +151,7 @@ def test_merged_model_reloads_and_generates_what_nm_does(lm, trained):
             nm, ids, mask, max_new_tokens=7, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
         )
 
-    assert lm_finetune.greedy(ours, prompts[:64], tok.pad_token_id, tok.eos_token_id, 32, "cpu") == generated[:64]
+    assert lm_finetune.greedy(ours, prompts, tok.pad_token_id, tok.eos_token_id, 32, "cpu") == generated
 
 
 def test_resume_refuses_other_settings(lm, trained, capsys):
