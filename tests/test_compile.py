@@ -231,7 +231,8 @@ needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="Inductor's CPU backend needs
 def test_inductor_training_matches_eager():
     """backend="neat" (Inductor) against eager NEAT over 4 AdamW steps: the loss of every step and every adapter
     gradient, with both lowerings in play (factorised up, materialised down), random non-zero B, no dropout;
-    then the folded inference graph. Tolerances: Inductor reorders fp32 sums, ~1e-6 relative measured."""
+    then the folded inference graph. Tolerance 1e-5 relative: Inductor reorders fp32 sums; measured 1e-7 on the
+    losses, 5e-9 on the gradients (torch 2.13 CPU)."""
     torch.manual_seed(0)
     model, ex = TwoLayer(), (torch.randn(3, 5, 16),)
     runs = {}
