@@ -87,3 +87,15 @@ __all__ = [
     "submodule",
     "transform",
 ]
+
+#: documented submodules that need an extra (or transformers), imported on first attribute access so that
+#: `import neat_fx` stays light: `neat_fx.export.to_onnx(...)`, `neat_fx.hf.NeatAdaptersCallback()`.
+_LAZY_SUBMODULES = ("export", "hf")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'neat_fx' has no attribute {name!r}")

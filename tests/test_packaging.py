@@ -90,3 +90,15 @@ def test_an_extra_missing_names_the_install(blocked, call, extra, tmp_path):
     code = f"import sys; sys.modules[{blocked!r}] = None\nimport torch, neat_fx\n{call}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "ImportError" in out.stderr and extra in out.stderr, out.stderr[-2000:]
+
+
+def test_documented_submodules_are_attributes_after_import_neat_fx(tmp_path):
+    code = (
+        "import sys, neat_fx\n"
+        "assert 'neat_fx.hf' not in sys.modules and 'onnx' not in sys.modules\n"
+        "print(neat_fx.hf.NeatAdaptersCallback.__name__, neat_fx.export.to_onnx.__name__)\n"
+        "try:\n    neat_fx.no_such_thing\nexcept AttributeError as e:\n    print('AttributeError', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "NeatAdaptersCallback to_onnx" and "no_such_thing" in out.stdout
