@@ -9,6 +9,7 @@ benchmarks/ (`python benchmarks/X.py` puts benchmarks/ on sys.path, so no sys.pa
   randomise_adapters (a trained adapter's size of B)
 - timing and memory: interleave, median_of, proc_status_mb, rss_mb, peak_rss_mb
 - save_results: results/<stem>.json + .md, and the table printed
+- lm_fixture: tests/lm_fixture.py (the tiny addition LLaMA and the causal-LM protocol; its one home is there)
 
 torch, transformers, peft and neat_fx are imported inside the functions that use them: ONNX Runtime timing
 children (onnx_latency.py) and the Optimum environment import only what they run.
@@ -348,6 +349,22 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     """This process's peak resident set, MB (VmHWM)."""
     return proc_status_mb("VmHWM")
+
+
+# ---------------------------------------------------------------- the causal-LM fixture
+
+
+def lm_fixture():
+    """tests/lm_fixture.py as a module (loaded by path: the tests and causal_lm_quality.py share that one file)."""
+    import importlib.util
+    import sys
+
+    if "lm_fixture" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("lm_fixture", REPO / "tests" / "lm_fixture.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["lm_fixture"] = module
+    return sys.modules["lm_fixture"]
 
 
 # ---------------------------------------------------------------- results
