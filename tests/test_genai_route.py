@@ -19,6 +19,15 @@ import decoders
 from helpers import randomize_adapters
 
 NEW = 16
+#: int4 of transformed("llama") (adapters std 0.3 on every linear) through the genai route, measured on x86_64 with
+#: onnxruntime-genai's CPU provider: prefill logits min correlation 0.79 and max relative difference 0.58 against
+#: the merged model; greedy token agreement 0.125 (a random model's flat logits: int4 flips the argmax early, so the
+#: agreement is reported, not gated). The gates sit beyond the measured values with a margin.
+CORR_INT4 = 0.6
+MAX_REL_INT4 = 0.8
+#: mean |int4 − base fp32| over mean |int4 − adapted fp32| (last-token logits of 3 prompts): measured 2.26 / 0.85 =
+#: 2.65. An int4 file of the base weights would sit nearer the base (ratio < 1).
+ADAPTER_OVER_INT4 = 2.0
 
 
 def _config(**over):
@@ -88,6 +97,34 @@ def _snapshot(model):
 def _unchanged(model, before) -> bool:
     now = dict(model.named_parameters(remove_duplicate=False))
     return now.keys() == before.keys() and all(now[n] is p and torch.equal(p, v) for n, (p, v) in before.items())
+
+
+def _og_prefill_logits(folder, prompts: list[list[int]]) -> torch.Tensor:
+    """The last-token logits of each prompt (one at a time, no padding) from the folder in onnxruntime-genai."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    rows = []
+    for prompt in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array([prompt], dtype=np.int32))
+        rows.append(torch.from_numpy(gen.get_logits().copy()).float().reshape(-1))
+        del gen, params
+    return torch.stack(rows)
+
+
+def _torch_last_logits(module, prompts: list[list[int]]) -> torch.Tensor:
+    """The last-token logits of each prompt (one at a time, no padding) from a PyTorch module (a fold or the base)."""
+    rows = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            pos = torch.arange(len(prompt))[None]
+            rows.append(module(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos).logits[0, -1])
+    return torch.stack(rows).float()
 
 
 def _og_greedy(folder, prompt: list[int], pad: int = 0) -> list[int]:
@@ -199,7 +236,16 @@ def test_int4_through_to_onnx(genai_route, tmp_path):
     assert report.op_counts.get("MatMulNBits") == 2 * 5 + 1  # fused qkv, o, gate, up, down per layer; the head
     v = report.verification
     assert v["prompt_lengths"] == [8, 6]  # the example's rows
-    assert 0.0 <= v["agreement"] <= 1.0 and v["logits_min_corr"] > 0.5 and v["logits_max_rel"] < 1.0
+    # the route's own check against the merged model, gated on what it measured (CORR_INT4, MAX_REL_INT4)
+    assert v["logits_min_corr"] >= CORR_INT4 and v["logits_max_rel"] <= MAX_REL_INT4, v
+    assert isinstance(v["agreement"], float) and v["genai_tokens"] and v["hf_tokens"]  # reported
+    # the int4 file is the adapted model's: its logits are nearer the adapted model's (fp32, PyTorch) than the base
+    # model's by more than int4's own error (an int4 file of the base weights would be as near the base)
+    prompts = [[5, 17, 42, 9, 77, 31, 8, 64], [23, 11, 3, 90, 14, 51], [60, 2, 33, 47, 19, 88, 12, 6, 71, 40]]
+    got = _og_prefill_logits(out, prompts)
+    quant = float((got - _torch_last_logits(folded, prompts)).abs().mean())
+    off = float((got - _torch_last_logits(model, prompts)).abs().mean())
+    assert off >= ADAPTER_OVER_INT4 * quant, (off, quant)
     fp32 = genai_route.export(folded, tmp_path / "fp32", precision="fp32", verify=False)
     assert report.size_bytes < fp32.size_bytes / 3
     assert "token agreement" in str(report) or "identical tokens" in str(report)
