@@ -64,7 +64,7 @@ def run_seed(fx, root: Path, seed: int) -> dict:
         "training": rows["training"],
         "merged_same_generations": rows["merged + reloaded: same greedy generations"],
         "job_seconds": round(seconds, 1),
-        "job_command": "neat-fx " + shlex.join(a.replace(str(folder), "$DIR") for a in args),
+        "job_command": "neat-fx " + shlex.join(args).replace(str(folder), "$DIR"),
     }
 
 
