@@ -246,6 +246,41 @@ def test_cli_export(tmp_path):
     assert r.returncode == 0 and "verifies" in r.stdout and "--fp16" in r.stdout
 
 
+def test_cli_export_options_reach_the_file(tmp_path, capsys):
+    """The documented CLI flags change the file they say they change: --optimize none --approximate (tanh GELU, no
+    offline ORT optimisation) and --fp16 (fp16 weights, float32 inputs/outputs), both verified and near nm."""
+    import onnx
+
+    from neat_fx import cli
+
+    model, example, other, patterns = zoo.bert()
+    model.save_pretrained(tmp_path / "base")
+    nm = neat_fx.transform(model, patterns, example, rank=4, trainable=["classifier*"])
+    randomize_adapters(nm, std=0.2)
+    neat_fx.save_adapters(nm, tmp_path / "ad")
+    nm.eval()
+    with torch.no_grad():
+        want = nm(**other)
+    base = ["export", "--model", str(tmp_path / "base"), "--adapters", str(tmp_path / "ad"), "--seq-len", "16"]
+
+    out = tmp_path / "approx.onnx"
+    assert cli.main([*base, "--out", str(out), "--optimize", "none", "--approximate", "--device", "cpu"]) == 0
+    report = capsys.readouterr().out
+    assert "GELU tanh approximation" in report and "exporter optimiser" not in report and "offline" not in report
+    graph = onnx.load(out).graph
+    assert not any(n.op_type == "Erf" for n in graph.node)  # the exact GELU is gone
+    assert 1e-6 < rel(want, ort_outputs(out, other)) <= 1e-2
+
+    out = tmp_path / "fp16.onnx"
+    assert cli.main([*base, "--out", str(out), "--fp16", "--device", "cpu"]) == 0
+    assert "precision    fp16, verified on cpu" in capsys.readouterr().out
+    model16 = onnx.load(out)
+    dtypes = {i.data_type for i in model16.graph.initializer if len(i.dims) == 2}
+    assert onnx.TensorProto.FLOAT16 in dtypes and onnx.TensorProto.FLOAT not in dtypes  # matrices in fp16
+    assert {i.type.tensor_type.elem_type for i in model16.graph.output} == {onnx.TensorProto.FLOAT}
+    assert rel(want, ort_outputs(out, other)) <= 1e-2
+
+
 def test_via_optimum_says_why_not_when_unavailable(tmp_path):
     from neat_fx.export import optimum_route
 
