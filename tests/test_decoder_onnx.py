@@ -234,6 +234,46 @@ def _tied_llama(seed=0, std=0.05):
     return model, nm
 
 
+@pytest.fixture(scope="module")
+def tied_llama():
+    """The tied LLaMA with adapters that matter (std 0.2: mean |Δ logits| 0.15 vs base, int4's error ≈ 0.04-0.06),
+    made once for the tests below, which only read it."""
+    return _tied_llama(std=0.2)
+
+
+@pytest.fixture(scope="module")
+def tied_int4_cli(tied_llama, tmp_path_factory):
+    """`tied_llama` saved and exported once by `neat-fx export --task text-generation-with-past --quantize int4
+    --block-size 32` (in process): read by the CLI test and, as its block-32 file, by the int4 test. Returns
+    (exit code, stdout, stderr, the file, the report to_onnx returned to the CLI)."""
+    import contextlib
+    import io
+
+    from neat_fx import export as export_package
+    from neat_fx.cli import main
+
+    model, nm = tied_llama
+    root = tmp_path_factory.mktemp("tied_int4")
+    model.save_pretrained(root / "base")
+    neat_fx.save_adapters(nm, root / "adapters")
+    out = root / "int4_32.onnx"
+    reports = []
+
+    def keep_report(*args, **kwargs):
+        reports.append(to_onnx(*args, **kwargs))
+        return reports[-1]
+
+    argv = ["export", "--model", str(root / "base"), "--adapters", str(root / "adapters"), "--out", str(out)]
+    argv += ["--task", TASK, "--quantize", "int4", "--block-size", "32", "--seq-len", "8"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")  # what `neat-fx export` sets for itself, undone here
+        mp.setattr(export_package, "to_onnx", keep_report)  # the CLI imports it from there when it runs
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = main(argv)
+    return rc, stdout.getvalue(), stderr.getvalue(), out, reports[-1] if reports else None
+
+
 def _prefill_logits(path, ids: torch.Tensor) -> torch.Tensor:
     """The with-past file's logits for unpadded prompts `ids` and an empty cache, through ONNX Runtime (not the
     export's own verification)."""
@@ -266,16 +306,21 @@ def _quant_and_adapter_distance(path, adapted, base, vocab: int) -> tuple[float,
 ADAPTER_OVER_QUANT = 2.0
 
 
-def test_int4_quantizes_every_linear_the_tied_head_and_the_table(tmp_path):
+def test_int4_quantizes_every_linear_the_tied_head_and_the_table(tied_llama, tied_int4_cli, tmp_path):
     """2 layers × 7 linears and the head (tied: quantized as its own transposed copy) become MatMulNBits, the
-    embedding table GatherBlockQuantized; block 32 and 128 recorded; smaller files; drift and agreement reported."""
-    model, nm = _tied_llama(std=0.2)  # adapters that matter: mean |Δ logits| 0.15 vs base, int4's error ≈ 0.04-0.06
+    embedding table GatherBlockQuantized; block 32 and 128 recorded; smaller files; drift and agreement reported.
+    Block 32 is the file the CLI wrote (`tied_int4_cli`), block 128 exported here."""
+    model, nm = tied_llama  # adapters that matter: mean |Δ logits| 0.15 vs base, int4's error ≈ 0.04-0.06
     folded = neat_fx.fold(nm)
     table_bytes = 4000 * 128 * 4
     sizes = {}
     for block in (32, 128):
-        path = tmp_path / f"int4_{block}.onnx"
-        report = to_onnx(folded, decoders.example_inputs(), path, task=TASK, quantize="int4", block_size=block)
+        if block == 32:
+            rc, _, err, path, report = tied_int4_cli
+            assert rc == 0 and report is not None, err[-2000:]
+        else:
+            path = tmp_path / f"int4_{block}.onnx"
+            report = to_onnx(folded, decoders.example_inputs(), path, task=TASK, quantize="int4", block_size=block)
         counts = report.op_counts
         assert counts.get("MatMulNBits") == 2 * 7 + 1 and counts.get("GatherBlockQuantized") == 1, counts
         assert not counts.get("MatMul") and not counts.get("FusedMatMul"), counts  # nothing left in float
@@ -294,12 +339,12 @@ def test_int4_quantizes_every_linear_the_tied_head_and_the_table(tmp_path):
         sizes[block] = report.size_bytes
     assert sizes[32] < table_bytes / 2 and sizes[128] < sizes[32]
     ids, mask = decoders.left_padded((9, 5))
-    out = generate(tmp_path / "int4_32.onnx", ids, mask, max_new_tokens=8)
+    out = generate(tied_int4_cli[3], ids, mask, max_new_tokens=8)
     assert out.shape[0] == 2 and out.shape[1] <= 17
 
 
-def test_fp32_file_holds_a_tied_table_once(tmp_path):
-    model, nm = _tied_llama()
+def test_fp32_file_holds_a_tied_table_once(tied_llama, tmp_path):
+    model, nm = tied_llama
     report = to_onnx(neat_fx.fold(nm), decoders.example_inputs(), tmp_path / "lm.onnx", task=TASK)
     proto = onnx.load(str(tmp_path / "lm.onnx"))
     tables = [t for t in proto.graph.initializer if sorted(t.dims) == [128, 4000]]
@@ -331,35 +376,9 @@ def test_int8_and_fp16_with_past(llama_file, tmp_path):
     assert generate(tmp_path / "fp16.onnx", ids, mask, max_new_tokens=6).shape[0] == 2
 
 
-def test_cli_export_with_past_int4(tmp_path, capsys):
-    from neat_fx.cli import main
-
-    model, nm = _tied_llama()  # weights at a realistic scale: int4's drift stays under the gross-error check
-    model.save_pretrained(tmp_path / "base")
-    neat_fx.save_adapters(nm, tmp_path / "adapters")
-    out = tmp_path / "lm.onnx"
-    rc = main(
-        [
-            "export",
-            "--model",
-            str(tmp_path / "base"),
-            "--adapters",
-            str(tmp_path / "adapters"),
-            "--out",
-            str(out),
-            "--task",
-            TASK,
-            "--quantize",
-            "int4",
-            "--block-size",
-            "32",
-            "--seq-len",
-            "8",
-        ]
-    )
-    captured = capsys.readouterr()
-    text = captured.out
-    assert rc == 0 and out.is_file(), captured.err[-2000:]
+def test_cli_export_with_past_int4(tied_int4_cli):
+    rc, text, err, out, _ = tied_int4_cli  # `neat-fx export ... --quantize int4 --block-size 32`, run once
+    assert rc == 0 and out.is_file(), err[-2000:]
     assert "generation   greedy" in text and "MatMulNBits" in text
     assert "past_key_values.1.value" in [i.name for i in onnx.load(str(out)).graph.input]
 
