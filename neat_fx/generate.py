@@ -71,12 +71,13 @@ def adapted_view(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
         if done is not None:
             return done
         new = views[id(module)] = object.__new__(type(module))
+        _refuse_offloaded(module)
         state = dict(module.__dict__)
         for key, value in state.items():  # a forward wrapped around the module (accelerate's hooks) runs the view
             if isinstance(value, types.MethodType) and value.__self__ is module:
                 state[key] = types.MethodType(value.__func__, new)
-            elif isinstance(value, functools.partial) and value.args and value.args[0] is module:
-                state[key] = functools.partial(value.func, new, *value.args[1:], **value.keywords)
+            elif isinstance(value, functools.partial) and _binds(value, module):
+                state[key] = _rebound(value, module, new)
         state["_parameters"] = dict(module._parameters)
         state["_buffers"] = dict(module._buffers)
         state["_modules"] = {k: None if c is None else view_of(c) for k, c in module._modules.items()}
@@ -95,6 +96,34 @@ def adapted_view(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
         else:
             module.__dict__[name] = tensor
     return root
+
+
+def _binds(call: functools.partial, module: nn.Module) -> bool:
+    return any(a is module for a in call.args) or any(v is module for v in call.keywords.values())
+
+
+def _rebound(call: functools.partial, module: nn.Module, new: nn.Module) -> functools.partial:
+    """`call` with `new` wherever it was bound to `module` (positionally: accelerate's `partial(new_forward, module)`;
+    by keyword: transformers' `partial(custom_generate, model=self)`), keeping what `functools.update_wrapper` put on
+    it (`__wrapped__`: generate() reads the forward's signature through it to build position ids)."""
+    args = tuple(new if a is module else a for a in call.args)
+    keywords = {k: new if v is module else v for k, v in call.keywords.items()}
+    out = functools.partial(call.func, *args, **keywords)
+    out.__dict__.update(call.__dict__)
+    return out
+
+
+def _refuse_offloaded(module: nn.Module):
+    """accelerate's offload hooks write the offloaded weights (W0) into the module's tables before each forward,
+    which would overwrite W0 + ΔW in the view: refused rather than silently generating with the base weights."""
+    hook = module.__dict__.get("_hf_hook")
+    hooks = getattr(hook, "hooks", (hook,)) if hook is not None else ()
+    if any(getattr(h, "offload", False) for h in hooks):
+        raise GenerationError(
+            f"{type(module).__name__} has accelerate's offload hook (device_map with 'cpu'/'disk' offload): its "
+            f"weights are written in from the offload store at every call, so generation cannot use W0 + ΔW; load "
+            f"the model without offload, or generate from neat_fx.fold(nm) / a merged copy"
+        )
 
 
 def adapted_weights(module: NeatModule | FoldedModule) -> dict[str, torch.Tensor]:

@@ -133,6 +133,38 @@ def test_generate_runs_forwards_wrapped_by_accelerate_hooks_on_the_view(llama_nm
     assert seen and not any(m in layers for m in seen)  # the hooks ran on the view's modules
 
 
+def test_a_hook_on_the_model_itself_keeps_its_forward_signature():
+    """accelerate's `io_same_device` hook on the root (dispatch_model, multi-GPU device_map) wraps the model's
+    forward with `update_wrapper`: generate() reads the forward's signature through `__wrapped__` to build
+    position ids for left-padded rows. The view keeps it: GPT-2's padded row gives the unhooked tokens."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = decoders.build("gpt2")
+    nm = neat_fx.transform(model, ["*"], decoders.example_inputs(), rank=4, modes=("eval",), seed=0)
+    randomize_adapters(nm, std=0.3, seed=5)
+    ids, mask = decoders.left_padded((7, 4))
+    want = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    hooks.add_hook_to_module(model, hooks.ModelHook())
+    try:
+        got = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    finally:
+        hooks.remove_hook_from_module(model)
+    assert torch.equal(got, want)
+
+
+def test_offloaded_modules_are_refused(llama_nm):
+    """An offload hook writes W0 from its store into the module before every call: refused, not silently wrong."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model, nm = llama_nm
+    ids, mask = decoders.left_padded((7, 4))
+    layer = model.model.layers[0]
+    hooks.add_hook_to_module(layer, hooks.AlignDevicesHook(execution_device="cpu", offload=True))
+    try:
+        with pytest.raises(neat_fx.GenerationError, match="offload"):
+            neat_fx.generate(nm, ids, mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0)
+    finally:
+        hooks.remove_hook_from_module(layer)
+
+
 def test_with_past_wrapper_leaves_the_base_model_to_other_threads(llama_nm):
     """The with-past export's traced wrapper (WithPast) computes W0 + ΔW on its own view: run in threads next
     to the base model's forward, each equals its reference, and it equals the merged model's logits."""
