@@ -264,8 +264,15 @@ class GraphContainer(nn.Module):
                 f"calling it: nm.to_empty(device=...) then model.load_state_dict(state_dict, assign=False) (or "
                 f"FSDP2's sharded init: fully_shard the blocks and nm, to_empty, load per shard)."
             )
+        bound = self._bind(mode, args, kwargs)
+        self._sync_device()
+        run = self._entry(mode, gm)
+        return self._run_checked(lambda: run(*args, **kwargs), bound, gm)
+
+    def _bind(self, mode: str, args, kwargs) -> inspect.BoundArguments:
+        """The call's arguments bound to the captured signature; InputMismatchError naming both otherwise."""
         try:
-            bound = self._signatures[mode].bind(*args, **kwargs)
+            return self._signatures[mode].bind(*args, **kwargs)
         except TypeError as exc:
             expected = ", ".join(self._signatures[mode].parameters)
             raise InputMismatchError(
@@ -273,12 +280,13 @@ class GraphContainer(nn.Module):
                 f"({exc}). Call it with the same argument structure as example_inputs, or transform again with "
                 f"example inputs that include every argument you pass (e.g. labels=…)."
             ) from None
-        self._sync_device()
-        run = self._entry(mode, gm)
+
+    def _run_checked(self, call, bound: inspect.BoundArguments, gm: fx.GraphModule):
+        """`call()`, with torch.export's input guards and mismatched dimensions told as InputMismatchError."""
         if torch.compiler.is_compiling():
-            return run(*args, **kwargs)
+            return call()
         try:
-            return run(*args, **kwargs)
+            return call()
         except AssertionError as exc:  # torch.export's input guards
             if "Guard failed" not in str(exc):
                 raise

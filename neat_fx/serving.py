@@ -167,15 +167,11 @@ class AdapterBank(FoldedModule):
                 first = next(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim())
                 rows = torch.full((first.shape[0],), adapter, dtype=torch.long)
             extra[ROWS_INPUT] = rows.to(device)
-        try:
-            bound = self._signatures["eval"].bind(*args, **kwargs)
-        except TypeError as exc:
-            raise ConfigError(
-                f"{type(self).__name__} was captured with inputs ({', '.join(self._signatures['eval'].parameters)})"
-                f" and cannot take this call ({exc})"
-            ) from None
-        bound.apply_defaults()
-        return gm(**bound.arguments, **extra)
+        bound = self._bind("eval", args, kwargs)  # the errors of a plain call (InputMismatchError)
+        arguments = dict(bound.arguments)
+        for name, p in self._signatures["eval"].parameters.items():
+            arguments.setdefault(name, p.default)
+        return self._run_checked(lambda: gm(**arguments, **extra), bound, gm)
 
     def _per_call_graph(self) -> fx.GraphModule:
         """The eval graph with the adapter index (and the per-row map) as inputs instead of `active_index`,
