@@ -273,3 +273,24 @@ def test_folded_weights_are_kept_until_an_adapter_changes(monkeypatch):
     assert torch.equal(changed, _hf_generate(neat_fx.merge_into(copy.deepcopy(model), nm), ids, mask)[:, :13])
     neat_fx.generate(nm, ids, mask, max_new_tokens=4, keep_folded=False)
     assert len(folds) == 3 and "_generation_cache" not in nm.__dict__
+
+
+def test_generation_runs_without_dropout_on_a_model_left_in_train_mode():
+    """A decoder with heavy dropout, left in train mode: generate must run in eval mode (the view's own flags), so
+    its tokens equal the merged model's eval-mode generate and repeat exactly — and the model stays in train mode."""
+    model = decoders.build("gpt2")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    model.train()
+    nm = neat_fx.transform(model, ["*"], decoders.example_inputs(), rank=4, seed=0)
+    randomize_adapters(nm, std=0.3, seed=5)
+    nm.train()
+    ids, mask = decoders.left_padded()
+    got = neat_fx.generate(nm, ids, mask, max_new_tokens=NEW)
+    assert model.training and nm.training
+    merged = neat_fx.merge_into(copy.deepcopy(model), nm).eval()
+    assert torch.equal(got, _hf_generate(merged, ids, mask))
+    assert torch.equal(neat_fx.generate(nm, ids, mask, max_new_tokens=NEW), got)
+    with torch.no_grad():  # the dropout is real: two train-mode forwards differ
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
