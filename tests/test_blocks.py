@@ -298,3 +298,24 @@ def test_blocks_by_name_and_checkpoint_at_transform(llama):
     nested.eval()
     with torch.no_grad():
         assert max_diff(nested(**ex).logits, nm(**ex).logits) < 1e-6
+
+
+def test_units_follow_merge_into():
+    """merge_into rewrites nm's graph in place (nm reads its own copy of W0 from then on): the per-layer units are
+    split again from the new graph, so nm computes the same function after the merge (ΔW not added twice)."""
+    model, ex, other, _ = zoo.llama()
+    model.eval()
+    nm = neat_fx.transform(model, "all-linear", ex, seed=0)
+    randomize_adapters(nm, std=0.1)
+    nm.eval()
+    nm.set_checkpointing(True)  # the units run (no_grad: nothing recomputed)
+    try:
+        with torch.no_grad():
+            base = model(**other).logits
+            before = nm(**other).logits
+            neat_fx.merge_into(model, nm)
+            after, merged = nm(**other).logits, model(**other).logits
+    finally:
+        nm.set_checkpointing(False)
+    assert max_diff(before, base) > 1e-2  # the adapters matter
+    assert max_diff(after, before) < 1e-5 and max_diff(merged, before) < 1e-5

@@ -174,9 +174,10 @@ def test_inference_folds_and_never_serves_stale_weights():
         assert rel_diff(compiled(**ex).logits, nm(**ex).logits) < 1e-5
 
 
-@pytest.mark.parametrize("builder", ["bert", "with_break"])
+@pytest.mark.parametrize("builder", ["bert", "bert-depth4", "with_break"])
 def test_serving_saved_adapters_on_an_untouched_base_model(tmp_path, builder):
-    if builder == "bert":
+    depth = 4 if builder == "bert-depth4" else 2  # depth 4: the r×r layers and residuals are folded too
+    if builder.startswith("bert"):
         model, ex, other, patterns = zoo.bert()
         trainable = ["classifier*"]
     else:
@@ -186,7 +187,7 @@ def test_serving_saved_adapters_on_an_untouched_base_model(tmp_path, builder):
     model.eval()
     base = copy.deepcopy(model)
     snapshot = {k: v.clone() for k, v in base.state_dict().items()}
-    nm = neat_fx.transform(model, patterns, ex, rank=4, seed=0, trainable=trainable)
+    nm = neat_fx.transform(model, patterns, ex, rank=4, depth=depth, seed=0, trainable=trainable)
     randomize_adapters(nm, std=0.2)
     if trainable:
         with torch.no_grad():

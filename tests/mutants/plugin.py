@@ -150,6 +150,47 @@ def compile_drops_adapter_grad():
     compiler.neat_apply, compiler._materialised_weight = neat_apply, materialised
 
 
+@mutant
+def generate_leaves_train_mode():
+    """neat_fx.generate runs the view in the model's own mode: dropout on while generating from a model in training."""
+    import importlib
+
+    gen = importlib.import_module("neat_fx.generate")
+    real = gen.adapted_view
+
+    def adapted_view(model, weights):
+        view = real(model, weights)
+        return view.train(model.training)
+
+    gen.adapted_view = adapted_view
+
+
+@mutant
+def units_not_rebuilt_after_merge():
+    """The per-layer units keep the graph they were split from after merge_into rewrites nm's graph in place."""
+    from neat_fx import containers
+
+    real = containers.NeatModule._runner
+
+    def _runner(self, mode):
+        return self._runners.get(mode) or real(self, mode)
+
+    containers.NeatModule._runner = _runner
+
+
+@mutant
+def backend_depth4_wrong_layers():
+    """backend(adapters=DIR) folds depth >= 4 adapters with the encoder and decoder r×r layers swapped."""
+    from neat_fx import compiler
+
+    def _served_weight(spec, args):
+        _, index, consts, hidden, activation, scale, layout = spec
+        A, B, layers = consts[0], consts[1], consts[2:]
+        return compiler.neat_fold(args[index], A, B, layers[hidden:], layers[:hidden], activation, scale, layout)
+
+    compiler._served_weight = _served_weight
+
+
 def pytest_configure(config):
     name = os.environ.get("NEAT_FX_MUTANT")
     if name:
