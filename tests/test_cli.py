@@ -1,44 +1,61 @@
-"""The `neat-fx` console script."""
+"""The `neat-fx` console script: one real run of the installed script, the rest of the argument handling in
+process through `neat_fx.cli.main(argv)` (argparse's messages and exit codes are the same there)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import neat_fx
+from neat_fx.cli import main
 
 
-def _run(*args):
+def test_installed_script_runs():
     script = Path(sys.executable).with_name("neat-fx")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "neat_fx.cli"]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120)
-
-
-def test_version_and_help():
-    r = _run("--version")
+    r = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == f"neat-fx {neat_fx.__version__}"
-    r = _run("--help")
-    assert r.returncode == 0 and "NEAT" in r.stdout and "--version" in r.stdout
 
 
-def test_unknown_option_fails():
-    r = _run("--frobnicate")
-    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+def _exit(argv, capsys):
+    """main(argv) where argparse exits: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
 
 
-def test_missing_folders_are_named(tmp_path):
-    r = _run(
-        "export",
-        "--model",
-        str(tmp_path / "none"),
-        "--adapters",
-        str(tmp_path / "ad"),
-        "--out",
-        str(tmp_path / "m.onnx"),
+def test_version_and_help(capsys):
+    code, out, _ = _exit(["--version"], capsys)
+    assert code == 0 and out.strip() == f"neat-fx {neat_fx.__version__}"
+    code, out, _ = _exit(["--help"], capsys)
+    assert code == 0 and "NEAT" in out and "--version" in out
+
+
+def test_unknown_option_fails(capsys):
+    code, _, err = _exit(["--frobnicate"], capsys)
+    assert code == 2 and "unrecognized arguments" in err
+
+
+def test_missing_folders_are_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what `neat-fx export` sets for itself, undone after the test
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(tmp_path / "none"),
+            "--adapters",
+            str(tmp_path / "ad"),
+            "--out",
+            str(tmp_path / "m.onnx"),
+        ]
     )
-    assert r.returncode == 2 and "--model" in r.stderr and "config.json" in r.stderr
+    err = capsys.readouterr().err
+    assert rc == 2 and "--model" in err and "config.json" in err
     assert not (tmp_path / "m.onnx").exists()
-    r = _run("finetune", "--model", str(tmp_path / "none"), "--no-onnx", "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and "not a Hugging Face model folder" in r.stderr
-    r = _run("finetune", "--data", str(tmp_path / "nodata"), "--no-onnx", "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and "train.tsv" in r.stderr
+    rc = main(["finetune", "--model", str(tmp_path / "none"), "--no-onnx", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "not a Hugging Face model folder" in capsys.readouterr().err
+    rc = main(["finetune", "--data", str(tmp_path / "nodata"), "--no-onnx", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "train.tsv" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

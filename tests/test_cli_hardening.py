@@ -1,6 +1,7 @@
 """Issue 12, items 3 and 10: resume refuses another configuration, checkpoints are validated before anything is
 restored (optimizer type and state shapes, corrupt trainer_state falls back to `.old`), and the CLI answers bad
-arguments and library errors with one line on stderr and exit code 2, never a traceback."""
+arguments and library errors with one line on stderr and exit code 2, never a traceback. The CLI's --resume with
+another configuration or a corrupt checkpoint: at the end of test_finetune.py's killed-run test."""
 
 import json
 import shutil
@@ -13,6 +14,7 @@ from test_finetune import cli, write_data, write_model
 
 import neat_fx
 from neat_fx.checkpoint import STATE_JSON, STATE_TENSORS
+from neat_fx.cli import main
 
 import zoo
 
@@ -154,14 +156,18 @@ def _refused(r, *needles):
         ("--save-every", "-1", "--save-every"),
     ],
 )
-def test_bad_arguments_are_refused_up_front(tiny, tmp_path, option, value, needle):
+def test_bad_arguments_are_refused_up_front(tiny, tmp_path, capsys, option, value, needle):
+    """argparse refuses them before anything runs: checked in process (test_cli.py runs the installed script)."""
     args = _finetune(tiny, tmp_path / "run")
     if option in args:
         args[args.index(option) + 1] = value
     else:
         args += [option, value]
-    r = _run(args, timeout=120)
-    _refused(r, needle)
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, (info.value.code, err[-3000:])
+    assert "Traceback" not in err and needle in err, err[-3000:]
     assert not (tmp_path / "run").exists()
 
 
@@ -209,23 +215,5 @@ def test_library_errors_are_one_line(tiny, tmp_path):
     _refused(r, "neat-fx finetune:", "train.tsv", "sentence")
 
 
-def test_resume_refuses_another_configuration_and_a_corrupt_folder(tiny, tmp_path):
-    out = tmp_path / "run"
-    first = _run(_finetune(tiny, out))
-    assert first.returncode == 0, first.stderr[-3000:]
-    state = out / "checkpoint"
-    before = {p.name: p.read_bytes() for p in state.rglob("*") if p.is_file()}
-    adapters = (out / "adapters" / "adapters.safetensors").read_bytes()
-    args = _finetune(tiny, out, "--resume")
-    args[args.index("--batch-size") + 1] = "4"
-    args[args.index("--lr") + 1] = "1e-3"
-    args[args.index("--save-every") + 1] = "3"  # may change on resume: not listed
-    r = _run(args)
-    _refused(r, "cannot resume", "batch_size: checkpoint 8, this run 4", "lr: checkpoint 0.005, this run 0.001")
-    assert "save_every" not in r.stderr
-    assert {p.name: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
-    assert (out / "adapters" / "adapters.safetensors").read_bytes() == adapters
-
-    (state / STATE_JSON).write_text('{"format": "neat_fx.checkp')  # truncated, no .old copy
-    r = _run(_finetune(tiny, out, "--resume"))
-    _refused(r, "cannot resume", STATE_JSON)
+# Resume refusing another configuration or a corrupt checkpoint: checked at the end of
+# test_finetune.py::test_killed_run_resumes_to_the_same_adapters, on the checkpoint that test's runs leave.

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import neat_fx
+from neat_fx.checkpoint import STATE_JSON
 
 from lm_fixture import numbers, table
 
@@ -238,16 +239,37 @@ def test_killed_run_resumes_to_the_same_adapters(setup):
     assert worst <= 1e-6, f"resumed adapters differ from the uninterrupted run's by {worst}"
     assert any(float(a[k].abs().max()) > 0 for k in a if k.endswith("neat_B"))  # training did move B
 
-    # Resuming with another configuration is refused, and the checkpoint is left as it was.
-    before = {p.name: p.read_bytes() for p in (out / "checkpoint").glob("trainer_state.*")}
-    bad = subprocess.run(
-        _finetune(setup, out, "--resume", data="mid", rank="8"), capture_output=True, text=True, timeout=600
-    )
-    assert bad.returncode == 2 and "another model or configuration" in bad.stderr and "rank" in bad.stderr, bad.stderr[
-        -2000:
-    ]
-    assert {p.name: p.read_bytes() for p in (out / "checkpoint").glob("trainer_state.*")} == before
+    # Resuming with another configuration is refused, one line naming every difference (the adapters' rank, checked
+    # by load_checkpoint's signature; batch size and lr, by the run's settings; not --save-every, which may change),
+    # and the checkpoint and the adapters are left as they were. (Once the home of test_cli_hardening's check too.)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in (out / "checkpoint").rglob("*") if p.is_file()}
+    assert {"checkpoint/trainer_state.json", "checkpoint/trainer_state.safetensors"} <= before.keys()
+    adapters = (out / "adapters" / "adapters.safetensors").read_bytes()
+    args = _finetune(setup, out, "--resume", data="mid", rank="8")
+    args[args.index("--batch-size") + 1] = "4"
+    args[args.index("--lr") + 1] = "1e-3"
+    args[args.index("--save-every") + 1] = "3"  # may change on resume: not listed
+    bad = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    for needle in (
+        "cannot resume",
+        "another model or configuration",
+        "rank",
+        "batch_size: checkpoint 8, this run 4",
+        "lr: checkpoint 0.005, this run 0.001",
+    ):
+        assert needle in bad.stderr, (needle, bad.stderr[-3000:])
+    assert "save_every" not in bad.stderr
+    assert {str(p.relative_to(out)): p.read_bytes() for p in (out / "checkpoint").rglob("*") if p.is_file()} == before
+    assert (out / "adapters" / "adapters.safetensors").read_bytes() == adapters
     assert torch.equal(load_file(str(out / "adapters" / "adapters.safetensors"))[next(iter(b))], b[next(iter(b))])
+
+    # A corrupt checkpoint without a `.old` copy to fall back to: refused, naming the file.
+    assert not (out / "checkpoint.old").exists()
+    (out / "checkpoint" / STATE_JSON).write_text('{"format": "neat_fx.checkp')  # truncated
+    corrupt = subprocess.run(_finetune(setup, out, "--resume", data="mid"), capture_output=True, text=True, timeout=600)
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr, corrupt.stderr[-3000:]
+    assert "cannot resume" in corrupt.stderr and STATE_JSON in corrupt.stderr, corrupt.stderr[-3000:]
 
 
 def test_finetune_under_torchrun(setup):
