@@ -1,5 +1,6 @@
 """neat_fx.serve: several adapters on one captured base. Each adapter computes what its own nm computes, a
-mixed batch computes every row as its own adapter would, switching under torch.compile compiles nothing new,
+mixed batch computes every row as its own adapter would (in one pass per group of adapters where the rows allow
+it, one sub-batch per adapter where they do not), switching under torch.compile compiles nothing new,
 and adapters of another base or unknown names are refused before anything runs."""
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ import neat_fx
 from neat_fx.serving import BANK
 
 import zoo
-from helpers import max_diff, three_bert_adapters
+from helpers import max_diff, randomize_adapters
 
 
-@pytest.fixture(scope="module")
-def two_adapters(tmp_path_factory):
+@pytest.fixture
+def two_adapters(bert_adapters):
     """Two adapters of one BERT that differ in everything a bank must absorb: sites, rank, depth, activation,
-    a head trained in full; and a third saved in PEFT's PEANuT format."""
-    root = tmp_path_factory.mktemp("adapters")
-    model, example, other, modules = three_bert_adapters(root)
-    return model, example, other, modules, root
+    a head trained in full; and a third saved in PEFT's PEANuT format (conftest.py, shared with
+    test_serving_onnx.py)."""
+    return bert_adapters
 
 
 def test_each_adapter_computes_what_its_module_computes(two_adapters):
@@ -42,18 +42,58 @@ def test_each_adapter_computes_what_its_module_computes(two_adapters):
     assert all(torch.equal(model.state_dict()[n], before[n]) for n in before)  # the base is untouched
 
 
-def test_mixed_batch_rows_equal_their_own_adapter(two_adapters):
-    model, example, other, modules, root = two_adapters
-    bank = neat_fx.serve(model, [root / "a", root / "b", root / "c"], example)  # named after the folders
-    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}  # 6 rows
-    names = ["b", "a", "c", "a", "b", "b"]
-    bank.set_adapter("c")
+class _Counting:
+    """Wraps a captured graph to count the passes a call makes."""
+
+    def __init__(self, gm):
+        self.gm, self.calls = gm, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.gm(*args, **kwargs)
+
+
+def _mixed_rows_match(bank, modules, batch, names, tol=1e-5):
     with torch.no_grad():
         mixed = bank(**batch, adapter_names=names).logits
         for i, name in enumerate(names):
             row = modules[name](**{k: v[i : i + 1] for k, v in batch.items()}).logits
-            assert max_diff(mixed[i : i + 1], row) <= 1e-5 * row.abs().max().item()
-    assert bank.active == "c"  # the active adapter is given back
+            assert max_diff(mixed[i : i + 1], row) <= tol * row.abs().max().item()
+
+
+def test_mixed_batch_rows_equal_their_own_adapter(two_adapters, monkeypatch):
+    """Every row of a mixed batch is what its own adapter computes. Every site's activation has the batch first
+    (BERT): one pass per group of adapters that share their parameters trained in full — here 'a' (its own head)
+    and 'b' + 'c' (the base head)."""
+    model, example, other, modules, root = two_adapters
+    bank = neat_fx.serve(model, [root / "a", root / "b", root / "c"], example)  # named after the folders
+    assert bank.rowwise
+    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}  # 6 rows
+    counting = _Counting(bank._per_call_graph())  # the graph mixed calls run, their adapters as its inputs
+    monkeypatch.setitem(bank.__dict__, "_per_call_gm", (bank._graph_device, counting))
+    bank.set_adapter("c")
+    _mixed_rows_match(bank, modules, batch, ["b", "c", "c", "b", "b", "c"])
+    assert counting.calls == 1
+    _mixed_rows_match(bank, modules, batch, ["b", "a", "c", "a", "b", "b"])
+    assert counting.calls == 1 + 2
+    assert bank.active == "c"  # the mixed calls left the active adapter as it was (they never write it)
+
+
+def test_mixed_batch_with_flattened_rows_runs_per_adapter(tmp_path):
+    """GPT-2's Conv1D reads its input as (batch·positions, d): no per-row pick is possible, so one sub-batch per
+    adapter — still every row as its own adapter computes it."""
+    model, example, other, patterns = zoo.gpt2()
+    model.eval()
+    modules = {}
+    for i, name in enumerate(("x", "y")):
+        nm = neat_fx.transform(model, patterns, example, rank=2 + i, modes=("eval",))
+        randomize_adapters(nm, std=0.2, seed=i)
+        neat_fx.save_adapters(nm, tmp_path / name)
+        modules[name] = nm.eval()
+    bank = neat_fx.serve(model, {n: tmp_path / n for n in modules}, example)
+    assert not bank.rowwise
+    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}
+    _mixed_rows_match(bank, modules, batch, ["y", "x", "x", "y", "x", "y"])
 
 
 def test_switching_under_torch_compile_compiles_nothing_new(two_adapters):

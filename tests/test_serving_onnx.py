@@ -19,7 +19,7 @@ import neat_fx
 from neat_fx.names import module_name
 
 import zoo
-from helpers import randomize_adapters, three_bert_adapters
+from helpers import randomize_adapters
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -34,11 +34,10 @@ def rel(want: torch.Tensor, got: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(bert_adapters, tmp_path_factory):
     """Three adapters of one BERT that differ in sites, rank, depth and activation, one with a head trained in
-    full and one saved in PEFT's PEANuT format, exported as one model."""
-    root = tmp_path_factory.mktemp("adapters")
-    model, example, other, modules = three_bert_adapters(root)
+    full and one saved in PEFT's PEANuT format (conftest.py, shared with test_serving.py), exported as one model."""
+    model, example, other, modules, root = bert_adapters
     out = tmp_path_factory.mktemp("onnx")
     report = to_onnx(model, example, out / "model.onnx", adapters=[root / "a", root / "b", root / "c"])
     return model, example, other, modules, root, out, report
@@ -341,56 +340,4 @@ def test_models_exported_before_the_fingerprint_still_run(exported, tmp_path):
         assert rel(modules["c"](**other).logits, runner.run(None, feed, adapter="c")[0]) <= TOL
 
 
-# ---------------------------------------------------------------- the PyTorch bank's mixed batches (serving.py)
-
-
-class _Counting:
-    """Wraps a captured graph to count the passes a call makes."""
-
-    def __init__(self, gm):
-        self.gm, self.calls = gm, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.gm(*args, **kwargs)
-
-
-def _mixed_rows_match(bank, modules, batch, names, tol=1e-5):
-    with torch.no_grad():
-        mixed = bank(**batch, adapter_names=names).logits
-        for i, name in enumerate(names):
-            row = modules[name](**{k: v[i : i + 1] for k, v in batch.items()}).logits
-            assert float((mixed[i : i + 1] - row).abs().max()) <= tol * float(row.abs().max())
-
-
-def test_mixed_batch_runs_as_one_batch(exported, monkeypatch):
-    """Every site's activation has the batch first (BERT): a mixed batch is one pass per group of adapters that
-    share their parameters trained in full — here 'a' (its own head) and 'b' + 'c' (the base head)."""
-    model, example, other, modules, root, _, _ = exported
-    bank = neat_fx.serve(model, {n: root / n for n in "abc"}, example)
-    assert bank.rowwise
-    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}  # 6 rows
-    counting = _Counting(bank._per_call_graph())  # the graph mixed calls run, their adapters as its inputs
-    monkeypatch.setitem(bank.__dict__, "_per_call_gm", (bank._graph_device, counting))
-    _mixed_rows_match(bank, modules, batch, ["b", "c", "c", "b", "b", "c"])
-    assert counting.calls == 1
-    _mixed_rows_match(bank, modules, batch, ["b", "a", "c", "a", "b", "c"])
-    assert counting.calls == 1 + 2
-    assert bank.active == "a"  # the mixed calls left the active adapter as it was (they never write it)
-
-
-def test_mixed_batch_with_flattened_rows_runs_per_adapter(tmp_path):
-    """GPT-2's Conv1D reads its input as (batch·positions, d): no per-row pick is possible, so one sub-batch per
-    adapter — still every row as its own adapter computes it."""
-    model, example, other, patterns = zoo.gpt2()
-    model.eval()
-    modules = {}
-    for i, name in enumerate(("x", "y")):
-        nm = neat_fx.transform(model, patterns, example, rank=2 + i, modes=("eval",))
-        randomize_adapters(nm, std=0.2, seed=i)
-        neat_fx.save_adapters(nm, tmp_path / name)
-        modules[name] = nm.eval()
-    bank = neat_fx.serve(model, {n: tmp_path / n for n in modules}, example)
-    assert not bank.rowwise
-    batch = {k: torch.cat([v, v], 0) for k, v in other.items()}
-    _mixed_rows_match(bank, modules, batch, ["y", "x", "x", "y", "x", "y"])
+# The PyTorch bank's mixed batches (serving.py): in test_serving.py.
