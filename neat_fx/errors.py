@@ -31,3 +31,7 @@ class MergeError(NeatError, RuntimeError):
 
 class GenerationError(NeatError, ValueError):
     """`neat_fx.generate` was asked for something the model or the inputs cannot give."""
+
+
+class DeviceError(NeatError, RuntimeError):
+    """A device the call asks for is not available to the runtime installed here."""

@@ -246,7 +246,7 @@ def test_cli_export(tmp_path):
     assert r.returncode == 0 and "verifies" in r.stdout and "--fp16" in r.stdout
 
 
-def test_cli_export_options_reach_the_file(tmp_path, capsys):
+def test_cli_export_options_reach_the_file(tmp_path, capsys, monkeypatch):
     """The documented CLI flags change the file they say they change: --optimize none --approximate (tanh GELU, no
     offline ORT optimisation) and --fp16 (fp16 weights, float32 inputs/outputs), both verified and near nm."""
     import onnx
@@ -279,6 +279,14 @@ def test_cli_export_options_reach_the_file(tmp_path, capsys):
     assert onnx.TensorProto.FLOAT16 in dtypes and onnx.TensorProto.FLOAT not in dtypes  # matrices in fp16
     assert {i.type.tensor_type.elem_type for i in model16.graph.output} == {onnx.TensorProto.FLOAT}
     assert rel(want, ort_outputs(out, other)) <= 1e-2
+
+    # --device reaches the export: cuda without ONNX Runtime's CUDA provider is refused in one line, nothing written
+    import onnxruntime
+
+    real = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [p for p in real if "CUDA" not in p])
+    assert cli.main([*base, "--out", str(tmp_path / "cuda.onnx"), "--device", "cuda"]) == 2
+    assert "neat-fx[gpu]" in capsys.readouterr().err and not (tmp_path / "cuda.onnx").exists()
 
 
 def test_via_optimum_says_why_not_when_unavailable(tmp_path):

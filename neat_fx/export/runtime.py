@@ -58,7 +58,9 @@ def resolve_device(device: str, tf32: bool = False) -> tuple[str, list]:
         device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise RuntimeError(
+            from neat_fx.errors import DeviceError
+
+            raise DeviceError(
                 f"device='cuda' needs ONNX Runtime's CUDAExecutionProvider, which this onnxruntime lacks "
                 f"(providers: {available}). Install neat-fx[gpu] (onnxruntime-gpu) in an environment without "
                 f"the CPU onnxruntime, or use device='cpu'."
