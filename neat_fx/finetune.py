@@ -107,7 +107,7 @@ def load_sst2(data: Path | None, train_rows: int) -> tuple[list, list, str]:
     """(train rows, test rows, where they came from): from `data` (a folder with train.tsv / test.tsv, header
     sentence<TAB>label), else from the folder in $NEAT_FX_SST2, else from the subset bundled with the package;
     `data = Path("hub")` reads GLUE SST-2 from the Hugging Face hub (training rows, validation set as test)."""
-    if data is not None and str(data) == HUB:
+    if isinstance(data, str) and data == HUB:
         return _sst2_from_hub(train_rows)
     source = "--data"
     if data is None and os.environ.get(DATA_ENV):
@@ -117,6 +117,11 @@ def load_sst2(data: Path | None, train_rows: int) -> tuple[list, list, str]:
     if not (data / "train.tsv").exists() or not (data / "test.tsv").exists():
         raise FinetuneError(f"{data} needs train.tsv and test.tsv (header: sentence<TAB>label)")
     return read_tsv(data / "train.tsv", train_rows), read_tsv(data / "test.tsv"), f"{source}, {data}"
+
+
+def _data_arg(value: str) -> Path | str:
+    """--data: the word `hub` exactly (GLUE SST-2 from the hub), else a path (`./hub` is a folder named hub)."""
+    return HUB if value == HUB else Path(value)
 
 
 def _sst2_from_hub(train_rows: int) -> tuple[list, list, str]:
@@ -184,7 +189,7 @@ def add_arguments(ap: argparse.ArgumentParser):
     )
     ap.add_argument(
         "--data",
-        type=Path,
+        type=_data_arg,
         metavar="PATH",
         help=f"sequence-classification: folder with train.tsv / test.tsv (default: ${DATA_ENV}, else the SST-2 "
         f"subset bundled with the package), or '{HUB}' for GLUE SST-2 from the Hugging Face hub; causal-lm: a "
@@ -327,7 +332,7 @@ def _argument_problem(args) -> str | None:
             f"--model {args.model} is not a Hugging Face model folder (no config.json); pass a folder saved with "
             f"save_pretrained, or leave --model out for the bundled MiniLM"
         )
-    if args.data is not None and str(args.data) != HUB and not args.data.is_dir():
+    if args.data is not None and args.data != HUB and not args.data.is_dir():
         return (
             f"--data {args.data} does not exist; pass a folder with train.tsv and test.tsv (header sentence<TAB>label)"
         )

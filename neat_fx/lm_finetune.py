@@ -326,6 +326,7 @@ def _check_arguments(args):
         raise FinetuneError(
             "--task causal-lm needs --data FILE: .jsonl with prompt/completion per line, or .txt, one example a line"
         )
+    args.data = Path(args.data)  # `--data hub` is the sequence-classification job's word; here it is a file name
     kind = data_kind(args.data)
     if args.eval_data is not None and data_kind(args.eval_data) != kind:
         raise FinetuneError(f"--eval-data {args.eval_data} and --data {args.data} must be in the same format")

@@ -42,4 +42,5 @@ def test_hub_without_datasets_or_network_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(NeatError, match="--data hub.*leave --data out for the bundled subset"):
-        finetune.load_sst2(finetune.Path("hub"), 10)
+        finetune.load_sst2(finetune._data_arg("hub"), 10)
+    assert finetune._data_arg("./hub") == finetune.Path("hub") != finetune.HUB  # a folder named hub is a folder
