@@ -168,10 +168,8 @@ class AdapterBank(FoldedModule):
                 rows = torch.full((first.shape[0],), adapter, dtype=torch.long)
             extra[ROWS_INPUT] = rows.to(device)
         bound = self._bind("eval", args, kwargs)  # the errors of a plain call (InputMismatchError)
-        arguments = dict(bound.arguments)
-        for name, p in self._signatures["eval"].parameters.items():
-            arguments.setdefault(name, p.default)
-        return self._run_checked(lambda: gm(**arguments, **extra), bound, gm)
+        bound.apply_defaults()  # this call's own object
+        return self._run_checked(lambda: gm(**bound.arguments, **extra), bound, gm)
 
     def _per_call_graph(self) -> fx.GraphModule:
         """The eval graph with the adapter index (and the per-row map) as inputs instead of `active_index`,
