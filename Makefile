@@ -67,8 +67,10 @@ bench-optimum-env:
 # The Optimum route (to_onnx(via="optimum")) in its side environment; fails if the test skips there.
 optimum-check: bench-optimum-env
 	$(OPT_VENV)/bin/python -m pip install -q pytest
+	@# (output to a file, then shown: `tee /dev/stderr` would reopen and truncate a CI log that stderr points at)
 	$(OPT_VENV)/bin/python -m pytest -p no:cacheprovider -q -rs tests/test_export.py -k via_optimum_exports_and_verifies \
-		| tee /dev/stderr | grep -q "1 passed"
+		> $(OPT_VENV)/optimum-check.log 2>&1; status=$$?; cat $(OPT_VENV)/optimum-check.log; \
+		test $$status -eq 0 && grep -q "1 passed" $(OPT_VENV)/optimum-check.log
 
 bench-onnx: setup-test setup-demo
 	$(BIN)/python -m pip install -q matplotlib
