@@ -54,6 +54,22 @@ def fsync_tree(root: Path):
     fsync_dir(root)
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary beside it, flushed, then renamed: readers see the old file or
+    the new one, never a part."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 class Staging:
     """Temporary files for a set of destinations, renamed into place together by `commit()`.
 
