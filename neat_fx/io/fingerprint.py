@@ -3,6 +3,9 @@ is only valid on the exact base it was trained on (H = σ(W0ᵀ A) depends on W0
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
 from ..distributed import full_tensor
@@ -31,3 +34,12 @@ def fingerprint_matches(saved: dict, weight: torch.Tensor) -> bool:
     if not torch.allclose(a, b, rtol=2e-2, atol=1e-3 * scale):
         return False
     return abs(saved["norm"] - now["norm"]) <= 2e-2 * max(abs(saved["norm"]), 1e-12)
+
+
+def base_fingerprint(site_fingerprints: dict[str, dict]) -> str:
+    """A short name of a whole base model, as far as adapters are concerned: 16 hex digits of the sha256 of the
+    JSON (sorted keys) of `{site name: fingerprint(W0)}` over the adapted sites — the same from a live module
+    (`nm.weight_of(site)`) as from a saved folder (neat_config.json records each site's fingerprint). A name, not a
+    check: a bf16 copy of the same base gets another one, which `fingerprint_matches` would accept."""
+    text = json.dumps(site_fingerprints, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
