@@ -58,21 +58,43 @@ def cached_adapted_weights(module: NeatModule) -> dict[str, torch.Tensor]:
         return weights
 
 
-def adapted_view(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+def adapted_view(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    *,
+    classes: dict[int, tuple[type, dict]] | None = None,
+    own_hooks: bool = False,
+    training: bool | None = False,
+    refuse_offloaded: bool = True,
+) -> nn.Module:
     """`model` computing with `weights` (by attribute path) in place of its own tensors, in eval mode, without
     writing to it: a shallow copy of the module tree — new module objects, each with its own attribute dict,
     parameter, buffer and child tables and training flag — sharing every tensor with the model (no weight is
     copied). A module reached by two paths is one module in the view. The tensors go where
-    `torch.func.functional_call` would put them (the parameter or buffer table, else a plain attribute)."""
+    `torch.func.functional_call` would put them (the parameter or buffer table, else a plain attribute).
+
+    For the eager adapters (neat_fx.eager): `classes` gives some modules (by id) another class in the view and
+    extra attributes; `own_hooks` gives each view module its own hook tables (holding the model's hooks), so
+    hooks registered on the view stay off the model; `training=None` keeps each module's flag;
+    `refuse_offloaded=False` accepts accelerate's offload hooks (they write W0 into the view, which the eager
+    adapters read as W0)."""
     views: dict[int, nn.Module] = {}
+    classes = classes or {}
 
     def view_of(module: nn.Module) -> nn.Module:
         done = views.get(id(module))
         if done is not None:
             return done
-        new = views[id(module)] = object.__new__(type(module))
-        _refuse_offloaded(module)
+        cls, extra = classes.get(id(module), (type(module), {}))
+        new = views[id(module)] = object.__new__(cls)
+        if refuse_offloaded:
+            _refuse_offloaded(module)
         state = dict(module.__dict__)
+        if own_hooks:
+            for key, value in state.items():
+                if "hooks" in key and isinstance(value, dict):
+                    state[key] = type(value)(value)
+        state.update(extra)
         for key, value in state.items():  # a forward wrapped around the module (accelerate's hooks) runs the view
             if isinstance(value, types.MethodType) and value.__self__ is module:
                 state[key] = types.MethodType(value.__func__, new)
@@ -81,7 +103,8 @@ def adapted_view(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
         state["_parameters"] = dict(module._parameters)
         state["_buffers"] = dict(module._buffers)
         state["_modules"] = {k: None if c is None else view_of(c) for k, c in module._modules.items()}
-        state["training"] = False
+        if training is not None:
+            state["training"] = training
         new.__dict__.update(state)
         return new
 

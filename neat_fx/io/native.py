@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .._version import __version__
 from ..config import NeatConfig
 from ..containers import NeatModule
@@ -19,7 +21,9 @@ FORMAT = "neat_fx.adapters"
 FORMAT_VERSION = 1
 
 
-def save(nm: NeatModule, folder: Path):
+def tensors_of(nm: NeatModule) -> dict[str, torch.nn.Parameter]:
+    """nm's trained state by the names of our format: `<site>.neat_A`, `.neat_B`, `.neat_encoders.<i>`,
+    `.neat_decoders.<i>`, and each parameter trained in full by its name in the model (the tensors themselves)."""
     tensors = {}
     for s in nm.site_infos:
         ad = nm.adapters[s.key]
@@ -31,6 +35,11 @@ def save(nm: NeatModule, folder: Path):
             tensors[f"{s.name}.neat_decoders.{i}"] = d
     for key, name in nm.trainable_names.items():
         tensors[name] = nm.trainable[key]
+    return tensors
+
+
+def save(nm: NeatModule, folder: Path):
+    tensors = tensors_of(nm)
 
     def make_config(sha):
         return {
