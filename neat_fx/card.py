@@ -4,13 +4,11 @@ trained and scored, and how to load them. Markdown only; the same inputs give th
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 from ._version import __version__
-from .atomic import fsync_dir, temp_beside
+from .atomic import write_text_atomic
 from .distributed import is_rank_zero
 from .io.fingerprint import base_fingerprint, fingerprint
 
@@ -92,18 +90,7 @@ def write_model_card(folder, nm, *, base_model=None, data=None, metrics=None, tr
     if not is_rank_zero():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+    write_text_atomic(path, text)
     return path
 
 

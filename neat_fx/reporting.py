@@ -187,9 +187,9 @@ class StepLog:
     def __init__(self, reporter: Reporters, every: int, last_step: int, world: int = 1):
         self.reporter, self.every, self.last_step, self.world = reporter, every, last_step, world
         self.logged: tuple[int, int, float] | None = None  # (first step, last step, mean loss) last logged
-        self._reset(None)
+        self._reset()
 
-    def _reset(self, step):
+    def _reset(self):
         self.first, self.losses, self.samples, self.tokens = None, [], 0, 0
         self.t0 = time.perf_counter()
 
@@ -213,7 +213,7 @@ class StepLog:
             metrics["train/tokens_per_second"] = self.tokens * self.world / seconds
         self.reporter.log(step, metrics)
         self.logged = (self.first, step, mean)
-        self._reset(step)
+        self._reset()
 
     def row(self) -> list[tuple[str, str]]:
         """The results table's row of the last logged window (none if no step was trained)."""
