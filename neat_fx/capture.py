@@ -31,6 +31,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from . import quantized
 from .errors import CaptureError, ConfigError
 from .numerics import compare
 
@@ -362,7 +363,7 @@ def check_runs_eagerly(model: nn.Module, args: tuple, kwargs: dict):
     not as an obscure tracing error. Returns the output, the reference for the capture check."""
     try:
         with train_mode(model, False), torch.no_grad():
-            return model(*args, **kwargs)
+            return quantized.eager_view(model)(*args, **kwargs)  # bitsandbytes layers as they compute
     except Exception as exc:
         raise CaptureError(
             f"{type(model).__name__} does not run on the example inputs, so it cannot be captured:\n"
@@ -376,8 +377,13 @@ def _export_module(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynam
     with train_mode(model, mode == "train"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         target = named_forward(model, args, kwargs)  # after train_mode: a copy takes the model's mode
-        ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-        return ep.module()
+        # quantized weights: exported as plain stand-ins, then read from the real ones through `dequantize`
+        view = quantized.capture_view(target)
+        ep = torch.export.export(view, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        gm = ep.module()
+        if view is not target:
+            quantized.read_through(gm, model)
+        return gm
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, mode: str, dynamic_shapes) -> Capture:
@@ -412,6 +418,11 @@ class _LinearLowering(fx.Tracer):
 
 
 def _symbolic_trace(model: nn.Module, mode: str) -> Capture:
+    if quantized.has_quantized(model):
+        raise CaptureError(
+            f"capture='fx' cannot read {type(model).__name__}'s quantized weights (torch.fx.symbolic_trace does not "
+            f"see through tensor subclasses); use capture='export' (the default)"
+        )
     try:
         with train_mode(model, mode == "train"):
             graph = _LinearLowering().trace(model)
@@ -676,7 +687,7 @@ def _derived_eval(train: Capture, model: nn.Module, args: tuple, kwargs: dict, r
     try:
         if reference is None:
             with train_mode(model, False), torch.no_grad():
-                reference = model(*args, **kwargs)
+                reference = quantized.eager_view(model)(*args, **kwargs)
         gm = fx.GraphModule(train.owner, graph)  # run once here; the graph is installed in its own module later
         try:
             with torch.no_grad():

@@ -331,6 +331,9 @@ class SiteInfo:
     # E for a 3-D stack of routed experts, shape (E, ·, ·), one NEAT per expert (d_in, d_out are one expert's); 0
     # for a 2-D weight (neat_fx.experts)
     experts: int = 0
+    # the format the base weight is held in ("torchao.nf4", "bnb.nf4", …; neat_fx.quantized), None when plain: then
+    # `shape` and `dtype` are those of the dequantized weight, and W0 is the dequantized weight
+    quantization: str | None = None
 
     @property
     def untied_paths(self) -> tuple[str, ...]:
@@ -372,11 +375,18 @@ class NeatModule(GraphContainer):
         return list(self.site_infos)
 
     def weight_of(self, site: SiteInfo) -> torch.Tensor:
-        """W0 of a site: the base weight this module computes ΔW from."""
+        """W0 of a site: the base weight this module computes ΔW from (dequantized, computed at each call, when the
+        base holds it quantized: neat_fx.quantized)."""
         self.follow_merges()
         if site.key in self.base_weights._buffers:
-            return self.base_weights._buffers[site.key]
-        return self.model.get_parameter(site.name)
+            w = self.base_weights._buffers[site.key]
+        else:
+            w = self.model.get_parameter(site.name)
+        if site.quantization:
+            from .quantized import dequantize
+
+            return dequantize(w)
+        return w
 
     # -- the base weights: shared with the model until a merge writes W0 + ΔW into them ----------------
     def own_base_weight(self, site: SiteInfo, w0: torch.Tensor):

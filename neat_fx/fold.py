@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from . import capture as cap
+from . import quantized
 from .containers import MERGED_MARK, FoldedModule, NeatModule, SiteInfo, tensor_version
 from .distributed import any_sharded
 from .errors import MergeError
@@ -75,6 +76,7 @@ def fold(nm: NeatModule) -> FoldedModule:
             elif node.meta.get(MASTER_CAST):  # the snapshot below is in the base dtype already
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
+        quantized.drop_unread(graph)  # a quantized site's dequantize, now that its op reads W0_deq + ΔW
         for node in list(graph.nodes):
             if node.op in ("get_attr", "call_module") and not node.meta.get(FOLDED):
                 if node.op == "get_attr" and not node.users:

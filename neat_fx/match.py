@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
+from . import quantized
 from .errors import PatternError
 from .names import pattern_candidates
 from .ops import ExpertUse, Use, expert_uses, linear_uses
@@ -44,13 +45,25 @@ class Site:
 
 def parameter_predicate(resolve):
     """`is_weight` for captured graphs: a get_attr of a 2-D floating-point nn.Parameter (a buffer or a constant
-    is not a trainable weight). `resolve(target)` returns the object a get_attr target refers to."""
+    is not a trainable weight), or the `dequantize` node through which the graph reads a quantized 2-D parameter
+    (neat_fx.quantized). `resolve(target)` returns the object a get_attr target refers to."""
 
     def is_weight(node: fx.Node) -> bool:
+        if quantized.is_dequantize(node):
+            source = node.args[0]
+            if source.op != "get_attr":
+                return False
+            obj = resolve(source.target)
+            return isinstance(obj, nn.Parameter) and len(quantized.logical_shape(obj)) == 2
         if node.op != "get_attr":
             return False
         obj = resolve(node.target)
-        return isinstance(obj, nn.Parameter) and obj.dim() == 2 and obj.is_floating_point()
+        return (
+            isinstance(obj, nn.Parameter)
+            and obj.dim() == 2
+            and obj.is_floating_point()
+            and quantized.format_of(obj) is None
+        )
 
     return is_weight
 
@@ -85,8 +98,10 @@ def find_uses(graph: fx.Graph, resolve, experts: bool = False) -> tuple[list, di
         if node.op != "get_attr":
             continue
         for user in node.users:
-            if user not in linear_nodes:
-                other.setdefault(node.target, []).append(user)
+            # a quantized weight is read through its dequantize node: what reads that node uses the weight
+            for reader in user.users if quantized.is_dequantize(user) else (user,):
+                if reader not in linear_nodes:
+                    other.setdefault(node.target, []).append(reader)
     return uses, other
 
 
@@ -206,6 +221,8 @@ def _no_match_message(pattern, sites, param_names, other_uses) -> str:
                 details.append(
                     f"{n} is {p.dim()}-D {tuple(p.shape)}, NEAT needs a 2-D linear weight or a 3-D experts stack"
                 )
+            elif quantized.unknown_subclass(p):
+                details.append(quantized.unknown_format_message(n, p))
             elif n in other_uses:
                 details.append(f"{n} is used by {', '.join(sorted(set(other_uses[n])))}, not as a linear weight")
             else:

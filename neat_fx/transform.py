@@ -11,13 +11,14 @@ import torch
 from torch import fx, nn
 
 from . import capture as cap
+from . import quantized
 from .adapters import NeatAdapter
 from .config import NeatConfig
 from .containers import FoldedModule, NeatModule, SiteInfo
 from .errors import CaptureError, ConfigError, PatternError
 from .experts import ExpertsAdapter
 from .experts import insert as insert_experts
-from .match import Site, describe_use, find_uses, matches, name_list, output_head_names, select
+from .match import ALL_LINEAR, Site, describe_use, find_uses, matches, name_list, output_head_names, select
 from .names import adapter_key
 from .numerics import compare, flat_tensors
 from .ops import Use
@@ -174,9 +175,20 @@ def _select(nm: NeatModule, graphs: dict, config: NeatConfig):
     aliases = _aliases(nm.model)
     sites, other_uses = _collect_sites(graphs, resolve, aliases)
     param_names = dict(nm.model.named_parameters(remove_duplicate=False))
+    _refuse_unknown_formats(param_names, config)
     chosen = select(sites, config.patterns, config.exclude, param_names, other_uses, output_head_names(nm.model))
     train_params = _select_trainable(config.trainable, param_names, chosen, aliases)
     return chosen, train_params, other_uses
+
+
+def _refuse_unknown_formats(param_names: dict, config: NeatConfig):
+    """A weight the patterns select that is held in a quantized format neat_fx does not know would be skipped
+    silently (its graph reads it through the format's own ops): name it, the formats known and the fix."""
+    for name, p in param_names.items():
+        if not quantized.unknown_subclass(p) or any(matches(x, (name,)) for x in config.exclude):
+            continue
+        if any(pat.lower() == ALL_LINEAR or matches(pat, (name,)) for pat in config.patterns):
+            raise PatternError(quantized.unknown_format_message(name, p))
 
 
 def _install_graphs(container, model: nn.Module, graphs: dict):
@@ -255,13 +267,15 @@ def _collect_sites(graphs, resolve, aliases):
     for graph in graphs.values():
         uses, other = find_uses(graph, resolve, experts=True)
         for u in uses:
-            p = resolve(u.weight.target)
-            names = aliases.get(id(p), (u.weight.target.removeprefix("model."),))
+            target = quantized.parameter_node(u.weight).target  # a quantized weight is read through dequantize
+            p = resolve(target)
+            names = aliases.get(id(p), (target.removeprefix("model."),))
             site = by_param.get(id(p))
             if site is None:
-                experts, matrix = (p.shape[0], p.shape[1:]) if p.dim() == 3 else (0, p.shape)
+                shape = quantized.logical_shape(p)
+                experts, matrix = (shape[0], shape[1:]) if len(shape) == 3 else (0, shape)
                 d_out, d_in = matrix if u.layout == "out_in" else matrix[::-1]
-                site = Site(names[0], u.weight.target, tuple(p.shape), int(d_in), int(d_out), u.layout, [], names)
+                site = Site(names[0], target, tuple(shape), int(d_in), int(d_out), u.layout, [], names)
                 site.experts = int(experts)
                 by_param[id(p)] = site
             elif site.layout != u.layout:
@@ -381,10 +395,11 @@ def _insert_adapters(nm: NeatModule, chosen: list[Site], config: NeatConfig, oth
                 uses=len(site.uses),
                 aliases=site.aliases,
                 shape=site.shape,
-                dtype=str(weight.dtype).removeprefix("torch."),
+                dtype=str(quantized.compute_dtype(weight)).removeprefix("torch."),
                 shared_with_other_ops=shared,
                 linear_paths=linear_attribute_paths(nm.model, site) if shared else site.aliases,
                 experts=site.experts,
+                quantization=quantized.format_of(weight),
             )
         )
 
