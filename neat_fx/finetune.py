@@ -52,7 +52,7 @@ from .jobs import (
     training_settings,
     warmup_linear_schedule,
 )
-from .reporting import NONE, REPORTERS, StepLog, open_reporters, report_to
+from .reporting import NONE, REPORTERS, Reporters, StepLog, open_reporters, report_to
 
 #: the jobs `neat-fx finetune --task` runs.
 TASKS = ("sequence-classification", "causal-lm")
@@ -386,7 +386,7 @@ class _Job:
     data_source: str
     nm: neat_fx.NeatModule | None = None
     example: dict | None = None
-    reporter: object = None
+    reporter: Reporters | None = None
     step_log: StepLog | None = None
 
     @classmethod

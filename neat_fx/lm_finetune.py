@@ -39,7 +39,7 @@ from .jobs import (
     training_settings,
     warmup_linear_schedule,
 )
-from .reporting import StepLog, open_reporters
+from .reporting import Reporters, StepLog, open_reporters
 
 #: the weights adapted unless --patterns says otherwise (neat_fx.transform's preset, PEFT's meaning).
 DEFAULT_PATTERNS = "all-linear"
@@ -461,7 +461,7 @@ class _LmJob:
     use_cache: object
     nm: neat_fx.NeatModule | None = None
     example: dict | None = None
-    reporter: object = None
+    reporter: Reporters | None = None
     step_log: StepLog | None = None
 
     @classmethod
