@@ -259,12 +259,13 @@ def test_wandb_offline_run_holds_the_metrics(cls_run, tmp_path):
                 {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.summary.update}
             )
         elif kind == "run":
-            assert rec.run.project == "neat-fx-test"
+            summary["project"] = rec.run.project
     assert [s for s, _ in history["train/loss"]] == [4, 6] and [s for s, _ in history["eval/accuracy"]] == [0, 6]
     assert history["train/loss"][-1][1] == pytest.approx(numbers(rows["training loss, last logged"])[0], abs=6e-5)
     before, after = numbers(rows["test accuracy before → after"])
     assert [100 * v for _, v in history["eval/accuracy"]] == pytest.approx([before, after], abs=0.051)
     assert summary["test accuracy before → after"] == rows["test accuracy before → after"]
+    assert summary["project"] == "neat-fx-test"  # $WANDB_PROJECT
     assert summary["train/loss"] == history["train/loss"][-1][1]
 
 
