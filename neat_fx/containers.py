@@ -428,7 +428,8 @@ class NeatModule(GraphContainer):
         for site, weight in shared:
             mark = getattr(weight, MERGED_MARK, None)
             if mark is not None and mark[1] == tensor_version(weight) and versions.get(site.key) != mark[1]:
-                self.own_base_weight(site, mark[0].clone())
+                # a quantized W0 is the base's own parameter object, replaced (not written) by the merge: kept as is
+                self.own_base_weight(site, mark[0] if site.quantization else mark[0].clone())
             elif site.linear_paths and site.shared_with_other_ops:
                 # another module's merge untied the head: its path holds that module's W0 + ΔW now
                 head = self.model.get_parameter(site.linear_paths[0])
@@ -438,6 +439,11 @@ class NeatModule(GraphContainer):
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self.follow_merges()
+            if torch.is_grad_enabled() and any(s.quantization for s in self.site_infos):
+                from .quantized import recompute_in_backward
+
+                with recompute_in_backward():  # one site's dequantized weight at a time (neat_fx.quantized)
+                    return super().forward(*args, **kwargs)
         return super().forward(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):

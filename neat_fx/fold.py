@@ -163,19 +163,42 @@ def _fold_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, site: SiteInfo, va
 
 
 @torch.no_grad()
-def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
+def merge_into(model: nn.Module, nm: NeatModule, *, requantize: bool | None = None, example_inputs=None):
     """Write `W0 + ΔW` (and the fully trained parameters) into `model` in place; returns `model`.
 
     Idempotent: ΔW is computed from W0, which `nm` keeps once it has merged into the model it shares
     weights with, so merging again (after more training, or twice) never counts ΔW twice, and `nm`
     goes on computing the same function. Every check runs before anything is written.
+
+    On a quantized base (sites on torchao / bitsandbytes weights; neat_fx.quantized) `requantize` must be given and
+    a `quantized.MergeReport` is returned (its `.model` is `model`): False — each merged site leaves quantization, a
+    plain weight `W0_deq + ΔW` in the base's compute dtype (a bitsandbytes layer becomes an nn.Linear); True —
+    `W0_deq + ΔW` quantized again in the base's own format and block sizes, with the error that adds per site and,
+    given `example_inputs`, in the outputs against nm's. On a float base `requantize` has no effect.
     """
     if not isinstance(nm, NeatModule):
         raise TypeError(f"merge_into expects a NeatModule from neat_fx.transform, got {type(nm).__name__}")
     _refuse_sharded(nm, "merge_into")
+    quantized_sites = [s for s in nm.site_infos if s.quantization]
+    if quantized_sites and requantize is None:
+        formats = ", ".join(sorted({s.quantization for s in quantized_sites}))
+        raise MergeError(
+            f"{len(quantized_sites)} of nm's sites are on quantized weights ({formats}); say what the merged weights "
+            f"become: merge_into(model, nm, requantize=False) gives plain {quantized_sites[0].dtype} weights W0 + ΔW "
+            f"(exact, more memory), requantize=True quantizes W0 + ΔW again in the same format (same memory, plus a "
+            f"quantization error the returned report measures; pass example_inputs= to see it in the outputs)"
+        )
+    reference = None
+    if quantized_sites and example_inputs is not None:
+        args, kwargs = cap.split_example_inputs(example_inputs)
+        with cap.train_mode(nm, False):
+            reference = nm(*args, **kwargs)
+    qplan = [_plan_quantized(model, nm, site, bool(requantize)) for site in quantized_sites]
     plan = []
     untie = []  # (site, W0 holder in model, new W0 + ΔW): tied to non-linear uses, written at the linear paths only
     for site in nm.site_infos:
+        if site.quantization:
+            continue
         if site.shared_with_other_ops and not site.linear_paths:
             raise MergeError(
                 f"{site.name} is read by linear and by other ops (e.g. an embedding and an output head) through "
@@ -230,7 +253,94 @@ def merge_into(model: nn.Module, nm: NeatModule) -> nn.Module:
         _untie(model, nm, site, w0_holder, new)
     for target, value in train_plan:
         target.copy_(value.detach().to(device=target.device, dtype=target.dtype))
-    return model
+    if not quantized_sites:
+        return model
+    report = quantized.MergeReport(model, bool(requantize), [entry for *_, entry in qplan])
+    for site, original, new, _ in qplan:
+        _write_quantized(model, nm, site, original, new)
+    if reference is not None:
+        with cap.train_mode(model, False):
+            merged = quantized.eager_view(model)(*args, **kwargs)
+        report.output_max, report.output_rel = _output_difference(reference, merged)
+    return report
+
+
+def _plan_quantized(model: nn.Module, nm: NeatModule, site: SiteInfo, requantize: bool):
+    """(site, the base's quantized parameter, the parameter to write, its SiteMerge): every check and all the
+    arithmetic of merging one quantized site, before anything is written."""
+    if site.shared_with_other_ops:
+        raise MergeError(
+            f"{site.name} is quantized and read by other ops too (a tied embedding); merge_into cannot untie a "
+            f"quantized weight. Use neat_fx.fold(nm), or transform with exclude=[{site.name!r}]."
+        )
+    try:
+        target = model.get_parameter(site.name)
+    except AttributeError:
+        raise MergeError(
+            f"{type(model).__name__} has no parameter {site.name}; merge into the model nm was built from"
+        ) from None
+    original = nm.base_weights._buffers.get(site.key)
+    if original is None:
+        original = nm.model.get_parameter(site.name)
+    if target is not original and not getattr(target, MERGED_MARK, None):
+        raise MergeError(
+            f"{site.name} in {type(model).__name__} is not the quantized weight nm was built on (nor one merge_into "
+            f"wrote); merge into the model nm was transformed from"
+        )
+    if requantize and quantized.format_of(original).startswith("bnb."):
+        owner = site.name.rpartition(".")[0]
+        if not quantized.is_bnb_layer(model.get_submodule(owner)):
+            raise MergeError(
+                f"{owner} was a bitsandbytes layer that an earlier merge_into(requantize=False) made an nn.Linear; "
+                f"requantize=True needs the bitsandbytes layer: load the base again and merge into it"
+            )
+    w0 = quantized.dequantize(original)
+    ad = nm.adapters[site.key]
+    delta = ad.delta_weight(w0)
+    merged = (w0.float() + delta).to(w0.dtype)
+    entry = dict(
+        name=site.name,
+        format=site.quantization,
+        dtype=str(w0.dtype).removeprefix("torch."),
+        requantized=requantize,
+        update_max=float(delta.abs().max()) if delta.numel() else 0.0,
+    )
+    if not requantize:
+        new = nn.Parameter(merged, requires_grad=False)
+    else:
+        new = quantized.requantize(original, merged)
+        error = (quantized.dequantize(new).float() - merged.float()).flatten()
+        entry.update(
+            error_max=float(error.abs().max()),
+            error_rel=float(error.norm() / merged.float().norm().clamp_min(1e-30)),
+        )
+    return site, original, new, quantized.SiteMerge(**entry)
+
+
+def _write_quantized(model: nn.Module, nm: NeatModule, site: SiteInfo, original, new):
+    """Put `new` at every path of the site in `model` (a bitsandbytes layer left for a plain weight becomes an
+    nn.Linear); nm keeps the quantized W0 it was built on, so it goes on computing its own function."""
+    if nm.model is model and site.key not in nm.base_weights._buffers:
+        nm.own_base_weight(site, original)
+    for path in site.aliases or (site.name,):
+        owner_name, _, field = path.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if quantized.is_bnb_layer(owner) and quantized.format_of(new) is None:
+            model.set_submodule(owner_name, quantized.plain_linear(owner, new))
+        else:
+            setattr(owner, field, new)
+    setattr(new, MERGED_MARK, (original, tensor_version(new)))  # for other modules built on this model
+
+
+def _output_difference(expected, actual) -> tuple[float, float]:
+    from .numerics import flat_tensors
+
+    worst, scale = 0.0, 1.0
+    for e, a in zip(flat_tensors(expected), flat_tensors(actual)):
+        if e.is_floating_point() and e.numel():
+            worst = max(worst, float((e.double() - a.double()).abs().max()))
+            scale = max(scale, float(e.double().abs().max()))
+    return worst, worst / scale
 
 
 def _untie(model: nn.Module, nm: NeatModule, site: SiteInfo, w0_holder: nn.Parameter, new: torch.Tensor):

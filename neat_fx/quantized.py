@@ -20,7 +20,10 @@ torchao and bitsandbytes are imported only when a model holds one of their tenso
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -166,7 +169,70 @@ def dequantize(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     else:  # pragma: no cover - format_of returns only the formats above
         raise AssertionError(fmt)
     w = w.as_subclass(torch.Tensor) if type(w) is not torch.Tensor else w
-    return w if dtype is None or w.dtype == dtype else w.to(dtype)
+    w = w if dtype is None or w.dtype == dtype else w.to(dtype)
+    recording = getattr(_RECOMPUTE, "table", None)
+    if recording is not None:
+        root = w._base if w._base is not None else w  # autograd sees views of the root (w.t(), w.mT)
+        recording[id(root)] = (weakref.ref(root), t, dtype)
+    return w
+
+
+# -- training: dequantized weights are not kept for the backward ---------------------------------------------------
+_RECOMPUTE = threading.local()
+
+
+@dataclass(frozen=True)
+class _Recomputed:
+    """What autograd keeps of a (view of a) dequantized weight: the quantized weight and how to view it again."""
+
+    source: torch.Tensor
+    dtype: torch.dtype | None
+    size: tuple
+    stride: tuple
+    offset: int
+    nbytes: int  # of the storage viewed: the recomputation lays its values out the same way (deterministic code)
+
+
+def _pack(x: torch.Tensor):
+    table = getattr(_RECOMPUTE, "table", None)
+    base = x._base if x._base is not None else x
+    entry = table.get(id(base)) if table is not None else None
+    if entry is None or entry[0]() is not base:  # identity through a weak reference: never a reused id
+        return x
+    nbytes = base.untyped_storage().nbytes()
+    return _Recomputed(entry[1], entry[2], tuple(x.size()), tuple(x.stride()), x.storage_offset(), nbytes)
+
+
+def _unpack(saved):
+    if not isinstance(saved, _Recomputed):
+        return saved
+    table = getattr(_RECOMPUTE, "table", None)
+    _RECOMPUTE.table = None  # the recomputation is not itself recorded
+    try:
+        w = dequantize(saved.source, saved.dtype)
+    finally:
+        _RECOMPUTE.table = table
+    if w.untyped_storage().nbytes() != saved.nbytes:
+        raise RuntimeError(
+            f"neat_fx: a dequantized weight recomputed for the backward has {w.untyped_storage().nbytes()} bytes of "
+            f"storage, {saved.nbytes} in the forward; please report this with the quantization format"
+        )
+    return w.as_strided(saved.size, saved.stride, saved.offset)  # an offset into the storage, like the saved view
+
+
+@contextlib.contextmanager
+def recompute_in_backward():
+    """Within the block, autograd keeps a quantized weight (and how it was viewed) instead of its dequantized copy
+    wherever an op saves one for the backward (a linear's input gradient, the adapter's W0ᵀ A), and dequantizes
+    again when the backward needs it: a training step holds one site's dequantized weight at a time, as bitsandbytes'
+    and torchao's own QLoRA linears do, never the whole model's."""
+    outer = getattr(_RECOMPUTE, "table", None)
+    _RECOMPUTE.table = {} if outer is None else outer
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _RECOMPUTE.table = outer
 
 
 # -- capture -----------------------------------------------------------------------------------------------------
@@ -321,7 +387,9 @@ def requantize(like: torch.Tensor, weight: torch.Tensor) -> nn.Parameter:
             granularity = PerRow()
         else:
             granularity = PerGroup(block[-1])
-        mapping = MappingType.SYMMETRIC if like.zero_point is None else MappingType.ASYMMETRIC
+        # torchao stores zeros for symmetric int8 too, and its weight-only kernel ignores the zero point
+        asymmetric = like.zero_point is not None and bool(like.zero_point.any())
+        mapping = MappingType.ASYMMETRIC if asymmetric else MappingType.SYMMETRIC
         q = Int8Tensor.from_hp(
             weight.to(like.dtype),
             granularity,
@@ -410,7 +478,7 @@ class MergeReport:
 def plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
     """A bitsandbytes layer as a plain nn.Linear holding `weight` (its bias kept, cast to the weight's dtype)."""
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
-    out.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    out.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach(), requires_grad=False)
     if module.bias is not None:
         out.bias = nn.Parameter(module.bias.detach().to(weight.dtype), requires_grad=module.bias.requires_grad)
     out.train(module.training)
