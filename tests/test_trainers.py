@@ -322,3 +322,31 @@ def test_sft_two_processes_equals_one(tmp_path):
     moved = max(float(one[k].abs().max()) for k in one if k.endswith("neat_B"))
     assert moved > 1e-3  # trained
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    tok, model, nm = make()
+    randomize_adapters(nm, std=0.3)
+    wrapped = H.wrap(nm).train()
+    ids = batch(tok, ["1+2=3", "45+10=55"])
+
+    def grads():
+        for p in nm.adapters.parameters():
+            p.grad = None
+        wrapped(**ids).loss.backward()
+        return [p.grad.clone() for p in nm.adapters.parameters()]
+
+    calls = []
+    wrapped.model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # inside the layer
+    plain = grads()
+    assert len(calls) == 1
+    for reentrant in (False, True):
+        wrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert wrapped.is_gradient_checkpointing
+        calls.clear()
+        checkpointed = grads()
+        assert len(calls) == 2  # the layer ran again in the backward pass
+        assert max(float((a - b).abs().max()) for a, b in zip(plain, checkpointed)) < 1e-6
+        wrapped.gradient_checkpointing_disable()
+    # the flags were set on the wrapper's view of the layers, not on the model's own
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
