@@ -377,16 +377,20 @@ class NeatModule(GraphContainer):
     def weight_of(self, site: SiteInfo) -> torch.Tensor:
         """W0 of a site: the base weight this module computes ΔW from (dequantized, computed at each call, when the
         base holds it quantized: neat_fx.quantized)."""
-        self.follow_merges()
-        if site.key in self.base_weights._buffers:
-            w = self.base_weights._buffers[site.key]
-        else:
-            w = self.model.get_parameter(site.name)
+        w = self.base_tensor(site)
         if site.quantization:
             from .quantized import dequantize
 
             return dequantize(w)
         return w
+
+    def base_tensor(self, site: SiteInfo) -> torch.Tensor:
+        """The tensor W0 is held in: the model's parameter (a quantized one as it is), or nm's own copy after a
+        merge wrote into the model's."""
+        self.follow_merges()
+        if site.key in self.base_weights._buffers:
+            return self.base_weights._buffers[site.key]
+        return self.model.get_parameter(site.name)
 
     # -- the base weights: shared with the model until a merge writes W0 + ΔW into them ----------------
     def own_base_weight(self, site: SiteInfo, w0: torch.Tensor):

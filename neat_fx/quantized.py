@@ -79,9 +79,7 @@ def unknown_subclass(t) -> bool:
     if not isinstance(t, torch.Tensor) or cls in (torch.Tensor, nn.Parameter) or format_of(t) is not None:
         return False
     module = cls.__module__ or ""
-    if module.startswith("torch.") and not module.startswith("torchao"):
-        return False
-    return module.startswith(("torchao", "bitsandbytes")) or torch._utils.is_traceable_wrapper_subclass(t)
+    return not (module == "torch" or module.startswith("torch."))  # torch's own: DTensor, FakeTensor, Buffer, …
 
 
 def has_quantized(model: nn.Module) -> bool:
@@ -125,7 +123,7 @@ def describe(t: torch.Tensor) -> dict | None:
 def format_label(meta: dict | None) -> str:
     """'float (not quantized)' or 'bnb.nf4 (block 64, double quantization)' for messages."""
     if not meta:
-        return "not quantized"
+        return "unquantized"
     extra = []
     if "block_size" in meta:
         extra.append(f"block {meta['block_size']}")
@@ -303,6 +301,12 @@ def eager_view(model: nn.Module) -> nn.Module:
     if not any(_bnb_layer(m) for m in model.modules()):
         return model
     return _view(model, stand_ins=False)
+
+
+def view_classes(model: nn.Module) -> dict[int, tuple[type, dict]]:
+    """For `generate.adapted_view(classes=…)`: every bitsandbytes layer as a `DequantizedLinear` (its own forward
+    cannot take the plain `W0 + ΔW` a view gives it, and on CPU its eval fast path repacks the weight in place)."""
+    return {id(m): (DequantizedLinear, {}) for m in model.modules() if _bnb_layer(m)}
 
 
 def is_dequantize(node) -> bool:

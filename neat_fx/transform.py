@@ -88,6 +88,7 @@ def transform(
         seed=seed,
     )
     config = _one_config(config, {k: v for k, v in options.items() if v is not None})
+    _refuse_unknown_formats(dict(model.named_parameters(remove_duplicate=False)), config)  # before the capture
     block_names = resolve_block_names(model, blocks)  # a wrong name fails before the capture
     args, kwargs = cap.split_example_inputs(example_inputs)
     _warn_static_batch(args, kwargs, dynamic)
@@ -175,7 +176,6 @@ def _select(nm: NeatModule, graphs: dict, config: NeatConfig):
     aliases = _aliases(nm.model)
     sites, other_uses = _collect_sites(graphs, resolve, aliases)
     param_names = dict(nm.model.named_parameters(remove_duplicate=False))
-    _refuse_unknown_formats(param_names, config)
     chosen = select(sites, config.patterns, config.exclude, param_names, other_uses, output_head_names(nm.model))
     train_params = _select_trainable(config.trainable, param_names, chosen, aliases)
     return chosen, train_params, other_uses

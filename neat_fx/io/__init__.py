@@ -16,6 +16,7 @@ from ..atomic import previous_copy
 from ..containers import NeatModule, SiteInfo
 from ..distributed import copy_into
 from ..errors import AdapterMismatchError
+from ..quantized import describe, format_label
 from . import lora, native, peft
 from .fingerprint import fingerprint, fingerprint_matches
 from .loaded import LoadedAdapters
@@ -156,8 +157,16 @@ def _check_and_copy(nm: NeatModule, loaded: LoadedAdapters, path):
                     )
         meta = loaded.site_meta.get(name)
         if meta is not None:
+            saved_q, now_q = meta.get("quantization"), describe(nm.base_tensor(s)) if s.quantization else None
             if meta["layout"] != s.layout:
                 problems.append(f"{name}: saved for layout {meta['layout']}, nm uses {s.layout}")
+            elif saved_q != now_q:
+                problems.append(
+                    f"{name}: the adapters were trained on a base weight held {format_label(saved_q)}, this one is "
+                    f"{format_label(now_q)}: H = σ(W0ᵀ A) is computed from the (dequantized) W0, so they would compute "
+                    f"another function here. Quantize this base as the training base was (see docs/quantized.md), "
+                    f"or load them onto that base"
+                )
             elif not fingerprint_matches(meta["fingerprint"], nm.weight_of(s)):
                 problems.append(
                     f"{name}: the base weight differs from the one the adapters were trained on "

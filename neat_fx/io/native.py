@@ -11,6 +11,7 @@ from .._version import __version__
 from ..config import NeatConfig
 from ..containers import NeatModule
 from ..errors import AdapterMismatchError, ConfigError
+from ..quantized import describe
 from .fingerprint import fingerprint
 from .loaded import LoadedAdapters, check_site_tensors, finite_number, get_field, mismatch
 from .writing import committed_weights, load_tensors, read_json, write_committed
@@ -59,6 +60,8 @@ def save(nm: NeatModule, folder: Path):
                     **({"experts": s.experts} if s.experts else {}),
                     "dtype": s.dtype,
                     "fingerprint": fingerprint(nm.weight_of(s)),
+                    # the base's format: adapters trained on a quantized W0 compute another function on another W0
+                    **({"quantization": describe(nm.base_tensor(s))} if s.quantization else {}),
                     "activation": nm.adapters[s.key].activation,
                     "scale": nm.adapters[s.key].scale,
                 }
@@ -110,6 +113,9 @@ def read(folder: Path) -> LoadedAdapters:
         get_field(fp, "shape", list, cpath, "a list of integers", prefix=p + "fingerprint.")
         get_field(fp, "sample", list, cpath, "a list of numbers", prefix=p + "fingerprint.")
         finite_number(fp, "norm", cpath, prefix=p + "fingerprint.")
+        if "quantization" in s:
+            q = get_field(s, "quantization", dict, cpath, "the base weight's quantized format", prefix=p)
+            get_field(q, "format", str, cpath, "a format name such as 'bnb.nf4'", prefix=p + "quantization.")
         get_field(s, "d_out", int, cpath, "an integer", prefix=p, default=None)
         if get_field(s, "experts", int, cpath, "the number of routed experts, an integer ≥ 0", prefix=p, default=0) < 0:
             raise mismatch(cpath, f"field '{p}experts'", f"is {s['experts']}", "an integer ≥ 0")

@@ -1,0 +1,375 @@
+"""NEAT on a quantized base (QLoRA-style): torchao NF4 and int8 weight-only, bitsandbytes 4-bit NF4 with and without
+double quantization, on a tiny random LLaMA on CPU (issue 22; neat_fx/quantized.py, docs/quantized.md).
+
+Every test checks structure (ops counted, the base still quantized, no dequantized copy kept) and numbers against a
+reference: the *dequantized-weight model* — a float copy of the model whose weights are the dequantized values,
+computed here with each library's own dequantization — with ΔW added by tests/helpers.py's float64 NEAT."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+pytest.importorskip("bitsandbytes")
+
+import neat_fx  # noqa: E402
+from neat_fx import quantized  # noqa: E402
+from neat_fx.errors import AdapterMismatchError, MergeError, PatternError  # noqa: E402
+
+import decoders  # noqa: E402
+from helpers import call, randomize_adapters, reference_model, rel_diff  # noqa: E402
+
+FORMATS = ("torchao.nf4", "torchao.int8", "bnb.nf4", "bnb.nf4-dq")
+PATTERNS = ["*q_proj", "*v_proj"]
+LAYERS, LINEARS_PER_LAYER = 2, 7  # q k v o gate up down: every one quantized, the head left in float
+
+
+def _projection(module, name) -> bool:
+    return isinstance(module, torch.nn.Linear) and "lm_head" not in name
+
+
+def quantize(model, fmt: str):
+    """`model` with every projection (not the head) quantized in `fmt`, as a user does it with each library."""
+    if fmt == "torchao.nf4":
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+        for name, mod in model.named_modules():
+            if _projection(mod, name):  # block sizes small enough for 16×32 weights
+                mod.weight = torch.nn.Parameter(to_nf4(mod.weight.detach(), 16, 8), requires_grad=False)
+    elif fmt == "torchao.int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=_projection)
+    else:
+        import bitsandbytes as bnb
+
+        double = fmt.endswith("-dq")
+        for name, mod in list(model.named_modules()):
+            if _projection(mod, name):
+                layer = bnb.nn.Linear4bit(
+                    mod.in_features,
+                    mod.out_features,
+                    bias=mod.bias is not None,
+                    quant_type="nf4",
+                    compress_statistics=double,
+                    compute_dtype=torch.float32,
+                )
+                layer.weight = bnb.nn.Params4bit(
+                    mod.weight.detach().clone(), requires_grad=False, quant_type="nf4", compress_statistics=double
+                )
+                model.set_submodule(name, layer.to("cpu"))  # bitsandbytes quantizes on the move
+    return model
+
+
+def dequantized_model(float_model, quantized_model):
+    """The reference: a float copy whose projections hold the quantized model's weights, dequantized."""
+    ref = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if _projection(mod, name):
+                q = quantized_model.get_submodule(name).weight
+                mod.weight.copy_(_library_dequantize(q))
+    return ref
+
+
+def _library_dequantize(q):
+    """Each library's own dequantization (not neat_fx's dispatch)."""
+    if type(q).__name__ == "NF4Tensor":
+        return q.get_original_weight()
+    if type(q).__name__ == "Int8Tensor":
+        return q.qdata.float() * q.scale.float().reshape(-1, 1)
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(q.data, q.quant_state)
+
+
+def build(fmt: str, seed: int = 0):
+    """(float model, quantized model, example inputs) — two copies of one random tiny LLaMA."""
+    float_model = decoders.build("llama", seed=seed)
+    return float_model, quantize(copy.deepcopy(float_model), fmt), decoders.example_inputs()
+
+
+def _counts(graph) -> Counter:
+    return Counter(
+        "dequantize" if quantized.is_dequantize(n) else str(n.target).split(".")[0] if n.op == "call_module" else ""
+        for n in graph.nodes
+        if n.op in ("call_function", "call_module")
+    ) + Counter(str(n.target) for n in graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def case(request):
+    float_model, model, inputs = build(request.param)
+    nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0)
+    return request.param, float_model, model, inputs, nm
+
+
+# -- 1. sites on quantized weights -------------------------------------------------------------------------------
+def test_sites_structure_and_numbers(case):
+    fmt, float_model, model, inputs, nm = case
+    kind = fmt.removesuffix("-dq")
+    sites = nm.sites()
+    assert [s.quantization for s in sites] == [kind] * 4
+    assert {s.shape for s in sites} == {(32, 32), (16, 32)} and {s.dtype for s in sites} == {"float32"}
+    for mode in nm.modes:
+        counts = _counts(nm.graph(mode))
+        assert counts["dequantize"] == LAYERS * LINEARS_PER_LAYER  # every quantized weight, read once
+        assert counts["adapters"] == 4
+        assert counts["aten.linear.default"] == LAYERS * LINEARS_PER_LAYER + 1  # + the float head
+        assert not any("access_subclass_inner_tensor" in str(n.target) for n in nm.graph(mode).nodes)
+    # the base stays quantized and is shared; nm holds no dequantized copy of any weight
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert quantized.format_of(q) == kind and nm.model is model
+    site_shapes = {s.shape for s in sites} | {(64, 32), (32, 64)}
+    own = [t for n, t in nm.named_buffers() if not n.startswith("model.")]
+    own += [t for n, t in nm.named_parameters() if not n.startswith("model.")]
+    assert not any(tuple(t.shape) in site_shapes for t in own)
+    # B = 0: nm is the quantized base exactly (int8: torchao's own kernel scales after the matmul)
+    reference = dequantized_model(float_model, model)
+    nm.eval()
+    with torch.no_grad():
+        out = call(nm, inputs)
+        base = call(quantized.eager_view(model), inputs)
+        assert rel_diff(out, base) <= (1e-6 if kind == "torchao.int8" else 0.0)
+        assert rel_diff(out, call(reference, inputs)) <= 1e-6
+        # adapters applied by hand (float64 NEAT) on the dequantized weights
+        saved = {k: v.clone() for k, v in nm.adapters.state_dict().items()}
+        randomize_adapters(nm, std=0.3, seed=1)
+        try:
+            assert rel_diff(call(nm, inputs), call(reference_model(reference, nm), inputs)) < 1e-5
+        finally:
+            nm.adapters.load_state_dict(saved)
+
+
+def test_training_steps_reduce_the_loss(case):
+    fmt, _, model, inputs, _ = case
+    labels = inputs["input_ids"].clone()
+    nm = neat_fx.transform(model, PATTERNS, dict(inputs, labels=labels), rank=4, seed=0, scale=2.0)
+    trained = [p for p in nm.parameters() if p.requires_grad]
+    assert {id(p) for p in trained} == {id(p) for p in nm.adapters.parameters()}
+    opt = torch.optim.AdamW(trained, lr=1e-2)
+    nm.train()
+    losses = []
+    for _ in range(8):
+        loss = nm(**inputs, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert quantized.format_of(model.model.layers[1].self_attn.v_proj.weight) == fmt.removesuffix("-dq")
+
+
+def test_backward_keeps_quantized_weights_not_dequantized_copies():
+    """A training step keeps the quantized weights for the backward and dequantizes again there (as bitsandbytes'
+    and torchao's own QLoRA linears do): the bytes a forward leaves for the backward stay far below one dequantized
+    copy of the model, and the gradients are those of keeping the copies."""
+    import transformers
+
+    from neat_fx.memory import LiveTensorBytes
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**decoders._common(hidden_size=256, intermediate_size=512, num_hidden_layers=4))
+    model = quantize(transformers.LlamaForCausalLM(cfg), "torchao.nf4")
+    inputs = decoders.example_inputs()
+    labels = inputs["input_ids"]
+    nm = neat_fx.transform(model, PATTERNS, dict(inputs, labels=labels), rank=4, seed=0).train()
+    dequantized_bytes = sum(4 * m.weight.numel() for n, m in model.named_modules() if _projection(m, n))
+
+    def step(recompute: bool):
+        with contextlib.ExitStack() as stack:
+            if not recompute:
+                stack.enter_context(pytest.MonkeyPatch.context()).setattr(
+                    quantized, "recompute_in_backward", contextlib.nullcontext
+                )
+            with LiveTensorBytes() as live:
+                out = nm(**inputs, labels=labels)
+                kept = live.now - live.bytes_of(out)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in nm.adapters.parameters()]
+        nm.zero_grad()
+        return kept, grads
+
+    kept, grads = step(recompute=True)
+    kept_copies, grads_copies = step(recompute=False)
+    assert kept_copies > dequantized_bytes  # without: every dequantized weight downstream of an adapter is kept
+    assert kept < dequantized_bytes / 4
+    for g, h in zip(grads, grads_copies):
+        torch.testing.assert_close(g, h, rtol=0, atol=0)
+
+
+# -- 2. downstream: fold, save/load, LoRA form, generate, checkpoints ---------------------------------------------
+def test_fold_is_a_plain_module_on_dequantized_weights(case):
+    fmt, float_model, model, inputs, nm = case
+    randomize_adapters(nm, std=0.3, seed=2)
+    try:
+        folded = neat_fx.fold(nm)
+        counts = _counts(folded.graph("eval"))
+        assert counts["adapters"] == 0
+        assert counts["dequantize"] == LAYERS * LINEARS_PER_LAYER - 4  # the unadapted projections stay quantized
+        for s in nm.sites():
+            w = folded.model.get_parameter(s.name)
+            assert type(w) is torch.nn.Parameter and w.dtype == torch.float32
+        k = folded.model.get_parameter("model.layers.0.self_attn.k_proj.weight")
+        assert k is model.model.layers[0].self_attn.k_proj.weight  # shared, still quantized
+        nm.eval()
+        with torch.no_grad():
+            reference = reference_model(dequantized_model(float_model, model), nm)
+            assert rel_diff(call(folded, inputs), call(nm, inputs)) < 1e-5  # materialised vs factorised ΔW
+            assert rel_diff(call(folded, inputs), call(reference, inputs)) < 1e-5
+    finally:
+        for ad in nm.adapters.values():
+            ad.reset_parameters(torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_merge_into(fmt, requantize):
+    float_model, model, inputs = build(fmt, seed=3)
+    nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0).eval()
+    randomize_adapters(nm, std=0.3, seed=3)
+    kind = fmt.removesuffix("-dq")
+    with torch.no_grad():
+        before = call(nm, inputs)
+        reference = call(reference_model(dequantized_model(float_model, model), nm), inputs)
+    report = neat_fx.merge_into(model, nm, requantize=requantize, example_inputs=inputs)
+    assert isinstance(report, quantized.MergeReport) and report.model is model
+    assert [s.name for s in report.sites] == [s.name for s in nm.sites()]
+    with torch.no_grad():
+        merged = call(quantized.eager_view(model), inputs)
+        assert rel_diff(call(nm, inputs), before) == 0.0  # nm keeps its own quantized W0
+    for s, entry in zip(nm.sites(), report.sites):
+        w = model.get_parameter(s.name)
+        assert entry.format == kind and entry.update_max > 0
+        if requantize:
+            assert quantized.format_of(w) == kind
+            # the error reported is the merged weight against its requantization, recomputed here
+            w0 = _library_dequantize(nm.base_tensor(s))
+            exact = w0.double() + nm.adapters[s.key].delta_weight(w0).double()
+            err = (_library_dequantize(w).double() - exact).abs().max()
+            assert abs(entry.error_max - float(err)) <= 1e-6 * max(1.0, float(err))
+            assert 0 < entry.error_rel < 0.3  # 4-bit codes of these random weights: about 0.2
+        else:
+            assert type(w) is torch.nn.Parameter and w.dtype == torch.float32 and entry.error_max == 0.0
+    assert abs(report.output_max - rel_diff(merged, before) * max(1.0, float(before.logits.abs().max()))) < 1e-6
+    if requantize:
+        assert report.output_rel > 1e-4  # requantizing changes the function, and the report says by how much
+    else:
+        assert report.output_rel < 1e-5 and rel_diff(merged, reference) < 1e-5
+        if kind.startswith("bnb."):
+            assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        again = neat_fx.merge_into(model, nm, requantize=False)  # never counts ΔW twice
+        with torch.no_grad():
+            assert rel_diff(call(quantized.eager_view(model), inputs), merged) == 0.0
+        assert again.model is model
+
+
+def test_merge_into_a_quantized_base_asks_what_to_do(case):
+    _, _, model, _, nm = case
+    with pytest.raises(MergeError, match=r"requantize=False.*requantize=True"):
+        neat_fx.merge_into(model, nm)
+
+
+def test_save_load_round_trip_and_other_bases_refused(tmp_path):
+    float_model, model, inputs = build("bnb.nf4-dq", seed=4)
+    nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0).eval()
+    randomize_adapters(nm, std=0.3, seed=4)
+    neat_fx.save_adapters(nm, tmp_path / "a")
+    again = neat_fx.load_adapters(model, tmp_path / "a", inputs)
+    with torch.no_grad():
+        assert rel_diff(call(again.eval(), inputs), call(nm, inputs)) == 0.0
+    # onto the float base, and float adapters onto the quantized base: refused, both formats named
+    with pytest.raises(AdapterMismatchError, match=r"held bnb\.nf4 \(block 64, double quantization\), this one is"):
+        neat_fx.load_adapters(float_model, tmp_path / "a", inputs)
+    plain = neat_fx.transform(float_model, PATTERNS, inputs, rank=4, seed=0)
+    neat_fx.save_adapters(plain, tmp_path / "b")
+    with pytest.raises(AdapterMismatchError, match=r"held unquantized, this one is bnb\.nf4"):
+        neat_fx.load_adapters(nm, tmp_path / "b")
+    # a base quantized in another format (here without double quantization) is another W0
+    other = quantize(copy.deepcopy(float_model), "bnb.nf4")
+    with pytest.raises(AdapterMismatchError, match="double quantization"):
+        neat_fx.load_adapters(other, tmp_path / "a", inputs)
+
+
+@pytest.mark.parametrize("fmt", ["torchao.nf4", "bnb.nf4-dq"])
+def test_lora_form_loads_in_peft_on_the_same_quantized_base(fmt, tmp_path):
+    peft = pytest.importorskip("peft")
+    _, model, inputs = build(fmt, seed=5)
+    nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0).eval()
+    randomize_adapters(nm, std=0.3, seed=5)
+    neat_fx.save_adapters(nm, tmp_path / "lora", format="lora")
+    with torch.no_grad():
+        expected = call(nm, inputs)
+    lora = peft.PeftModel.from_pretrained(model, tmp_path / "lora")
+    assert type(lora.base_model.model.model.layers[0].self_attn.q_proj.base_layer) is type(
+        model.model.layers[1].self_attn.k_proj
+    )  # the quantized layer itself, under PEFT's LoRA layer
+    # bitsandbytes' CPU fast path (eval, no grad) repacks weights in place: run the PEFT model with grad enabled
+    lora.train()
+    out = call(lora, inputs)
+    assert rel_diff(out, expected) < 1e-4
+    lora.unload()
+
+
+@pytest.mark.parametrize("fmt", ["torchao.nf4", "bnb.nf4-dq"])
+def test_generate_on_a_quantized_base(fmt):
+    _, model, inputs = build(fmt, seed=6)
+    nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0).eval()
+    randomize_adapters(nm, std=0.3, seed=6)
+    ids, mask = decoders.left_padded((7, 4), seed=7)
+    tokens = neat_fx.generate(nm, ids, attention_mask=mask, max_new_tokens=6)
+    assert quantized.format_of(model.model.layers[0].self_attn.q_proj.weight) == fmt.removesuffix("-dq")
+    merged = copy.deepcopy(decoders.build("llama", seed=6))
+    with torch.no_grad():
+        for name, mod in merged.named_modules():
+            if _projection(mod, name):
+                site = next((s for s in nm.sites() if s.name == name + ".weight"), None)
+                w0 = _library_dequantize(model.get_submodule(name).weight)
+                mod.weight.copy_(w0 if site is None else nm.adapters[site.key].folded_weight(w0))
+    expected = merged.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, expected)
+
+
+def test_checkpoint_resume_on_a_quantized_base(tmp_path):
+    _, model, inputs = build("bnb.nf4", seed=8)
+    labels = inputs["input_ids"]
+    nm = neat_fx.transform(model, PATTERNS, dict(inputs, labels=labels), rank=4, seed=0).train()
+    opt = torch.optim.AdamW(nm.parameters(), lr=1e-2)
+
+    def steps(n):
+        for _ in range(n):
+            nm(**inputs, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    steps(2)
+    neat_fx.save_checkpoint(tmp_path / "ck", nm, opt, step=2)
+    steps(2)
+    after = {k: v.clone() for k, v in nm.adapters.state_dict().items()}
+    fresh = neat_fx.transform(model, PATTERNS, dict(inputs, labels=labels), rank=4, seed=1).train()
+    opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert neat_fx.load_checkpoint(tmp_path / "ck", fresh, opt)["step"] == 2
+    nm = fresh
+    steps(2)
+    for k, v in fresh.adapters.state_dict().items():
+        torch.testing.assert_close(v, after[k], rtol=1e-6, atol=1e-7)
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+class Packed(torch.Tensor):
+    """A weight held in a format neat_fx does not know."""
+
+
+def test_unknown_format_is_named_with_the_known_ones():
+    model = decoders.build("llama")
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight = torch.nn.Parameter(q.weight.detach().as_subclass(Packed), requires_grad=False)
+    with pytest.raises(PatternError, match=r"Packed.*Formats it knows: torchao NF4Tensor.*exclude="):
+        neat_fx.transform(model, PATTERNS, decoders.example_inputs())
+    with pytest.raises(PatternError, match="Packed"):
+        neat_fx.transform(model, "all-linear", decoders.example_inputs())
