@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import capture as cap
+from . import quantized
 from .containers import FoldedModule, NeatModule, tensor_version
 from .errors import GenerationError
 from .fold import folded_weight
@@ -259,7 +260,8 @@ def generate(
         with _FOLD_LOCK:
             module.__dict__.pop("_generation_cache", None)
         weights = adapted_weights(module)
-    view = adapted_view(model, weights)
+    # bitsandbytes layers compute as DequantizedLinear: their own forward takes no plain W0 + ΔW (neat_fx.quantized)
+    view = adapted_view(model, weights, classes=quantized.view_classes(model))
     with _quiet_generation():
         return view.generate(**kwargs)
 
