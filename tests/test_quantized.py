@@ -160,7 +160,7 @@ def test_training_steps_reduce_the_loss(case):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
     assert quantized.format_of(model.model.layers[1].self_attn.v_proj.weight) == fmt.removesuffix("-dq")
 
@@ -373,3 +373,21 @@ def test_unknown_format_is_named_with_the_known_ones():
         neat_fx.transform(model, PATTERNS, decoders.example_inputs())
     with pytest.raises(PatternError, match="Packed"):
         neat_fx.transform(model, "all-linear", decoders.example_inputs())
+
+
+def test_neat_fx_works_without_the_quantization_libraries(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torchao'] = None; sys.modules['bitsandbytes'] = None\n"
+        "import torch, neat_fx\n"
+        "from neat_fx import quantized\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "nm = neat_fx.transform(m, ['*'], (torch.ones(2, 4),))\n"
+        "print(len(nm.sites()), 'torchao' in sys.modules and sys.modules['torchao'] is not None)\n"
+        "quantized._require('bitsandbytes')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.split() == ["1", "False"], out.stderr[-2000:]
+    assert "ImportError" in out.stderr and "pip install 'neat-fx[quantized]'" in out.stderr
