@@ -92,7 +92,7 @@ __all__ = [
 
 #: documented submodules that need an extra (or transformers), imported on first attribute access so that
 #: `import neat_fx` stays light: `neat_fx.export.to_onnx(...)`, `neat_fx.hf.NeatAdaptersCallback()`.
-_LAZY_SUBMODULES = ("export", "hf")
+_LAZY_SUBMODULES = ("card", "eager", "export", "hf")
 
 
 def __getattr__(name: str):

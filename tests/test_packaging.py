@@ -96,9 +96,11 @@ def test_documented_submodules_are_attributes_after_import_neat_fx(tmp_path):
     code = (
         "import sys, neat_fx\n"
         "assert 'neat_fx.hf' not in sys.modules and 'onnx' not in sys.modules\n"
-        "print(neat_fx.hf.NeatAdaptersCallback.__name__, neat_fx.export.to_onnx.__name__)\n"
+        "print(neat_fx.hf.NeatAdaptersCallback.__name__, neat_fx.export.to_onnx.__name__, neat_fx.hf.wrap.__name__,"
+        " neat_fx.card.write_model_card.__name__)\n"
         "try:\n    neat_fx.no_such_thing\nexcept AttributeError as e:\n    print('AttributeError', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[0] == "NeatAdaptersCallback to_onnx" and "no_such_thing" in out.stdout
+    first = out.stdout.split("\n")[0]
+    assert first == "NeatAdaptersCallback to_onnx wrap write_model_card" and "no_such_thing" in out.stdout
