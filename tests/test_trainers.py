@@ -350,3 +350,62 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         wrapped.gradient_checkpointing_disable()
     # the flags were set on the wrapper's view of the layers, not on the model's own
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _family(name):
+    import decoders
+    import zoo
+
+    if name in decoders.DECODERS:
+        return decoders.build(name), decoders.example_inputs(), "all-linear", {}
+    if name == "bert_classifier":
+        model, example, _, _ = zoo.bert()
+        return model.eval(), example, "all-linear", dict(trainable=["classifier*"])
+    if name == "t5":
+        model, example, _, patterns = zoo.t5()
+        return model.eval(), example, patterns, {}
+    import test_experts
+
+    return test_experts.qwen3_moe("batched_mm"), dict(input_ids=test_experts._inputs(0)), "all-linear", {}
+
+
+@pytest.mark.parametrize(
+    "name", ["llama", "qwen2", "mistral", "gpt2", "phi3", "gemma2", "bert_classifier", "t5", "qwen3_moe"]
+)
+def test_wrap_equals_the_graph_on_every_family(name):
+    """Conv1D (GPT-2), fused qkv (Phi-3), soft-capping (Gemma-2), a classifier trained in full (BERT), an
+    encoder-decoder (T5) and 3-D expert stacks (Qwen3-MoE: the weight read as a property)."""
+    model, example, patterns, options = _family(name)
+    nm = neat_fx.transform(model, patterns, example_inputs=example, rank=4, seed=0, **options).eval()
+    randomize_adapters(nm, std=0.2)
+    wrapped = H.wrap(nm).eval()
+
+    def logits(out):
+        return out.logits if hasattr(out, "logits") else out[0]
+
+    graph, eager, base = logits(nm(**example)), logits(wrapped(**example)), logits(model(**example))
+    assert (eager - graph).abs().max() < 1e-5 and (eager - base).abs().max() > 1e-2
+    with wrapped.disable_adapters():
+        assert torch.equal(logits(wrapped(**example)), base)
+
+
+def test_trainer_defaults_on_a_classifier(tmp_path):
+    import zoo
+
+    model, _, _, _ = zoo.bert()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 120, (48, 10), generator=g)
+    rows = [dict(input_ids=i.tolist(), attention_mask=[1] * 10, labels=int(i[0] > 60), sentence="unused") for i in ids]
+    example = dict(input_ids=ids[:4], attention_mask=torch.ones(4, 10, dtype=torch.long))
+    nm = neat_fx.transform(model, ["*query", "*value"], example_inputs=example, rank=4, trainable=["classifier*"])
+    args = transformers.TrainingArguments(**args_common(tmp_path), max_steps=12, learning_rate=1e-2, logging_steps=4)
+    trainer = transformers.Trainer(model=H.wrap(nm), args=args, train_dataset=datasets.Dataset.from_list(rows))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = neat_fx.read_adapters(tmp_path / "saved")
+    head = nm.trainable_names
+    assert set(loaded.trainable) == set(head.values())
+    for key, name in head.items():
+        assert torch.equal(loaded.trainable[name], nm.trainable[key].detach())
