@@ -256,8 +256,11 @@ def merge_into(model: nn.Module, nm: NeatModule, *, requantize: bool | None = No
     if not quantized_sites:
         return model
     report = quantized.MergeReport(model, bool(requantize), [entry for *_, entry in qplan])
+    plain_layers = []
     for site, original, new, _ in qplan:
-        _write_quantized(model, nm, site, original, new)
+        plain_layers += _write_quantized(model, nm, site, original, new)
+    if plain_layers:
+        quantized.record_unquantized(model, plain_layers)
     if reference is not None:
         with cap.train_mode(model, False):
             merged = quantized.eager_view(model)(*args, **kwargs)
@@ -319,17 +322,21 @@ def _plan_quantized(model: nn.Module, nm: NeatModule, site: SiteInfo, requantize
 
 def _write_quantized(model: nn.Module, nm: NeatModule, site: SiteInfo, original, new):
     """Put `new` at every path of the site in `model` (a bitsandbytes layer left for a plain weight becomes an
-    nn.Linear); nm keeps the quantized W0 it was built on, so it goes on computing its own function."""
+    nn.Linear); nm keeps the quantized W0 it was built on, so it goes on computing its own function. Returns the
+    names of the bitsandbytes layers made nn.Linears."""
     if nm.model is model and site.key not in nm.base_weights._buffers:
         nm.own_base_weight(site, original)
+    replaced = []
     for path in site.aliases or (site.name,):
         owner_name, _, field = path.rpartition(".")
         owner = model.get_submodule(owner_name)
         if quantized.is_bnb_layer(owner) and quantized.format_of(new) is None:
             model.set_submodule(owner_name, quantized.plain_linear(owner, new))
+            replaced.append(owner_name)
         else:
             setattr(owner, field, new)
     setattr(new, MERGED_MARK, (original, tensor_version(new)))  # for other modules built on this model
+    return replaced
 
 
 def _output_difference(expected, actual) -> tuple[float, float]:

@@ -489,5 +489,36 @@ def plain_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
     return out
 
 
+def record_unquantized(model: nn.Module, modules: list[str]):
+    """Tell a Hugging Face model loaded with `BitsAndBytesConfig` that `modules` are plain layers now, so
+    `save_pretrained` → `from_pretrained` keeps them as nn.Linear (bitsandbytes' quantizer would make each a
+    Linear4bit again, holding the float weight it cannot run). The skip list keeps transformers' default (the head)."""
+    for config in {id(c): c for c in _quantization_configs(model)}.values():
+        method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", "")
+        method = str(getattr(method, "value", method))  # transformers' QuantizationMethod enum, or its string
+        if "bitsandbytes" not in method:
+            continue
+        get = config.get if isinstance(config, dict) else lambda k, c=config: getattr(c, k, None)
+        current = get("llm_int8_skip_modules")
+        if current is None:
+            from transformers.quantizers.base import get_keys_to_not_convert
+
+            current = get_keys_to_not_convert(model)
+        value = sorted(set(current) | set(modules))
+        if isinstance(config, dict):
+            config["llm_int8_skip_modules"] = value
+        else:
+            config.llm_int8_skip_modules = value
+
+
+def _quantization_configs(model: nn.Module):
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is not None:
+        yield config
+    quantizer = getattr(model, "hf_quantizer", None)
+    if getattr(quantizer, "quantization_config", None) is not None:
+        yield quantizer.quantization_config
+
+
 def is_bnb_layer(module: nn.Module) -> bool:
     return _bnb_layer(module)

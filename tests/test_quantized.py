@@ -391,3 +391,48 @@ def test_neat_fx_works_without_the_quantization_libraries(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.stdout.split() == ["1", "False"], out.stderr[-2000:]
     assert "ImportError" in out.stderr and "pip install 'neat-fx[quantized]'" in out.stderr
+
+
+# -- 3. merged quantized Hugging Face models: save_pretrained → from_pretrained -------------------------------------
+@pytest.mark.parametrize("requantize", [False, True])
+@pytest.mark.parametrize("library", ["torchao", "bitsandbytes"])
+def test_merged_model_round_trips_through_save_pretrained(library, requantize, tmp_path):
+    """A base quantized by transformers at load (TorchAoConfig / BitsAndBytesConfig), merged, saved and loaded
+    again: the loaded model is the merged one exactly — requantized layers in the base's format, plain ones plain
+    (bitsandbytes: listed in llm_int8_skip_modules so from_pretrained leaves them nn.Linear)."""
+    import transformers
+
+    decoders.build("llama", seed=9).save_pretrained(tmp_path / "base")
+    if library == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        config = transformers.TorchAoConfig(Int8WeightOnlyConfig())
+    else:
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    model = load(tmp_path / "base", quantization_config=config)
+    kind = "torchao.int8" if library == "torchao" else "bnb.nf4"
+    assert quantized.format_of(model.model.layers[0].self_attn.q_proj.weight) == kind
+    inputs = decoders.example_inputs()
+    nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0).eval()
+    randomize_adapters(nm, std=0.05, seed=9)
+    report = neat_fx.merge_into(model, nm, requantize=requantize, example_inputs=inputs)
+    model.save_pretrained(tmp_path / "merged")
+    loaded = load(tmp_path / "merged")
+    q_proj, k_proj = loaded.model.layers[0].self_attn.q_proj, loaded.model.layers[0].self_attn.k_proj
+    assert quantized.format_of(k_proj.weight) == kind  # not adapted: as quantized as before
+    if requantize:
+        assert quantized.format_of(q_proj.weight) == kind
+    else:
+        assert type(q_proj) is torch.nn.Linear and type(q_proj.weight) is torch.nn.Parameter
+    # bitsandbytes' own CPU forward (eval, no grad) repacks in place; its layers are computed as they dequantize
+    with torch.no_grad():
+        merged = call(quantized.eager_view(model), inputs)
+        assert rel_diff(call(quantized.eager_view(loaded), inputs), merged) == 0.0
+        if not requantize:
+            assert rel_diff(merged, call(nm, inputs)) < 1e-5 and report.output_rel < 1e-5
