@@ -78,7 +78,9 @@ class EagerNeatModel(PreTrainedModel):
         self.main_input_name = getattr(model, "main_input_name", "input_ids")
         object.__setattr__(self, "_nm", nm)  # not a child: trainers' module walks (dropout off, .train()) stay off nm
         self.model = eager_view(nm, training=model.training)
-        self.model.__dict__["config"] = config  # the trainer's writes (use_cache, …) go to the wrapper's copy
+        for module in self.model.modules():  # the trainer's writes (use_cache, …) go to the wrapper's copy
+            if module.__dict__.get("config") is model.config:
+                module.__dict__["config"] = config
         if getattr(self, "generation_config", None) is not None:
             self.model.__dict__["generation_config"] = self.generation_config
         self.adapters = nm.adapters  # shared: what the optimizer finds in parameters()
@@ -178,6 +180,13 @@ class EagerNeatModel(PreTrainedModel):
         if getattr(self, "generation_config", None) is not None:
             view.__dict__["generation_config"] = self.generation_config
         return view.generate(*args, **kwargs)
+
+    def merge_and_unload(self) -> nn.Module:
+        """PEFT's name for `neat_fx.merge_into(model, nm)`: W0 + ΔW written into the model's own weights (in place),
+        which it returns; nm keeps its own W0 and goes on computing the same function."""
+        from .fold import merge_into
+
+        return merge_into(self._nm.model, self._nm)
 
     # -- counts ---------------------------------------------------------------------------------------
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:

@@ -131,6 +131,7 @@ def test_wrap_has_what_trainers_look_for(capsys):
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     )
     assert {id(p) for p in wrapped.parameters() if p.requires_grad} == {id(p) for p in nm.adapters.parameters()}
+    assert all(m.config is wrapped.config for m in wrapped.model.modules() if "config" in m.__dict__)
     with pytest.raises(neat_fx.ConfigError, match="wrap takes a NeatModule"):
         H.wrap(model)
     with pytest.raises(neat_fx.ConfigError, match="state does not fit"):
@@ -409,3 +410,18 @@ def test_trainer_defaults_on_a_classifier(tmp_path):
     assert set(loaded.trainable) == set(head.values())
     for key, name in head.items():
         assert torch.equal(loaded.trainable[name], nm.trainable[key].detach())
+
+
+def test_merge_and_unload_writes_the_adapted_weights_into_the_model():
+    tok, model, nm = make()
+    randomize_adapters(nm, std=0.3)
+    wrapped = H.wrap(nm).eval()
+    ids = batch(tok, ["1+2=3", "45+10=55"])
+    before = wrapped(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    merged = wrapped.merge_and_unload()
+    assert merged is model
+    after = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    assert (after - before).abs().max() < 1e-4
+    # nm (and so the wrapper) keeps its own W0: the same function after the merge, not W0 + 2ΔW
+    again = wrapped(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    assert (again - before).abs().max() < 1e-5
