@@ -36,6 +36,8 @@ def to_onnx(
     optimum_level: str | None = "O2",
     task: str | None = None,
     adapters=None,
+    logits: str = "last",
+    attention: str = "auto",
 ) -> ExportReport:
     """Export `module` to ONNX at `path`, optimised for ONNX Runtime and verified against PyTorch.
 
@@ -57,6 +59,12 @@ def to_onnx(
               fusions (RMSNorm, rotary, attention) where onnxscript provides them; verified by logits and by
               greedy generation against the model's own generate. Run it with `neat_fx.export.generate`. With
               via="optimum", Optimum's task name.
+    logits:   with-past only: "last" (default) gives logits at the last position only, [batch, 1, vocab] — what
+              generation reads; the prompt's other positions are not projected onto the vocabulary — or "all"
+              (every position, for scoring).
+    attention: with-past only: "auto" (default) runs LLaMA / Qwen2 / Mistral attention layers as ONNX Runtime's
+              GroupQueryAttention with RotaryEmbedding and packed q/k/v and gate/up projections (other layers keep
+              the model's own code; the report says which); "model" keeps the model's own code on every layer.
     via:      "neat_fx" (torch.onnx dynamo exporter + our passes), or "optimum" for Hugging Face models where
               optimum-onnx is installed (then `optimum_level` "O1"–"O4" or None, and `task`).
               Or "genai" for Hugging Face decoders of the families onnxruntime-genai's model builder knows
@@ -93,6 +101,8 @@ def to_onnx(
         optimum_level=optimum_level,
         task=task,
         adapters=adapters,
+        logits=logits,
+        attention=attention,
     )
     oe._onnx_modules()
     if not isinstance(module, nn.Module):

@@ -16,6 +16,10 @@ INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
 ROUTES = ("neat_fx", "optimum", "genai")
 OPTIMUM_LEVELS = (None, "O1", "O2", "O3", "O4")
+#: logits= of the with-past task: the last position only (what generation reads) or every position (scoring)
+LOGITS = ("last", "all")
+#: attention= of the with-past task: GroupQueryAttention where the layer's class is known, or the model's own code
+ATTENTION = ("auto", "model")
 
 
 def _choice(name: str, value, allowed):
@@ -41,6 +45,8 @@ class ExportConfig:
     optimum_level: str | None = "O2"
     task: str | None = None
     adapters: object = None  # None, or saved adapter folders: {name: folder} or a list of folders
+    logits: str = "last"  # task="text-generation-with-past" only
+    attention: str = "auto"  # task="text-generation-with-past" only
 
     def __post_init__(self):
         _choice("dtype", self.dtype, DTYPES)
@@ -49,6 +55,15 @@ class ExportConfig:
         _choice("quantize", self.quantize, QUANTIZE)
         _choice("via", self.via, ROUTES)
         _choice("optimum_level", self.optimum_level, OPTIMUM_LEVELS)
+        _choice("logits", self.logits, LOGITS)
+        _choice("attention", self.attention, ATTENTION)
+        if (self.logits, self.attention) != ("last", "auto") and (
+            self.task != TEXT_GENERATION_WITH_PAST or self.via != "neat_fx"
+        ):
+            raise ConfigError(
+                f"logits= and attention= shape the with-past decoder file (task={TEXT_GENERATION_WITH_PAST!r}, "
+                f"via='neat_fx'); here task={self.task!r}, via={self.via!r}: leave them at their defaults"
+            )
         for name in ("verify", "approximate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -13,6 +13,7 @@ prefill and a decode step, then by greedy generation through ONNX Runtime agains
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import warnings
@@ -27,7 +28,7 @@ from neat_fx.atomic import Staging
 from neat_fx.containers import FoldedModule, NeatModule
 from neat_fx.numerics import compare
 
-from . import generation, runtime
+from . import generation, gqa, runtime
 from . import onnx_export as oe
 from .config import TEXT_GENERATION_WITH_PAST, ExportConfig
 
@@ -109,15 +110,30 @@ class WithPast(nn.Module):
     """The model's forward with a cache given as flat tensors and returned as flat tensors, the adapted weights
     in place of the model's own (held here as buffers, so the exporter takes them as the file's constants).
     `model` is a view of the model (neat_fx.generate.adapted_view): tracing swaps tensors in the view's tables,
-    never in the model's, and each call runs a view of it with the adapted buffers in place."""
+    never in the model's, and each call runs a view of it with the adapted buffers in place.
 
-    def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor], layout: CacheLayout):
+    `fast` (a gqa.Plan): its layers run as GroupQueryAttention / RotaryEmbedding with packed projections (held
+    here as buffers too); `last_logits`: logits at the last position only. `reference()` runs the model's own
+    code instead of the fast layers (what the export is verified against)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        weights: dict[str, torch.Tensor],
+        layout: CacheLayout,
+        *,
+        fast: gqa.Plan | None = None,
+        last_logits: bool = False,
+    ):
         from neat_fx.generate import adapted_view
 
         super().__init__()
         self.model = adapted_view(model, {})
         self.layout = layout
         self._cache_arg = cache_argument(model)
+        self.last_logits = last_logits and "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.plan = fast if fast is not None and fast.fast else None
+        self._use_fast = self.plan is not None
         # one buffer per tensor: a head tied to the embedding stays one constant in the file
         slots: dict[int, int] = {}
         self._slots = {}
@@ -126,6 +142,27 @@ class WithPast(nn.Module):
                 slots[id(w)] = len(slots)
                 self.register_buffer(f"adapted_{slots[id(w)]}", w.detach(), persistent=False)
             self._slots[path] = slots[id(w)]
+        self._packed = {}
+        if self.plan is not None:
+            for j, (key, (w, b)) in enumerate(gqa.packed_weights(model, weights, self.plan).items()):
+                self.register_buffer(f"packed_{j}_weight", w, persistent=False)
+                self.register_buffer(f"packed_{j}_bias", b, persistent=False)
+                self._packed[key] = j
+            attn = model.get_submodule(next(la.attention for la in self.plan.layers if la.fast))
+            length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 4096)
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            cos, sin = gqa.rotary_tables(model.get_submodule(self.plan.rotary), attn.head_dim, length, device)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within: the model's own code on every layer (the fast layers' reference)."""
+        use, self._use_fast = self._use_fast, False
+        try:
+            yield self
+        finally:
+            self._use_fast = use
 
     def forward(self, input_ids, attention_mask, *rest):
         from transformers.cache_utils import DynamicCache
@@ -135,8 +172,20 @@ class WithPast(nn.Module):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, self._cache_arg: cache, "use_cache": True}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        out = self.adapted()(**kwargs)
-        present = [t for pair in cache_tensors(returned_cache(out)) for t in pair]
+        if self.last_logits:
+            kwargs["logits_to_keep"] = 1
+        view = self.adapted()
+        ctx = None
+        if self._use_fast:
+            ctx = gqa.Context(attention_mask, position_ids, past, self.rotary_cos, self.rotary_sin, self.layout.dtype)
+            packed = {
+                k: (getattr(self, f"packed_{j}_weight"), getattr(self, f"packed_{j}_bias"))
+                for k, j in self._packed.items()
+            }
+            gqa.install(view, self.plan, ctx, packed)
+        out = view(**kwargs)
+        pairs = cache_tensors(returned_cache(out))
+        present = [t for i, pair in enumerate(pairs) for t in (ctx.present.get(i, pair) if ctx else pair)]
         return (out.logits, *present)
 
     def adapted(self) -> nn.Module:
@@ -259,7 +308,8 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
     input_ids = torch.where(in_vocabulary(input_ids, vocab_size(model)), input_ids, _pad_id(model))
     model_device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layout = probe_layout(model, weights, input_ids.to(model_device))
-    wrapper = WithPast(model, weights, layout).eval()
+    fast = gqa.plan(model, layout.position_ids) if opts.attention == "auto" else None
+    wrapper = WithPast(model, weights, layout, fast=fast, last_logits=opts.logits == "last").eval()
     example = _example(layout, input_ids, model_device)
     program = _torch_export(wrapper, example, layout, opts)  # the wrapper runs a view, in eval mode
     meta = dict(oe._metadata(opts), **_generation_metadata(model, layout))
@@ -320,6 +370,15 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         report.notes.append(f"decoder fusions refused by ONNX Runtime ({fusion_failed}); plain graph exported")
     elif not report.fused_ops.get("MultiHeadAttention") and not report.fused_ops.get("GroupQueryAttention"):
         report.notes.append("attention not fused for this architecture: it runs as MatMul/Softmax ops")
+    if fast is not None:
+        report.notes += fast.describe()
+    else:
+        report.notes.append("attention: the model's own code on every layer (attention='model')")
+    report.notes.append(
+        "logits at the last position only ([batch, 1, vocab]; logits='all' for every position)"
+        if wrapper.last_logits
+        else "logits at every position"
+    )
     return report
 
 
@@ -348,6 +407,7 @@ def _torch_export(wrapper: WithPast, example: tuple, layout: CacheLayout, opts: 
                 # int4 stores int4 tensors (the embedding table's), which need opset 21
                 opset_version=opts.opset or (21 if opts.quantize == "int4" else None),
                 dynamic_shapes=_dynamic_shapes(layout),
+                custom_translation_table=gqa.translations() if wrapper.plan is not None else None,
                 input_names=layout.input_names(),
                 output_names=layout.output_names(),
                 verbose=False,
@@ -425,12 +485,12 @@ def verify(tmp: Path, device: str, module, wrapper: WithPast, layout: CacheLayou
     # prefill: the whole left-padded prompt, empty cache; then one decode step on the torch cache
     args = [ids, mask] + ([positions(mask, ids.shape[1])] if layout.position_ids else [])
     past = layout.empty_past(2, 0)
-    with torch.no_grad():
+    with torch.no_grad(), wrapper.reference():
         ref = wrapper(*(t.to(model_device) for t in args), *(p.to(model_device) for p in past))
     nxt = ref[0][:, -1:].argmax(-1).cpu()
     mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     args2 = [nxt, mask2] + ([positions(mask2, 1)] if layout.position_ids else [])
-    with torch.no_grad():
+    with torch.no_grad(), wrapper.reference():
         ref2 = wrapper(*(t.to(model_device) for t in args2), *ref[1:])
     names = layout.input_names()
     steps = ((args, past, ref, mask), (args2, list(ref[1:]), ref2, mask2))
@@ -472,7 +532,9 @@ def verify(tmp: Path, device: str, module, wrapper: WithPast, layout: CacheLayou
 def _real(outputs, query: torch.Tensor, total: torch.Tensor) -> list[torch.Tensor]:
     """Logits at the real query positions, cache entries at the real positions: [tokens, …] each."""
     logits, *cache = (t.float().cpu() for t in outputs)
-    return [logits[query]] + [c.transpose(1, 2)[total.bool()] for c in cache]
+    # logits of the last position only (logits="last"): real in every left-padded row
+    logits = logits[query] if logits.shape[1] == query.shape[1] else logits[:, -1]
+    return [logits] + [c.transpose(1, 2)[total.bool()] for c in cache]
 
 
 def _cosine(e: torch.Tensor, a: torch.Tensor) -> float:
