@@ -48,7 +48,9 @@ def model_card(nm, *, base_model=None, data=None, metrics=None, training=None) -
         "",
         "## Base model",
         "",
-        f"- model: {f'`{base_model}` ' if base_model else ''}(`{model_class}`)",
+        f"- model: `{base_model}` (`{model_class}`)"
+        if base_model
+        else f"- model: a `{model_class}` (built from a config)",
         f"- base fingerprint: `{base}` (the base weights at the adapted sites; the adapters fit this base only, "
         f"and loading checks each site's weight)",
         "",
