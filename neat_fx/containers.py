@@ -443,12 +443,25 @@ class NeatModule(GraphContainer):
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self.follow_merges()
+            from . import eager
+
+            if not eager.adapters_active(self):  # inside disable_adapters(): the base model's own code on W0
+                return eager.eager_view(self, training=self.training)(*args, **kwargs)
             if torch.is_grad_enabled() and any(s.quantization for s in self.site_infos):
                 from .quantized import recompute_in_backward
 
                 with recompute_in_backward():  # one site's dequantized weight at a time (neat_fx.quantized)
                     return super().forward(*args, **kwargs)
         return super().forward(*args, **kwargs)
+
+    def disable_adapters(self):
+        """`with nm.disable_adapters():` nm computes the base model exactly — W0 at every site, the original of every
+        parameter trained in full — in this thread / task only (other threads keep the adapters): a reference for
+        DPO-style losses, or an evaluation against the base. Nothing is switched on a module. (After `merge_into`,
+        a parameter trained in full is the model's merged one: nm keeps W0 of its sites, not those originals.)"""
+        from .eager import adapters_disabled
+
+        return adapters_disabled(self)
 
     def _apply(self, fn, recurse=True):
         object.__setattr__(self, "_shared_weights", None)  # .to() may replace parameter objects

@@ -425,3 +425,27 @@ def test_merge_and_unload_writes_the_adapted_weights_into_the_model():
     # nm (and so the wrapper) keeps its own W0: the same function after the merge, not W0 + 2ΔW
     again = wrapped(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
     assert (again - before).abs().max() < 1e-5
+
+
+def test_nm_itself_disables_its_adapters_for_this_thread():
+    tok, model, nm = make(trainable=["lm_head*"])
+    randomize_adapters(nm, std=0.3)
+    with torch.no_grad():
+        next(iter(nm.trainable.values())).add_(0.05)
+    nm.eval()
+    ids = batch(tok, ["1+2=3", "45+10=55"])
+    inputs = dict(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    base = model(**inputs).logits
+    adapted = nm(**inputs).logits
+    with nm.disable_adapters():
+        assert torch.equal(nm(**inputs).logits, base)
+        assert torch.equal(H.wrap(nm)(**inputs).logits, base)  # one switch for nm and its wrappers
+    assert torch.equal(nm(**inputs).logits, adapted)
+    # after merge_into wrote W0 + ΔW into the model, "off" is still nm's W0, not the merged model
+    tok, model, nm = make()
+    randomize_adapters(nm, std=0.3)
+    base = model.eval()(**inputs).logits
+    neat_fx.merge_into(model, nm)
+    assert (model(**inputs).logits - base).abs().max() > 1e-2
+    with nm.eval().disable_adapters():
+        assert (nm(**inputs).logits - base).abs().max() < 1e-6
