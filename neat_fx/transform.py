@@ -117,6 +117,11 @@ def transform(
         if checkpoint:
             nm.set_checkpointing(checkpoint)
         nm._record_base_versions()
+        # DDP's broadcast of module states rewrites tensor-subclass weights in place (an NF4 weight came back 2.5e-3 off
+        # on every rank, measured); they are frozen and every rank loads the same base, so DDP leaves them alone
+        frozen = [n for n, p in nm.named_parameters() if quantized.format_of(p) is not None]
+        if frozen:
+            nm._ddp_params_and_buffers_to_ignore = frozen
         if check_values and "eval" in graphs:
             _check_capture(nm, model, args, kwargs, reference)
     return nm

@@ -25,6 +25,8 @@ import decoders  # noqa: E402
 from helpers import call, randomize_adapters, reference_model, rel_diff  # noqa: E402
 
 FORMATS = ("torchao.nf4", "torchao.int8", "bnb.nf4", "bnb.nf4-dq")
+#: bitsandbytes' 8-bit layers too, in the slow run (-m slow)
+ALL_FORMATS = (*FORMATS, pytest.param("bnb.int8", marks=pytest.mark.slow))
 PATTERNS = ["*q_proj", "*v_proj"]
 LAYERS, LINEARS_PER_LAYER = 2, 7  # q k v o gate up down: every one quantized, the head left in float
 
@@ -45,6 +47,16 @@ def quantize(model, fmt: str):
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=_projection)
+    elif fmt == "bnb.int8":
+        import bitsandbytes as bnb
+
+        for name, mod in list(model.named_modules()):
+            if _projection(mod, name):
+                layer = bnb.nn.Linear8bitLt(mod.in_features, mod.out_features, bias=False, has_fp16_weights=False)
+                layer.weight = bnb.nn.Int8Params(
+                    mod.weight.detach().clone(), requires_grad=False, has_fp16_weights=False
+                )
+                model.set_submodule(name, layer.to("cpu"))
     else:
         import bitsandbytes as bnb
 
@@ -83,6 +95,8 @@ def _library_dequantize(q):
         return q.get_original_weight()
     if type(q).__name__ == "Int8Tensor":
         return q.qdata.float() * q.scale.float().reshape(-1, 1)
+    if type(q).__name__ == "Int8Params":  # LLM.int8(): row-wise absmax scales over 127
+        return q.data.float() * q.SCB.float().reshape(-1, 1) / 127
     import bitsandbytes as bnb
 
     return bnb.functional.dequantize_4bit(q.data, q.quant_state)
@@ -102,7 +116,7 @@ def _counts(graph) -> Counter:
     ) + Counter(str(n.target) for n in graph.nodes if n.op == "call_function" and "linear" in str(n.target))
 
 
-@pytest.fixture(scope="module", params=FORMATS)
+@pytest.fixture(scope="module", params=ALL_FORMATS)
 def case(request):
     float_model, model, inputs = build(request.param)
     nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0)
@@ -174,7 +188,7 @@ def test_backward_keeps_quantized_weights_not_dequantized_copies():
     from neat_fx.memory import LiveTensorBytes
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**decoders._common(hidden_size=256, intermediate_size=512, num_hidden_layers=4))
+    cfg = transformers.LlamaConfig(**decoders._common(hidden_size=128, intermediate_size=256))
     model = quantize(transformers.LlamaForCausalLM(cfg), "torchao.nf4")
     inputs = decoders.example_inputs()
     labels = inputs["input_ids"]
@@ -228,7 +242,7 @@ def test_fold_is_a_plain_module_on_dequantized_weights(case):
 
 
 @pytest.mark.parametrize("requantize", [False, True])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_merge_into(fmt, requantize):
     float_model, model, inputs = build(fmt, seed=3)
     nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0).eval()
@@ -436,3 +450,32 @@ def test_merged_model_round_trips_through_save_pretrained(library, requantize, t
         assert rel_diff(call(quantized.eager_view(loaded), inputs), merged) == 0.0
         if not requantize:
             assert rel_diff(merged, call(nm, inputs)) < 1e-5 and report.output_rel < 1e-5
+
+
+# -- DDP -------------------------------------------------------------------------------------------------------------
+def _dist_run(mode: str, out, nproc: int):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).parent / "quantized_dist_worker.py"
+    head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = head + ([] if nproc == 1 else ["--nproc_per_node", str(nproc)]) + [str(worker), mode, str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return json.loads((out / "result.json").read_text()), load_file(str(out / "adapters.st"))
+
+
+@pytest.mark.slow  # ≈ 30 s: three interpreters, each capturing the model
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
+def test_ddp_on_an_nf4_base_equals_one_process(tmp_path):
+    """2 processes over gloo on halves of the batch = 1 process on the whole batch. Without nm telling DDP to leave
+    the quantized weights alone, DDP's broadcast re-quantized them in place and the adapters differed by 3e-4."""
+    single, ref = _dist_run("single", tmp_path / "one", 1)
+    ddp, adapters = _dist_run("ddp", tmp_path / "two", 2)
+    assert ddp["world"] == 2 and ddp["base"] == single["base"] == "torchao.nf4"
+    assert max(float((adapters[k] - ref[k]).abs().max()) for k in ref) < 1e-6
+    assert max(float(ref[k].abs().max()) for k in ref if k.endswith(".B")) > 0
