@@ -81,9 +81,18 @@ def install():
             name, **{k: kwargs.pop(k) for k in list(kwargs) if k in ("num_labels", "use_cache")}
         )
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        quantization = kwargs.pop("quantization_config", None)
         torch.manual_seed(0)
         model = cls.from_config(cfg)
-        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+        model = model.to(dtype) if isinstance(dtype, torch.dtype) else model
+        if quantization is None:
+            return model
+        # quantized at load by transformers' own quantizer (BitsAndBytesConfig, TorchAoConfig), as from the hub
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="docs_env_")
+        model.save_pretrained(folder)
+        return model_loader(cls, folder, quantization_config=quantization, **({"dtype": dtype} if dtype else {}))
 
     def load_config(cls, name, *args, **kwargs):
         if not _is_hub_id(name):
