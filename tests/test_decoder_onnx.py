@@ -24,11 +24,18 @@ from helpers import randomize_adapters
 
 TASK = "text-generation-with-past"
 NEW = 20
-# fused ops every with-past file of the family must hold (2 layers), as onnxscript's fusions give them today
+# fused ops every with-past file of the family must hold (2 layers): GroupQueryAttention + 2 RotaryEmbedding per
+# layer for the LLaMA-shaped families (neat_fx/export/gqa.py), onnxscript's fusions for the others
+_GQA = {
+    "GroupQueryAttention": 2,
+    "RotaryEmbedding": 4,
+    "SkipSimplifiedLayerNormalization": 4,
+    "SimplifiedLayerNormalization": 1,
+}
 FUSED = {
-    "llama": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
-    "qwen2": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
-    "mistral": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
+    "llama": _GQA,
+    "qwen2": _GQA,
+    "mistral": _GQA,
     "phi3": {"MultiHeadAttention": 2, "SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 1},
     "gemma2": {"SkipSimplifiedLayerNormalization": 4, "SimplifiedLayerNormalization": 5},
     "gpt2": {"MultiHeadAttention": 2, "SkipLayerNormalization": 5},  # its Conv1D Gemms given 2-D input again
@@ -69,6 +76,16 @@ def llama_file(tmp_path_factory):
     return model, nm, path, report
 
 
+def _kv_path(proto) -> list[tuple]:
+    """Per GroupQueryAttention: (producer of its key, of its value, its past inputs, its present outputs)."""
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return [
+        (producers.get(n.input[1]), producers.get(n.input[2]), tuple(n.input[3:5]), tuple(n.output[1:3]))
+        for n in proto.graph.node
+        if n.op_type == "GroupQueryAttention"
+    ]
+
+
 def _shape(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
@@ -99,9 +116,21 @@ def test_family_with_past_generates_pytorchs_tokens(name, tmp_path, request):
         "past_sequence_length"
     )
     assert all(isinstance(shapes["past_key_values.0.key"][k], int) for k in (1, 3))
-    assert shapes["logits"][:2] == ["batch_size", "sequence_length"]
+    assert shapes["logits"][:2] == ["batch_size", 1]  # logits="last": the position generation reads
     for op, count in FUSED[name].items():
         assert report.fused_ops.get(op) == count, (op, report.fused_ops)
+    if name in ("llama", "qwen2", "mistral"):
+        # keys rotated and values split off the packed projection straight into the op, which reads the cache
+        # inputs and writes the cache outputs itself: nothing repeats key/value heads or concatenates the cache
+        assert "MultiHeadAttention" not in report.op_counts
+        assert _kv_path(proto) == [
+            ("RotaryEmbedding", "Split", (f"past_key_values.{i}.key", f"past_key_values.{i}.value"))
+            + ((f"present.{i}.key", f"present.{i}.value"),)
+            for i in range(layers)
+        ]
+        assert any(n.startswith("attention: layers 0–1 GroupQueryAttention") for n in report.notes), report.notes
+    else:
+        assert any(n.startswith("attention: layers 0–1 the model's own code (") for n in report.notes), report.notes
 
     # verification: logits of a prefill and a decode step, then 16 greedy tokens on two prompt lengths
     assert [p["step"] for p in report.parity] == ["prefill", "decode"]
@@ -286,7 +315,7 @@ def _prefill_logits(path, ids: torch.Tensor) -> torch.Tensor:
     for name in layout.past:
         heads, size = layout.shapes[name]
         feed[name] = np.zeros((b, heads, 0, size), layout.dtype)
-    return torch.from_numpy(sess.run(None, feed)[layout.logits_index]).float()
+    return torch.from_numpy(sess.run(None, feed)[layout.logits_index]).float()[:, -1]
 
 
 def _quant_and_adapter_distance(path, adapted, base, vocab: int) -> tuple[float, float]:
@@ -296,8 +325,8 @@ def _quant_and_adapter_distance(path, adapted, base, vocab: int) -> tuple[float,
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(16)[None].repeat(2, 1))
     got = _prefill_logits(path, ids)
     with torch.no_grad():
-        quant = float((got - adapted(**kw).logits).abs().mean())
-        off = float((got - base(**kw).logits).abs().mean())
+        quant = float((got - adapted(**kw).logits[:, -1]).abs().mean())
+        off = float((got - base(**kw).logits[:, -1]).abs().mean())
     return quant, off
 
 
@@ -307,9 +336,10 @@ ADAPTER_OVER_QUANT = 2.0
 
 
 def test_int4_quantizes_every_linear_the_tied_head_and_the_table(tied_llama, tied_int4_cli, tmp_path):
-    """2 layers × 7 linears and the head (tied: quantized as its own transposed copy) become MatMulNBits, the
-    embedding table GatherBlockQuantized; block 32 and 128 recorded; smaller files; drift and agreement reported.
-    Block 32 is the file the CLI wrote (`tied_int4_cli`), block 128 exported here."""
+    """2 layers × 4 MatMuls (q/k/v packed into one, gate/up into one, o, down) and the head (tied: quantized as its
+    own transposed copy) become MatMulNBits, the embedding table GatherBlockQuantized; block 32 and 128 recorded;
+    smaller files; drift and agreement reported. Block 32 is the file the CLI wrote (`tied_int4_cli`), block 128
+    exported here."""
     model, nm = tied_llama  # adapters that matter: mean |Δ logits| 0.15 vs base, int4's error ≈ 0.04-0.06
     folded = neat_fx.fold(nm)
     table_bytes = 4000 * 128 * 4
@@ -322,7 +352,7 @@ def test_int4_quantizes_every_linear_the_tied_head_and_the_table(tied_llama, tie
             path = tmp_path / f"int4_{block}.onnx"
             report = to_onnx(folded, decoders.example_inputs(), path, task=TASK, quantize="int4", block_size=block)
         counts = report.op_counts
-        assert counts.get("MatMulNBits") == 2 * 7 + 1 and counts.get("GatherBlockQuantized") == 1, counts
+        assert counts.get("MatMulNBits") == 2 * 4 + 1 and counts.get("GatherBlockQuantized") == 1, counts
         assert not counts.get("MatMul") and not counts.get("FusedMatMul"), counts  # nothing left in float
         node = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits")
         attrs = {a.name: a.i for a in node.attribute}

@@ -329,7 +329,6 @@ class Context:
         self.cos, self.sin = cos, sin
         self.dtype = dtype
         self.present: dict[int, tuple] = {}
-        total = attention_mask.shape[1]
         # every row counts as `total` tokens (left padding is masked by the bias): seqlens_k = total - 1
         ones = torch.ones_like(attention_mask, dtype=torch.int32)
         self.seqlens_k = ones.sum(-1, dtype=torch.int32) - 1
