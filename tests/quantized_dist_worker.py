@@ -1,7 +1,9 @@
-"""Run by tests/test_quantized.py: NEAT on an NF4 (torchao) tiny LLaMA under DDP (2 CPU processes over gloo), or
+"""Run by tests/test_quantized.py: NEAT on an NF4 (torchao) tiny LLaMA under DDP or FSDP2 with one unit per layer
+(2 CPU processes over gloo), or
 alone as the 1-process reference on the whole batch. Writes the trained adapters and what the test compares.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/quantized_dist_worker.py ddp OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/quantized_dist_worker.py fsdp_blocks OUT
     python tests/quantized_dist_worker.py single OUT
 """
 
@@ -55,6 +57,12 @@ def main():
         # the frozen quantized base is not broadcast (DDP's broadcast rewrites NF4 weights): nm lists it for DDP
         assert nm._ddp_params_and_buffers_to_ignore
         run = DDP(nm)
+    elif mode == "fsdp_blocks":
+        from torch.distributed.fsdp import fully_shard
+
+        for name in neat_fx.blocks(nm):  # one unit per layer (torchtitan's recipe), then the root
+            fully_shard(neat_fx.submodule(nm, name))
+        run = fully_shard(nm)
     else:
         run = nm
     params = [p for p in nm.parameters() if p.requires_grad]
@@ -68,11 +76,17 @@ def main():
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    state = {}
+    for k, v in nm.adapters.state_dict().items():
+        full = getattr(v, "full_tensor", None)  # FSDP2: sharded DTensors, gathered (a collective: every rank)
+        state[k] = (full() if full is not None else v).detach().contiguous()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in nm.adapters.state_dict().items()}, str(out / "adapters.st"))
-        still = quantized.format_of(model.model.layers[0].self_attn.q_proj.weight)
-        (out / "result.json").write_text(json.dumps(dict(losses=losses, world=world, base=still)))
+        save_file(state, str(out / "adapters.st"))
+        weight = model.model.layers[0].self_attn.q_proj.weight
+        local = getattr(weight, "_local_tensor", weight)  # FSDP2: this rank's shard of the NF4 weight
+        result = dict(losses=losses, world=world, holder=type(weight).__name__, base=quantized.format_of(local))
+        (out / "result.json").write_text(json.dumps(result))
     if mode != "single":
         del run, opt, params, nm
         gc.collect()

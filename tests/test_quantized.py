@@ -469,13 +469,17 @@ def _dist_run(mode: str, out, nproc: int):
     return json.loads((out / "result.json").read_text()), load_file(str(out / "adapters.st"))
 
 
-@pytest.mark.slow  # ≈ 30 s: three interpreters, each capturing the model
+@pytest.mark.slow  # ≈ 30 s a mode: three interpreters, each capturing the model
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
-def test_ddp_on_an_nf4_base_equals_one_process(tmp_path):
-    """2 processes over gloo on halves of the batch = 1 process on the whole batch. Without nm telling DDP to leave
-    the quantized weights alone, DDP's broadcast re-quantized them in place and the adapters differed by 3e-4."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp_blocks"])
+def test_distributed_on_an_nf4_base_equals_one_process(mode, tmp_path):
+    """2 processes over gloo on halves of the batch = 1 process on the whole batch. DDP: without nm telling DDP to
+    leave the quantized weights alone, its broadcast re-quantized them in place and the adapters differed by 3e-4.
+    FSDP2, one unit per layer: the NF4 weights themselves are sharded (torchao's NF4 all-gather), each rank holding
+    an NF4 shard."""
     single, ref = _dist_run("single", tmp_path / "one", 1)
-    ddp, adapters = _dist_run("ddp", tmp_path / "two", 2)
-    assert ddp["world"] == 2 and ddp["base"] == single["base"] == "torchao.nf4"
+    res, adapters = _dist_run(mode, tmp_path / "two", 2)
+    assert res["world"] == 2 and res["base"] == single["base"] == "torchao.nf4"
+    assert res["holder"] == ("DTensor" if mode == "fsdp_blocks" else "NF4Tensor")
     assert max(float((adapters[k] - ref[k]).abs().max()) for k in ref) < 1e-6
     assert max(float(ref[k].abs().max()) for k in ref if k.endswith(".B")) > 0
