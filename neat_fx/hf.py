@@ -113,6 +113,8 @@ class EagerNeatModel(PreTrainedModel):
         return self.model.get_output_embeddings()
 
     def enable_input_require_grads(self):
+        if getattr(self.model, "_require_grads_hooks", None):  # once: each trainer (and checkpointing) asks again
+            return
         self.model.enable_input_require_grads()
 
     def disable_input_require_grads(self):
@@ -155,7 +157,7 @@ class EagerNeatModel(PreTrainedModel):
         # the base is frozen: with reentrant checkpointing no input of a layer would need a gradient, and the
         # adapters inside would get none (PEFT does the same)
         if hasattr(self.model, "get_input_embeddings"):
-            self.model.enable_input_require_grads()
+            self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self):
         disable = getattr(self.model, "activation_checkpointing_disable", None)
