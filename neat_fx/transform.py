@@ -312,6 +312,12 @@ def _select_trainable(patterns, param_names, chosen: list[Site], aliases) -> lis
                 f"trainable pattern {pattern!r} matches no parameter; parameters: {name_list(param_names)}"
             )
         for _, p in hit:
+            if quantized.format_of(p) is not None:
+                raise PatternError(
+                    f"trainable pattern {pattern!r} matches {aliases[id(p)][0]}, held quantized "
+                    f"({quantized.format_of(p)}): a quantized weight cannot be trained in full. Adapt it instead "
+                    f"(name it in the patterns), or narrow trainable= to float parameters (a head, norms)."
+                )
             picked.setdefault(id(p), (aliases[id(p)][0], p))
     adapted = {s.name for s in chosen}
     both = sorted(n for n, _ in picked.values() if n in adapted)

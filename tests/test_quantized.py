@@ -389,6 +389,12 @@ def test_unknown_format_is_named_with_the_known_ones():
         neat_fx.transform(model, "all-linear", decoders.example_inputs())
 
 
+def test_a_quantized_weight_cannot_be_trained_in_full(case):
+    _, _, model, inputs, _ = case
+    with pytest.raises(PatternError, match=r"o_proj\.weight, held quantized .*cannot be trained in full"):
+        neat_fx.transform(model, PATTERNS, inputs, trainable=["*layers.0.self_attn.o_proj.weight"])
+
+
 def test_neat_fx_works_without_the_quantization_libraries(tmp_path):
     import subprocess
     import sys
