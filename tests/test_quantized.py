@@ -217,6 +217,25 @@ def test_backward_keeps_quantized_weights_not_dequantized_copies():
         torch.testing.assert_close(g, h, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fmt", ["torchao.nf4", "bnb.nf4-dq"])
+def test_activation_checkpointing_gives_the_same_gradients(fmt):
+    _, model, inputs = build(fmt, seed=11)
+    labels = inputs["input_ids"]
+    nm = neat_fx.transform(model, PATTERNS, dict(inputs, labels=labels), rank=4, seed=0).train()
+    with torch.no_grad():
+        for ad in nm.adapters.values():
+            ad.B.normal_(0, 0.1, generator=torch.Generator().manual_seed(11))
+    grads = []
+    for checkpointing in (False, True):
+        nm.set_checkpointing(checkpointing)
+        nm(**inputs, labels=labels).loss.backward()
+        grads.append([p.grad.clone() for p in nm.adapters.parameters()])
+        nm.zero_grad()
+    assert len(nm.checkpointed) == LAYERS  # every decoder layer recomputed in the backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # -- 2. downstream: fold, save/load, LoRA form, generate, checkpoints ---------------------------------------------
 def test_fold_is_a_plain_module_on_dequantized_weights(case):
     fmt, float_model, model, inputs, nm = case
