@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,11 +312,15 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
     fast = gqa.plan(model, layout.position_ids) if opts.attention == "auto" else None
     wrapper = WithPast(model, weights, layout, fast=fast, last_logits=opts.logits == "last").eval()
     example = _example(layout, input_ids, model_device)
+    clock = _Clock(t_start)
+    clock.lap("probe and wrapper")
     program = _torch_export(wrapper, example, layout, opts)  # the wrapper runs a view, in eval mode
+    clock.lap("torch.export + ONNX translation + exporter optimiser")
     meta = dict(oe._metadata(opts), **_generation_metadata(model, layout))
     meta["neat_fx.export.task"] = TASK
     fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
     proto, done = _proto(onnx, program, opts, device, fuse, meta)
+    clock.lap("fusions + serialisation")
     fusion_failed = None
     external = oe._proto_bytes(proto) > oe.EXTERNAL_DATA_ABOVE
     final_data = path.with_name(path.name + ".data")
@@ -325,6 +330,7 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         st.add(tmp_data, final_data, optional=True)
         oe._save(onnx, proto, tmp, tmp_data, external)
         del proto
+        clock.lap("save")
         try:
             runtime.session(tmp, device).get_inputs()
         except Exception as exc:  # a fusion the runtime refuses: the plain graph instead, and say so
@@ -336,11 +342,14 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
             proto, done = _proto(onnx, program, opts, device, False, meta)
             oe._save(onnx, proto, tmp, tmp_data, external)
             del proto
+        clock.lap("ONNX Runtime load check")
         done += oe._post_process(onnx, tmp, tmp_data, external, opts, device, meta)
+        clock.lap(f"{opts.quantize + ' quantization + ' if opts.quantize else ''}ONNX Runtime offline optimisation")
         external = tmp_data.exists()
         parity, generation_check = [], {}
         if opts.verify:
             parity, generation_check = verify(tmp, device, module, wrapper, layout, input_ids, opts)
+            clock.lap("verification (logits, greedy tokens)")
         if external:
             oe._relocate_external(onnx, tmp, final_data.name)
         st.commit()
@@ -359,6 +368,7 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         t_start,
     )
     report.generation = generation_check
+    report.phases = clock.laps
     if opts.quantize:
         report.notes = [n for n in report.notes if "gross errors" not in n]
         cosine = min((p["min_cosine"] for p in parity), default=float("nan"))
@@ -380,6 +390,19 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         else "logits at every position"
     )
     return report
+
+
+class _Clock:
+    """Seconds per phase of an export, for the report (where the minutes go)."""
+
+    def __init__(self, start: float):
+        self.last = start
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str):
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def _proto(onnx, program, opts: ExportConfig, device: str, fuse: bool, meta: dict):

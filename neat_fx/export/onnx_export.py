@@ -105,6 +105,8 @@ class ExportReport:
     # with-past export (task="text-generation-with-past"): greedy generation through ONNX Runtime vs PyTorch
     # ({"new_tokens", "prompts": their lengths, "token_agreement": fraction of equal new tokens[, "ties"]})
     generation: dict = field(default_factory=dict)
+    # seconds per phase of the export (with-past: torch.export, fusions, save, quantization, verification)
+    phases: dict = field(default_factory=dict)
 
     @property
     def max_rel_diff(self) -> float:
@@ -139,6 +141,8 @@ class ExportReport:
         lines.append(f"optimised    {', '.join(self.optimizations) or 'no'}")
         if self.fused_ops:
             lines.append("fused ops    " + ", ".join(f"{k} ×{v}" for k, v in sorted(self.fused_ops.items())))
+        if self.phases:
+            lines.append("time         " + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()))
         if self.folded_first:
             lines.append("note         the NeatModule was folded first (neat_fx.fold)")
         lines += [f"note         {n}" for n in self.notes]
