@@ -234,7 +234,8 @@ def recompute_in_backward():
 
 
 # -- capture -----------------------------------------------------------------------------------------------------
-def _bnb_layer(module: nn.Module) -> bool:
+def is_bnb_layer(module: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit / Linear8bitLt (or a subclass: LinearNF4, LinearFP4)."""
     cls = type(module)
     return (cls.__module__ or "").startswith("bitsandbytes") and any(
         c.__name__ in ("Linear4bit", "Linear8bitLt") for c in cls.__mro__
@@ -267,7 +268,7 @@ def _view(model: nn.Module, stand_ins: bool) -> nn.Module:
         done = views.get(id(module))
         if done is not None:
             return done
-        cls = DequantizedLinear if _bnb_layer(module) else type(module)
+        cls = DequantizedLinear if is_bnb_layer(module) else type(module)
         new = views[id(module)] = object.__new__(cls)
         state = dict(module.__dict__)
         params = dict(module._parameters)
@@ -298,7 +299,7 @@ def capture_view(model: nn.Module) -> nn.Module:
 def eager_view(model: nn.Module) -> nn.Module:
     """What runs as the eager reference of `model`: itself, or — when it has bitsandbytes layers — a view computing
     them as `DequantizedLinear` on the real weights."""
-    if not any(_bnb_layer(m) for m in model.modules()):
+    if not any(is_bnb_layer(m) for m in model.modules()):
         return model
     return _view(model, stand_ins=False)
 
@@ -306,7 +307,7 @@ def eager_view(model: nn.Module) -> nn.Module:
 def view_classes(model: nn.Module) -> dict[int, tuple[type, dict]]:
     """For `generate.adapted_view(classes=…)`: every bitsandbytes layer as a `DequantizedLinear` (its own forward
     cannot take the plain `W0 + ΔW` a view gives it, and on CPU its eval fast path repacks the weight in place)."""
-    return {id(m): (DequantizedLinear, {}) for m in model.modules() if _bnb_layer(m)}
+    return {id(m): (DequantizedLinear, {}) for m in model.modules() if is_bnb_layer(m)}
 
 
 def is_dequantize(node) -> bool:
@@ -518,7 +519,3 @@ def _quantization_configs(model: nn.Module):
     quantizer = getattr(model, "hf_quantizer", None)
     if getattr(quantizer, "quantization_config", None) is not None:
         yield quantizer.quantization_config
-
-
-def is_bnb_layer(module: nn.Module) -> bool:
-    return _bnb_layer(module)
