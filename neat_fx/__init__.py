@@ -11,6 +11,7 @@
 The stages and how they fit: docs/design.md.
 """
 
+from . import eager  # noqa: F401  (registers the base-model path of NeatModule.disable_adapters)
 from ._version import __version__
 from .activations import ACTIVATIONS
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -92,7 +93,7 @@ __all__ = [
 
 #: documented submodules that need an extra (or transformers), imported on first attribute access so that
 #: `import neat_fx` stays light: `neat_fx.export.to_onnx(...)`, `neat_fx.hf.NeatAdaptersCallback()`.
-_LAZY_SUBMODULES = ("card", "eager", "export", "hf")
+_LAZY_SUBMODULES = ("card", "export", "hf")
 
 
 def __getattr__(name: str):

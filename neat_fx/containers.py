@@ -15,6 +15,8 @@ dtype (an explicit float32 upcast cannot be told from an incidental one).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import inspect
 import re
@@ -341,6 +343,25 @@ class SiteInfo:
         return tuple(a for a in self.aliases if a not in self.linear_paths) if self.shared_with_other_ops else ()
 
 
+# ids of NeatModules whose adapters are off in the current context (thread / asyncio task): disable_adapters
+_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("neat_fx_disabled", default=frozenset())
+
+
+def adapters_active(nm: nn.Module) -> bool:
+    return id(nm) not in _DISABLED.get()
+
+
+@contextlib.contextmanager
+def adapters_disabled(nm: nn.Module):
+    """Within the block, `nm` and its eager views (neat_fx.eager, neat_fx.hf.wrap) compute the base model: W0, and
+    the original of every parameter trained in full. Only this thread / task is affected."""
+    token = _DISABLED.set(_DISABLED.get() | {id(nm)})
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
+
+
 class NeatModule(GraphContainer):
     """Created by `neat_fx.transform`. Called like the model; returns what the model returns.
 
@@ -349,6 +370,10 @@ class NeatModule(GraphContainer):
     `trainable` (copies of base parameters trained in full), `extras` (constants of the capture),
     `base_weights` (W0 kept after `merge_into` wrote W0 + ΔW into the model).
     """
+
+    #: runs the base model's own code for a module whose adapters are off (set by neat_fx.eager, which the package
+    #: imports: the eager view lives above this module)
+    _run_base = None
 
     def __init__(self, model: nn.Module, config: NeatConfig):
         super().__init__()
@@ -443,10 +468,8 @@ class NeatModule(GraphContainer):
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self.follow_merges()
-            from . import eager
-
-            if not eager.adapters_active(self):  # inside disable_adapters(): the base model's own code on W0
-                return eager.eager_view(self, training=self.training)(*args, **kwargs)
+            if not adapters_active(self):  # inside disable_adapters(): the base model's own code on W0
+                return type(self)._run_base(self, *args, **kwargs)
             if torch.is_grad_enabled() and any(s.quantization for s in self.site_infos):
                 from .quantized import recompute_in_backward
 
@@ -459,8 +482,6 @@ class NeatModule(GraphContainer):
         parameter trained in full — in this thread / task only (other threads keep the adapters): a reference for
         DPO-style losses, or an evaluation against the base. Nothing is switched on a module. (After `merge_into`,
         a parameter trained in full is the model's merged one: nm keeps W0 of its sites, not those originals.)"""
-        from .eager import adapters_disabled
-
         return adapters_disabled(self)
 
     def _apply(self, fn, recurse=True):

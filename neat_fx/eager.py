@@ -19,35 +19,15 @@ exactly — the reference a DPO/KTO/GRPO trainer needs, with no second copy of t
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .containers import NeatModule, SiteInfo
+from .containers import NeatModule, SiteInfo, adapters_active, adapters_disabled
 from .errors import ConfigError
 from .generate import adapted_view
-
-# ids of NeatModules whose adapters are off in the current context (thread / asyncio task)
-_DISABLED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("neat_fx_disabled", default=frozenset())
-
-
-def adapters_active(nm: NeatModule) -> bool:
-    return id(nm) not in _DISABLED.get()
-
-
-@contextlib.contextmanager
-def adapters_disabled(nm: NeatModule):
-    """Within the block, views of `nm` (eager_view, neat_fx.hf.wrap) compute the base model: W0, and the original
-    of every parameter trained in full. Only this thread / task is affected."""
-    token = _DISABLED.set(_DISABLED.get() | {id(nm)})
-    try:
-        yield
-    finally:
-        _DISABLED.reset(token)
 
 
 def _own_tensor(module: nn.Module, attr: str) -> torch.Tensor:
@@ -181,3 +161,13 @@ def base_view(model: nn.Module, *, training: bool | None = False) -> nn.Module:
     """`model` as it is (a view sharing every tensor, with its own training flags and hook tables): a reference
     model that costs no copy of the weights, and whose patching by a trainer stays off the model."""
     return adapted_view(model, {}, own_hooks=True, training=training, refuse_offloaded=False)
+
+
+def _run_base(nm: NeatModule, *args, **kwargs):
+    """nm's forward inside `nm.disable_adapters()`: the model's own code on W0 (the eager view, adapters off)."""
+    return eager_view(nm, training=nm.training)(*args, **kwargs)
+
+
+NeatModule._run_base = staticmethod(_run_base)
+
+__all__ = ["adapters_active", "adapters_disabled", "base_view", "eager_view"]
