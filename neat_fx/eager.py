@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quantized
 from .containers import NeatModule, SiteInfo, adapters_active, adapters_disabled
 from .errors import ConfigError
 from .generate import adapted_view
@@ -43,9 +44,11 @@ class _SiteWeight:
         self.adapter = nm.adapters[site.key]
 
     def base(self, module: nn.Module) -> torch.Tensor:
+        """W0 as a plain tensor (a quantized base weight dequantized here, per call: neat_fx.quantized)."""
         # after another module merged into a shared weight, nm keeps its own W0 (NeatModule.follow_merges)
         own = self.nm.base_weights._buffers.get(self.site.key)
-        return own if own is not None else _own_tensor(module, self.attr)
+        w0 = own if own is not None else _own_tensor(module, self.attr)
+        return quantized.dequantize(w0) if self.site.quantization else w0
 
     def value(self, module: nn.Module) -> torch.Tensor:
         w0 = self.base(module)
@@ -81,6 +84,21 @@ def _linear_forward(self, input):
     return site.adapter(input, w0, y) if adapters_active(site.nm) else y
 
 
+def _dequantized_linear_forward(self, x):
+    """A bitsandbytes layer as QLoRA computes it (quantized.DequantizedLinear), plus the adapter, in its compute
+    dtype; the output in the input's dtype."""
+    site = self.__dict__["_neat_eager"]["weight"]
+    w0 = site.base(self)
+    dtype = getattr(self, "compute_dtype", None) or w0.dtype
+    w0 = w0.to(dtype)
+    bias = None if self.bias is None else self.bias.to(dtype)
+    xc = x.to(dtype)
+    y = F.linear(xc, w0, bias)
+    if adapters_active(site.nm):
+        y = site.adapter(xc, w0, y)
+    return y.to(x.dtype)
+
+
 def _conv1d_forward(self, x):
     site = self.__dict__["_neat_eager"]["weight"]
     w0 = site.base(self)
@@ -92,6 +110,8 @@ def _factorised_forward(cls: type):
     """The forward that adds the adapter factorised, for classes whose forward we know exactly."""
     if cls.forward is nn.Linear.forward:
         return _linear_forward
+    if issubclass(cls, quantized.DequantizedLinear):
+        return _dequantized_linear_forward
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers absent: no Conv1D modules either
@@ -148,9 +168,11 @@ def eager_view(nm: NeatModule, *, training: bool | None = None) -> nn.Module:
     for key, name in nm.trainable_names.items():
         add(name, lambda attr, key=key: _TrainedCopy(nm, key, attr))
 
-    classes = {}
+    # bitsandbytes layers compute as DequantizedLinear: their own forward takes no plain W0 + ΔW, and on CPU its
+    # eval fast path repacks the weight in place (neat_fx.quantized)
+    classes = quantized.view_classes(model)
     for oid, attrs in entries.items():
-        base = type(owners[oid])
+        base = classes[oid][0] if oid in classes else type(owners[oid])
         site = attrs.get("weight")
         factorised = isinstance(site, _SiteWeight) and _factorised_forward(base) is not None
         classes[oid] = (_eager_class(base, tuple(sorted(attrs)), factorised), {"_neat_eager": attrs})
@@ -160,7 +182,8 @@ def eager_view(nm: NeatModule, *, training: bool | None = None) -> nn.Module:
 def base_view(model: nn.Module, *, training: bool | None = False) -> nn.Module:
     """`model` as it is (a view sharing every tensor, with its own training flags and hook tables): a reference
     model that costs no copy of the weights, and whose patching by a trainer stays off the model."""
-    return adapted_view(model, {}, own_hooks=True, training=training, refuse_offloaded=False)
+    classes = quantized.view_classes(model)
+    return adapted_view(model, {}, classes=classes, own_hooks=True, training=training, refuse_offloaded=False)
 
 
 def _run_base(nm: NeatModule, *args, **kwargs):

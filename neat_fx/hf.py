@@ -39,6 +39,7 @@ except ImportError:
         "neat_fx.hf integrates with the Hugging Face Trainer and needs transformers: pip install transformers"
     ) from None
 
+from . import quantized
 from .atomic import write_text_atomic
 from .containers import NeatModule
 from .distributed import any_sharded, copy_into
@@ -130,8 +131,12 @@ class EagerNeatModel(PreTrainedModel):
         return None
 
     def forward(self, *args, **kwargs):  # signature: the wrapped model's (wrap)
-        if not torch.compiler.is_compiling():
-            self._nm.follow_merges()
+        if torch.compiler.is_compiling():
+            return self.model(*args, **kwargs)
+        self._nm.follow_merges()
+        if torch.is_grad_enabled() and any(s.quantization for s in self._nm.site_infos):
+            with quantized.recompute_in_backward():  # one site's dequantized weight at a time (neat_fx.quantized)
+                return self.model(*args, **kwargs)
         return self.model(*args, **kwargs)
 
     # -- adapters on and off ----------------------------------------------------------------------------
@@ -177,7 +182,7 @@ class EagerNeatModel(PreTrainedModel):
         the base model's."""
         nm = self._nm
         weights = cached_adapted_weights(nm) if adapters_active(nm) else {}
-        view = adapted_view(nm.model, weights)
+        view = adapted_view(nm.model, weights, classes=quantized.view_classes(nm.model))
         view.__dict__["config"] = self.config
         if getattr(self, "generation_config", None) is not None:
             view.__dict__["generation_config"] = self.generation_config

@@ -450,3 +450,49 @@ def test_nm_itself_disables_its_adapters_for_this_thread():
     assert (model(**inputs).logits - base).abs().max() > 1e-2
     with nm.eval().disable_adapters():
         assert (nm(**inputs).logits - base).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["torchao.nf4", "torchao.int8", "bnb.nf4", "bnb.nf4-dq"])
+def test_wrap_on_a_quantized_base(fmt, tmp_path):
+    """QLoRA-style: wrap(nm) on a 4-/8-bit base equals nm's graph, keeps the base quantized, and trains in SFT."""
+    pytest.importorskip("torchao" if fmt.startswith("torchao") else "bitsandbytes")
+    import test_quantized as Q
+
+    from neat_fx import quantized
+
+    _, model, example = Q.build(fmt)
+    nm = neat_fx.transform(model, Q.PATTERNS, example, rank=4, seed=0).eval()
+    randomize_adapters(nm, std=0.2)
+    wrapped = H.wrap(nm).eval()
+    graph, eager = nm(**example).logits, wrapped(**example).logits
+    assert (eager - graph).abs().max() < 1e-4 * max(1.0, float(graph.abs().max()))
+    with wrapped.disable_adapters():
+        off = wrapped(**example).logits
+    with nm.disable_adapters():
+        assert torch.equal(nm(**example).logits, off)
+    base = quantized.eager_view(model)(**example).logits  # the quantized base as QLoRA computes it
+    assert (off - base).abs().max() < 1e-4 * max(1.0, float(base.abs().max()))
+    # generation through the folded W0_deq + ΔW equals neat_fx.generate; the base stays quantized
+    ids = example["input_ids"][:1, -4:]
+    assert torch.equal(
+        wrapped.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
+        neat_fx.generate(nm, ids, max_new_tokens=4, pad_token_id=0),
+    )
+    # SFT through TRL on the quantized base: the loss falls, the base weights stay quantized and unchanged
+    tok = F.make_tokenizer()
+    with torch.no_grad():
+        for ad in nm.adapters.values():
+            ad.reset_parameters(torch.Generator().manual_seed(0))
+    rows = [dict(text=r["prompt"] + r["completion"]) for r in F.addition(32, 0)]
+    config = trl.SFTConfig(
+        **args_common(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=2e-2, logging_steps=1,
+        bf16=False, save_strategy="no", max_length=16,
+    )  # fmt: skip
+    weights = {n: quantized.format_of(p) for n, p in model.named_parameters() if quantized.format_of(p)}
+    trainer = trl.SFTTrainer(
+        model=H.wrap(nm), args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    assert {n: quantized.format_of(p) for n, p in model.named_parameters() if quantized.format_of(p)} == weights
