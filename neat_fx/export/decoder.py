@@ -331,8 +331,15 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         oe._save(onnx, proto, tmp, tmp_data, external)
         del proto
         clock.lap("save")
+        # ONNX Runtime loads the file in its offline optimisation: that is the check that it takes the fused graph
+        # (else an explicit load)
+        offline = opts.optimize in ("auto", "fusions") and not external
         try:
-            runtime.session(tmp, device).get_inputs()
+            if not offline:
+                runtime.session(tmp, device).get_inputs()
+            done += oe._post_process(onnx, tmp, tmp_data, external, opts, device, meta, resave_metadata=False)
+        except oe.ExportError:
+            raise
         except Exception as exc:  # a fusion the runtime refuses: the plain graph instead, and say so
             if not any(d.startswith("transformer fusions") for d in done):
                 raise
@@ -342,17 +349,19 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
             proto, done = _proto(onnx, program, opts, device, False, meta)
             oe._save(onnx, proto, tmp, tmp_data, external)
             del proto
-        clock.lap("ONNX Runtime load check")
-        done += oe._post_process(onnx, tmp, tmp_data, external, opts, device, meta)
-        clock.lap(f"{opts.quantize + ' quantization + ' if opts.quantize else ''}ONNX Runtime offline optimisation")
+            done += oe._post_process(onnx, tmp, tmp_data, external, opts, device, meta, resave_metadata=False)
+        clock.lap(
+            f"{opts.quantize + ' quantization + ' if opts.quantize else ''}ONNX Runtime load and offline optimisation"
+        )
         external = tmp_data.exists()
         parity, generation_check = [], {}
         if opts.verify:
-            parity, generation_check = verify(tmp, device, module, wrapper, layout, input_ids, opts)
+            parity, generation_check = verify(tmp, device, module, wrapper, layout, input_ids, opts, meta)
             clock.lap("verification (logits, greedy tokens)")
         if external:
             oe._relocate_external(onnx, tmp, final_data.name)
         st.commit()
+    final = onnx.load(str(path), load_external_data=False)
     report = oe._report(
         onnx,
         path,
@@ -363,10 +372,12 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         done,
         parity,
         LOGITS_TOLERANCE[opts.quantize or opts.dtype],
-        onnx.load(str(path), load_external_data=False),
+        final,
         folded_first,
         t_start,
+        final_proto=final,
     )
+    clock.lap("report")
     report.generation = generation_check
     report.phases = clock.laps
     if opts.quantize:
@@ -495,12 +506,30 @@ def _prompts(input_ids: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def verify(tmp: Path, device: str, module, wrapper: WithPast, layout: CacheLayout, input_ids, opts: ExportConfig):
+def verify(
+    tmp: Path,
+    device: str,
+    module,
+    wrapper: WithPast,
+    layout: CacheLayout,
+    input_ids,
+    opts: ExportConfig,
+    meta: dict | None = None,
+):
     """Logits of a prefill (past 0) and of a decode step (past > 0) against PyTorch, then greedy generation
-    through ONNX Runtime against the model's own `generate`. Returns (parity rows, generation summary)."""
+    through ONNX Runtime against the model's own `generate`; the file's metadata holds `meta`. Returns (parity
+    rows, generation summary)."""
     precision = opts.quantize or opts.dtype
     tol = LOGITS_TOLERANCE[precision]
     sess = runtime.session(tmp, device)
+    recorded = sess.get_modelmeta().custom_metadata_map
+    lost = sorted(k for k, v in (meta or {}).items() if recorded.get(k) != v)
+    if lost:
+        raise oe.ExportError(
+            f"the exported file lacks its metadata {lost} after ONNX Runtime's offline optimisation (the runner "
+            f"reads stop/pad ids and options from it); export with optimize='exporter' to skip that step. Nothing "
+            f"was written."
+        )
     model_device = next((p.device for p in wrapper.parameters()), torch.device("cpu"))
     pad = _pad_id(wrapper.model)
     ids, mask = _prompts(input_ids.cpu(), pad)

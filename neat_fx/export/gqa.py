@@ -437,5 +437,7 @@ def packed_weights(model: nn.Module, weights: dict, the_plan: Plan) -> dict:
                         for n, m in zip(names, mods)
                     ]
                 )
+            if bias is not None and not bool(bias.any()):  # all zero (a fresh Qwen2's q/k/v): no Add in the graph
+                bias = None
             out[(kind, la.index)] = (torch.cat(ws, 0), bias)
     return out

@@ -391,9 +391,20 @@ def _metadata(opts: ExportConfig) -> dict[str, str]:
     }
 
 
-def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportConfig, device: str, meta: dict):
+def _post_process(
+    onnx,
+    tmp: Path,
+    tmp_data: Path,
+    external: bool,
+    opts: ExportConfig,
+    device: str,
+    meta: dict,
+    resave_metadata: bool = True,
+):
     """ONNX Runtime's offline graph optimisations and int8/int4 quantization, applied to the temporary file in
     place (a model over 2 GB keeps its weights in `tmp_data`, gone when the quantized model fits in one file).
+    resave_metadata=False: trust ONNX Runtime to keep the file's metadata in the optimised model (1.32 does; the
+    with-past export reads it back in its verification) instead of loading and writing the model once more.
     Returns what was done."""
     done = []
     if opts.quantize == "int4":  # first: ONNX Runtime would fuse a tied head's transpose into a FusedMatMul
@@ -402,7 +413,8 @@ def _post_process(onnx, tmp: Path, tmp_data: Path, external: bool, opts: ExportC
     if opts.optimize in ("auto", "fusions") and not external:
         _ort_offline(tmp, device, list(_disabled_optimizers(opts)[device]))
         done.append(f"ONNX Runtime graph optimisations saved offline ({device}, level EXTENDED)")
-        _save(onnx, _with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
+        if resave_metadata:
+            _save(onnx, _with_metadata(onnx, tmp, meta), tmp, tmp_data, external)
     if opts.quantize == "int8":
         import tempfile
 
@@ -613,9 +625,23 @@ def _quiet(name: str):
 
 
 def _report(
-    onnx, path, final_data, external, opts, device, optimizations, parity, tol, proto, folded_first, t_start
+    onnx,
+    path,
+    final_data,
+    external,
+    opts,
+    device,
+    optimizations,
+    parity,
+    tol,
+    proto,
+    folded_first,
+    t_start,
+    final_proto=None,
 ) -> ExportReport:
-    model_counts = _count_ops(onnx.load(str(path), load_external_data=False))
+    """final_proto: the file at `path` already loaded (without external data), else it is loaded here."""
+    final = final_proto if final_proto is not None else onnx.load(str(path), load_external_data=False)
+    model_counts = _count_ops(final)
     notes = []
     if opts.approximate:
         notes.append("approximate GELU: verified with a 10× looser tolerance; the drift is the parity above")
