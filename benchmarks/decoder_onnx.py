@@ -5,7 +5,10 @@ randomised so ΔW ≠ 0), folded. Batch 1, a 128-token prompt, 64 new tokens, gr
 
 - HF eager fp32: `generate` on the merged model (saved with save_pretrained, loaded with from_pretrained);
 - ours fp32 / int8 / int4 (block 32): `to_onnx(fold(nm), …, task="text-generation-with-past", quantize=…)`,
-  run with `neat_fx.export.generate` (ONNX Runtime, IOBinding);
+  run with `neat_fx.export.generate` (ONNX Runtime, IOBinding): GroupQueryAttention + RotaryEmbedding, packed
+  q/k/v and gate/up projections, last-position logits (the defaults since issue 23);
+- ours int4 with attention="model", logits="all": the file as it was before issue 23 (the model's attention
+  fused to MultiHeadAttention, key/value heads expanded, the cache concatenated, logits at every position);
 - genai fp32 / int4 (block 32): `to_onnx(…, via="genai")` (onnxruntime-genai's model builder on the same
   merged model), run with onnxruntime-genai's Generator.
 
@@ -41,6 +44,7 @@ ROUTES = {
     "ours_fp32": "ours fp32",
     "ours_int8": "ours int8",
     "ours_int4": "ours int4 (block 32)",
+    "ours_int4_model": "ours int4 (block 32), the model's attention, all logits (before issue 23)",
     "genai_fp32": "genai fp32",
     "genai_int4": "genai int4 (block 32)",
 }
@@ -103,10 +107,11 @@ def export_one(route: str, work: Path, args) -> dict:
         merged.save_pretrained(out)
     elif route.startswith("ours_"):
         quantize = None if route == "ours_fp32" else route.split("_")[1]
+        before = dict(attention="model", logits="all") if route.endswith("_model") else {}
         out.mkdir()
         example = dict(input_ids=prompt_ids(16).repeat(2, 1), attention_mask=torch.ones(2, 16, dtype=torch.long))
         example["attention_mask"][1, :5] = 0  # a left-padded row, as generation feeds
-        kwargs = dict(task="text-generation-with-past", quantize=quantize, block_size=BLOCK)
+        kwargs = dict(task="text-generation-with-past", quantize=quantize, block_size=BLOCK, **before)
         try:
             report = to_onnx(folded, example, out / "model.onnx", **kwargs)
         except ExportError as exc:
@@ -123,6 +128,8 @@ def export_one(route: str, work: Path, args) -> dict:
             max_rel_diff=report.max_rel_diff,
             generation=getattr(report, "generation", None),
             notes=report.notes,
+            phases=report.phases,
+            op_counts=report.op_counts,
         )
     elif route.startswith("genai_"):
         precision = route.split("_")[1]
@@ -340,6 +347,7 @@ def main():
             raise RuntimeError(f"the reference could not be made: {failed['hf_fp32']}")
         routes = [r for r in routes if r not in failed]
         runs = {r: [] for r in routes}
+        loads = [os.getloadavg()]  # the machine's load (1/5/15-minute averages) around the measurements
         total = args.rounds * len(routes)
         with tqdm(total=total, desc="measurements (one process each)", unit="run") as bar:
             for i in range(args.rounds):
@@ -347,6 +355,7 @@ def main():
                 for route in order:
                     runs[route].append(child("worker", route, args, work))
                     bar.update()
+                loads.append(os.getloadavg())
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
@@ -389,12 +398,31 @@ def main():
         v["decode_vs_hf"] = v["decode_tokens_per_s"] / hf
 
     targets = []
-    if "ours_fp32" in rows:
-        x = rows["ours_fp32"]["decode_vs_hf"]
-        targets.append(f"ours fp32 decode ≥ 1.3× HF eager fp32: {x:.2f}× — {'met' if x >= 1.3 else 'NOT met'}")
-    if "ours_int4" in rows and "genai_int4" in rows:
-        x = rows["ours_int4"]["decode_tokens_per_s"] / rows["genai_int4"]["decode_tokens_per_s"]
-        targets.append(f"ours int4 decode ≥ 0.95× genai int4: {x:.2f}× — {'met' if x >= 0.95 else 'NOT met'}")
+
+    def ratio(a: str, b: str, key: str, higher: bool = True) -> float | None:
+        if a not in rows or b not in rows:
+            return None
+        x, y = rows[a][key], rows[b][key]
+        return x / y if higher else y / x
+
+    for label, value, need, goal in (
+        ("ours int4 decode speed vs genai int4", ratio("ours_int4", "genai_int4", "decode_tokens_per_s"), 1.0, 1.1),
+        ("ours fp32 decode speed vs genai fp32", ratio("ours_fp32", "genai_fp32", "decode_tokens_per_s"), 1.0, None),
+        ("genai int4 prefill time / ours int4", ratio("ours_int4", "genai_int4", "prefill_ms", False), 1.0, None),
+        ("genai fp32 prefill time / ours fp32", ratio("ours_fp32", "genai_fp32", "prefill_ms", False), 1.0, None),
+    ):
+        if value is not None:
+            verdict = "met" if value >= need else "NOT met"
+            if goal and value >= goal:
+                verdict += f" (goal {goal:.2f}× met)"
+            targets.append(f"{label}: {value:.2f}× (target ≥ {need:.2f}×) — {verdict}")
+    for ours, theirs in (("ours_fp32", "genai_fp32"), ("ours_int4", "genai_int4")):
+        if ours in rows and theirs in rows:
+            x = rows[ours]["export_s"] / rows[theirs]["export_s"]
+            targets.append(
+                f"{ROUTES[ours]} export time / {ROUTES[theirs]}'s: {x:.1f}× (target ≤ 3×) — "
+                f"{'met' if x <= 3 else 'NOT met'}"
+            )
     fp32 = [r for r in ("ours_fp32", "genai_fp32") if r in rows]
     if fp32:
         same = {r: rows[r]["same_tokens_as_hf"] for r in fp32}
@@ -420,6 +448,7 @@ def main():
         onnxruntime=onnxruntime.__version__,
         onnxruntime_genai=genai_version,
         cpu=os.cpu_count(),
+        load_average_1_5_15_min=loads,
     )
     lines = [
         f"# Decoder generation from ONNX — {data['model']}; batch 1, prompt {args.prompt}, {args.new} new tokens, "
@@ -460,6 +489,9 @@ def main():
         f"{rows.get('genai_int4', {}).get('export', {}).get('accuracy_level', '–')}), intra-op threads set to "
         f"{args.threads} in genai_config.json. onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. `python benchmarks/decoder_onnx.py`.",
+        "",
+        f"Machine load (1-minute average) before the measurements and after each round: "
+        f"{', '.join(f'{x[0]:.2f}' for x in loads)} on {os.cpu_count()} CPUs.",
     ]
     save_results(args.out or "decoder_onnx", data, lines)
 

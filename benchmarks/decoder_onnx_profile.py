@@ -20,7 +20,7 @@ import tempfile
 import time
 
 
-def profile(path: str, prompt: int, steps: int) -> dict:
+def profile(path: str, prompt: int, steps: int, head_size: int) -> dict:
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -41,7 +41,9 @@ def profile(path: str, prompt: int, steps: int) -> dict:
     mask_type = np.int32 if inputs["attention_mask"].type == "tensor(int32)" else np.int64
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 1000, (1, prompt))
-    cache = {n: np.zeros((1, inputs[n].shape[1], 0, inputs[n].shape[3]), np.float32) for n in past}
+    # the builder names the head size axis (kv_cache_dim)
+    dim = {n: inputs[n].shape[3] if isinstance(inputs[n].shape[3], int) else head_size for n in past}
+    cache = {n: np.zeros((1, inputs[n].shape[1], 0, dim[n]), np.float32) for n in past}
     length = 0
     marks = []
     for _ in range(steps + 1):
@@ -77,14 +79,16 @@ def main():
     ap.add_argument("files", nargs="+")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--head-size", type=int, default=64, help="where a file names the cache's head-size axis")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(profile(args.files[0], args.prompt, args.steps)))
+        print(json.dumps(profile(args.files[0], args.prompt, args.steps, args.head_size)))
         return
     results = []
     for f in args.files:
         cmd = [sys.executable, __file__, f, "--child", "--prompt", str(args.prompt), "--steps", str(args.steps)]
+        cmd += ["--head-size", str(args.head_size)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
