@@ -107,6 +107,7 @@ def to_onnx(
     oe._onnx_modules()
     if not isinstance(module, nn.Module):
         raise TypeError(f"to_onnx exports an nn.Module, got {type(module).__name__}")
+    module = _dequantized(module)
     if via == "genai":  # `path` is the output folder (neat_fx/export/genai_route.py)
         from . import genai_route
 
@@ -126,3 +127,33 @@ def to_onnx(
     args, kwargs = cap.split_example_inputs(example_inputs)
     with cap.train_mode(module, False):
         return oe._to_onnx(module, args, kwargs, path, opts, device, t_start)
+
+
+def _dequantized(module: nn.Module) -> nn.Module:
+    """A model on a quantized base (QLoRA-style: neat_fx.quantized) exports as the plain model it computes: a view of
+    the base whose quantized weights are dequantized — at the adapted sites W0_deq + ΔW — in their compute dtype
+    (bitsandbytes layers as plain linears), so the exporter sees float weights and `quantize="int4"` / "int8" turns
+    them into MatMulNBits / MatMulInteger of W0_deq + ΔW. Costs one float copy of the quantized weights while the
+    export runs; the model is not written."""
+    from .. import quantized
+    from ..containers import FoldedModule, NeatModule
+    from ..errors import ConfigError
+    from ..generate import adapted_view, adapted_weights
+
+    source = module.model if isinstance(module, NeatModule) else module
+    if not any(quantized.format_of(t) for t in [*source.parameters(), *source.buffers()]):
+        return module
+    if isinstance(module, FoldedModule):
+        raise ConfigError(
+            "this folded module still reads quantized base weights (the unadapted sites); export the NeatModule "
+            "itself — to_onnx(nm, …) — which dequantizes the base for the export"
+        )
+    weights = {
+        name: quantized.dequantize(p).detach()
+        for name, p in source.named_parameters(remove_duplicate=False)
+        if quantized.format_of(p)
+    }
+    if isinstance(module, NeatModule):
+        weights.update(adapted_weights(module))
+    weights = {k: nn.Parameter(v, requires_grad=False) for k, v in weights.items()}  # torch.export's state contract
+    return adapted_view(source, weights, classes=quantized.view_classes(source))
