@@ -35,18 +35,22 @@ import torch
 
 import neat_fx
 
-from . import lm_finetune
+from . import lm_finetune, quantized
 from .card import write_model_card
 from .jobs import (
+    QUANTIZE_BASE,
     FinetuneError,
     fill_defaults,
     finite_float,
     interrupted,
     interrupts_deferred,  # noqa: F401  (re-exported: neat_fx.finetune.interrupts_deferred)
+    merge_report_rows,
     non_negative_int,
     positive_float,
     positive_int,
     print_table,
+    quantization_config,
+    quantized_base_line,
     resume_step,
     save_progress,
     training_settings,
@@ -276,12 +280,25 @@ def add_arguments(ap: argparse.ArgumentParser):
         metavar="N",
         help="report the training metrics every N steps and at the last one (default 10)",
     )
+    ap.add_argument(
+        "--quantize-base",
+        choices=tuple(QUANTIZE_BASE),
+        help="load the base quantized and train NEAT on it, QLoRA-style: nf4 (bitsandbytes NF4), nf4-dq (with double "
+        "quantization), int8 (torchao weight-only); needs pip install 'neat-fx[quantized]'",
+    )
+    ap.add_argument(
+        "--merge",
+        choices=("plain", "requantize"),
+        default="plain",
+        help="on a quantized base, what merging writes: plain float weights at the adapted layers (default), or "
+        "W0 + ΔW quantized again in the base's format (its error is reported)",
+    )
     ap.add_argument("--no-onnx", action="store_true", help="sequence-classification: skip the ONNX export")
     lm_finetune.add_arguments(ap.add_argument_group("causal-lm only"))
 
 
 #: options that may differ between a run and its --resume; every other one recorded in the checkpoint must match.
-RESUME_MAY_CHANGE = ("--save-every", "--threads", "--no-onnx", "--report-to", "--log-every")
+RESUME_MAY_CHANGE = ("--save-every", "--threads", "--no-onnx", "--report-to", "--log-every", "--merge")
 
 #: the sequence-classification job's defaults of the options whose default depends on --task.
 DEFAULTS = dict(
@@ -320,6 +337,16 @@ def run(args) -> int:
         return _steps(job)
 
 
+def load_classifier(model_dir, quantize: str | None = None):
+    """The two-label sequence classifier of the main job; `quantize`: a --quantize-base choice (the new head and
+    the pooler stay float: the head is trained in full)."""
+    import transformers
+
+    quantization = quantization_config(quantize, keep_float=("classifier", "pooler"))
+    placed = dict(quantization_config=quantization, device_map={"": "cpu"}) if quantization else {}
+    return transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, **placed)
+
+
 def _steps(job: _Job) -> int:
     """The job once its model and data are loaded and its reporters open; returns the exit code."""
     args = job.args
@@ -328,6 +355,9 @@ def _steps(job: _Job) -> int:
         f"{len(job.train)} training / {len(job.test)} test sentences"
     )
     job.say(f"data: {job.data_source}")
+    base_line = quantized_base_line(job.model, args.quantize_base)
+    if base_line:
+        job.say(f"base quantized on load: {base_line}")
     transform_s = job.transform()
     code = job.fit()
     if code is not None:
@@ -337,6 +367,7 @@ def _steps(job: _Job) -> int:
         return 0
     trainable, total = job.nm.parameter_counts()
     rows = [
+        *([("quantized base", base_line)] if base_line else []),
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f} %)"),
         ("transform", f"{transform_s:.1f} s"),
     ]
@@ -401,7 +432,7 @@ class _Job:
             rank = dist.get_rank()
         model_dir = args.model or default_model_dir()
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        model = load_classifier(model_dir, args.quantize_base)
         train, test, source = load_sst2(args.data, args.train_rows)
         return cls(args, world, rank, model_dir, tok, model, train, test, source)
 
@@ -577,7 +608,6 @@ class _Job:
 
     def fold_merge_reload(self) -> list[tuple[str, str]]:
         """Save, fold, merge and reload the adapters; each evaluated against nm."""
-        import transformers
 
         a = self.args
         neat_fx.save_adapters(self.nm, self.adapters_dir)
@@ -590,16 +620,24 @@ class _Job:
         )
         self.folded = neat_fx.fold(self.nm)
         acc_folded, logits_folded = evaluate(self.folded, self.test, self.tok, a)
-        neat_fx.merge_into(self.model, self.nm)
-        acc_merged, logits_merged = evaluate(self.model, self.test, self.tok, a)
-        fresh = transformers.AutoModelForSequenceClassification.from_pretrained(self.model_dir, num_labels=2)
+        quantized_base = a.quantize_base is not None
+        merged = neat_fx.merge_into(
+            self.model,
+            self.nm,
+            **(dict(requantize=a.merge == "requantize", example_inputs=self.example) if quantized_base else {}),
+        )
+        # bitsandbytes layers left quantized run as QLoRA computes them: their own CPU eval path repacks in place
+        merged_model = quantized.eager_view(self.model) if quantized_base else self.model
+        acc_merged, logits_merged = evaluate(merged_model, self.test, self.tok, a)
+        fresh = load_classifier(self.model_dir, a.quantize_base)  # the adapters fit the base they were trained on
         reloaded = neat_fx.load_adapters(fresh, self.adapters_dir, example_inputs=self.example)
         _, logits_reloaded = evaluate(reloaded, self.test, self.tok, a)
         probe, _ = next(batches(self.test, self.tok, 32, a.max_len))
         self.probe = probe
-        self.lat_model = median_latency(self.model, probe)
+        self.lat_model = median_latency(merged_model, probe)
         lat_nm, lat_folded = median_latency(self.nm, probe), median_latency(self.folded, probe)
         return [
+            *merge_report_rows(merged),
             ("accuracy folded / merged", f"{100 * acc_folded:.1f} % / {100 * acc_merged:.1f} %"),
             ("max |Δ logits| folded vs NEAT", f"{(logits_folded - self.logits_nm).abs().max():.2e}"),
             ("max |Δ logits| merged vs NEAT", f"{(logits_merged - self.logits_nm).abs().max():.2e}"),
@@ -617,8 +655,10 @@ class _Job:
         from neat_fx.export import session, to_onnx
 
         rows = []
+        # on a quantized base the NeatModule exports (to_onnx dequantizes the base it reads); else the fold
+        source = self.nm if self.args.quantize_base else self.folded
         for label, opts in (("ONNX fp32", {}), ("ONNX int8", {"quantize": "int8"})):
-            report = to_onnx(self.folded, self.example, self.args.out / f"model_{label.split()[1]}.onnx", **opts)
+            report = to_onnx(source, self.example, self.args.out / f"model_{label.split()[1]}.onnx", **opts)
             sess = session(report.path, "cpu", threads=self.args.threads)
             names = [i.name for i in sess.get_inputs()]
             correct, logits = 0, []

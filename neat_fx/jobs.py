@@ -152,6 +152,7 @@ def fill_defaults(args, defaults: dict):
 def training_settings(args) -> dict:
     """The options both jobs' checkpoints record, which --resume must find unchanged (each job adds its own)."""
     return dict(
+        quantize_base=getattr(args, "quantize_base", None),
         batch_size=args.batch_size,
         seed=args.seed,
         max_len=args.max_len,
@@ -162,3 +163,75 @@ def training_settings(args) -> dict:
         activation=args.activation,
         scale=args.scale,
     )
+
+
+#: --quantize-base: how the base is quantized on load (QLoRA-style; neat_fx.quantized).
+QUANTIZE_BASE = {
+    "nf4": "NF4 4-bit (bitsandbytes, as QLoRA)",
+    "nf4-dq": "NF4 4-bit with double quantization (bitsandbytes)",
+    "int8": "int8 weight-only (torchao)",
+}
+
+
+def quantization_config(kind: str | None, compute_dtype=None, keep_float=()):
+    """The transformers `quantization_config` that loads a base in `kind` (QUANTIZE_BASE), or None; `keep_float`:
+    module names left unquantized (a new head trained in full). Its library missing → FinetuneError naming the
+    install, before anything is loaded."""
+    if kind is None:
+        return None
+    import importlib.util
+
+    import torch
+    import transformers
+
+    library = "torchao" if kind == "int8" else "bitsandbytes"
+    if importlib.util.find_spec(library) is None:
+        raise FinetuneError(f"--quantize-base {kind} needs {library}: pip install 'neat-fx[quantized]'")
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return transformers.TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=list(keep_float) or None)
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        llm_int8_skip_modules=list(keep_float) or None,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=kind == "nf4-dq",
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+    )
+
+
+def quantized_base_line(model, kind: str | None) -> str | None:
+    """The report's line on a quantized base: the format and how many weights it holds quantized."""
+    if kind is None:
+        return None
+    from . import quantized
+
+    params = list(model.parameters())
+    held = [p for p in params if quantized.format_of(p)]
+    if not held:
+        raise FinetuneError(
+            f"--quantize-base {kind}: the model loaded without a quantized weight (the library found no layer to "
+            f"quantize); load it without --quantize-base"
+        )
+    return f"{QUANTIZE_BASE[kind]}: {len(held)} weights quantized, {len(params) - len(held)} kept in float"
+
+
+def merge_report_rows(report) -> list[tuple[str, str]]:
+    """The report's rows on merging into a quantized base (neat_fx.quantized.MergeReport), else none."""
+    if not hasattr(report, "sites"):
+        return []
+    if not report.requantize:
+        return [("merged into the quantized base", f"{len(report.sites)} sites as plain float weights (--merge plain)")]
+    worst = max(report.sites, key=lambda s: s.error_to_update, default=None)
+    rows = [("merged into the quantized base", f"{len(report.sites)} sites requantized (--merge requantize)")]
+    if worst is not None:
+        rows.append(
+            (
+                "requantization error, worst site",
+                f"max {worst.error_max:.3g} (rel {worst.error_rel:.3g}) = {worst.error_to_update:.2f}× its max |ΔW| "
+                f"({worst.name})",
+            )
+        )
+    if report.output_max is not None:
+        rows.append(("requantized vs NEAT outputs", f"max {report.output_max:.3g} (rel {report.output_rel:.3g})"))
+    return rows

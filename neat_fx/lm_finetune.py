@@ -26,14 +26,18 @@ import torch
 
 import neat_fx
 
+from . import quantized
 from .card import write_model_card
 from .jobs import (
     FinetuneError,
     fill_defaults,
     interrupted,
     interrupts_deferred,
+    merge_report_rows,
     positive_int,
     print_table,
+    quantization_config,
+    quantized_base_line,
     resume_step,
     save_progress,
     training_settings,
@@ -70,6 +74,7 @@ OPTIONS = ("eval_data", "eval_rows", "steps", "max_new_tokens", "device")
 #: options that may differ between a run and its --resume (they do not change the training; the training rows
 #: are compared by their fingerprint).
 RESUME_MAY_CHANGE = (
+    "--merge",
     "--save-every",
     "--threads",
     "--eval-data",
@@ -322,7 +327,9 @@ def _steps(job: _LmJob, started: float) -> int:
     if code is not None:
         return code
     after = job.evaluate("after", step=job.steps)
+    base_line = quantized_base_line(job.model, args.quantize_base)
     rows = [
+        *([("quantized base", base_line)] if base_line else []),
         ("trainable parameters", job.parameter_line()),
         ("transform", f"{transform_s:.1f} s"),
         job.training_row(),
@@ -364,9 +371,10 @@ def _check_arguments(args):
         raise FinetuneError("--task causal-lm runs in one process (no torchrun / DDP yet)")
 
 
-def load_model(name: str, device):
+def load_model(name: str, device, quantize: str | None = None):
     """(model, tokenizer) of a Hugging Face causal LM, from a folder or the hub; FinetuneError when `name` is not
-    one (no config, an encoder, an encoder-decoder, missing weights)."""
+    one (no config, an encoder, an encoder-decoder, missing weights). `quantize`: a --quantize-base choice, the
+    base loaded quantized (its layers placed on `device` by the loader: quantized weights do not move with .to)."""
     import transformers
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -399,8 +407,10 @@ def load_model(name: str, device):
         raise FinetuneError(f"--model {name}: transformers has no causal-LM class for model type {kind!r}")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(name)
+        quantization = quantization_config(quantize)
+        placed = dict(quantization_config=quantization, device_map={"": str(device)}) if quantization else {}
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.float32, output_loading_info=True
+            name, dtype=torch.float32, output_loading_info=True, **placed
         )
     except Exception as exc:
         raise FinetuneError(f"--model {name}: cannot load it as a causal LM ({_first_line(exc)})") from None
@@ -417,7 +427,7 @@ def load_model(name: str, device):
             f"--model {name}: the tokenizer's EOS token id {tok.eos_token_id} is outside the model's embedding table "
             f"({vocab_rows(model)} rows): the tokenizer does not fit the model"
         )
-    return model.to(device), tok
+    return (model if quantize else model.to(device)), tok
 
 
 def vocab_rows(model) -> int:
@@ -484,7 +494,10 @@ class _LmJob:
             eval_ex = [train_ex[i] for i in sorted(held)]
             train_ex = [e for i, e in enumerate(train_ex) if i not in held]
         train_ex = train_ex[: a.train_rows]
-        model, tok = load_model(a.model, device)
+        model, tok = load_model(a.model, device, a.quantize_base)
+        base_line = quantized_base_line(model, a.quantize_base)
+        if base_line:
+            print(f"base quantized on load: {base_line}")
         use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False  # decoders are captured without a KV cache
         eos, pad, rows = tok.eos_token_id, tok.pad_token_id, vocab_rows(model)
@@ -690,12 +703,23 @@ class _LmJob:
                 "eval rows": len(self.eval),
             }
         )
-        neat_fx.merge_into(self.model, self.nm)
+        quantized_base = self.args.quantize_base is not None
+        with torch.no_grad():
+            probe = collate(self.eval[: self.args.batch_size], self.pad, self.device)
+        merged = neat_fx.merge_into(
+            self.model,
+            self.nm,
+            **(dict(requantize=self.args.merge == "requantize", example_inputs=probe) if quantized_base else {}),
+        )
         self.model.config.use_cache = self.use_cache  # the saved model generates with its cache as before
         self.model.save_pretrained(self.merged_dir)
         self.tok.save_pretrained(self.merged_dir)
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(self.merged_dir, dtype=torch.float32)
-        reloaded = reloaded.to(self.device).eval()
+        placed = dict(device_map={"": str(self.device)}) if quantized_base else {}
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(self.merged_dir, dtype=torch.float32, **placed)
+        reloaded = reloaded if quantized_base else reloaded.to(self.device)
+        if quantized_base:  # bitsandbytes' own CPU eval path repacks weights in place: run it as QLoRA computes
+            reloaded = quantized.eager_view(reloaded)
+        reloaded = reloaded.eval()
 
         def hf_generate(ids, mask):
             return reloaded.generate(
@@ -717,6 +741,7 @@ class _LmJob:
         seconds = time.perf_counter() - t0
         print(f"merged model reloaded: greedy generations identical to NEAT on {same}/{len(prompts)} eval prompts")
         return [
+            *merge_report_rows(merged),
             ("merged + reloaded: same greedy generations", f"{same}/{len(prompts)} eval prompts"),
             ("merged + reloaded: max |Δ logits| vs NEAT", f"{float(drift):.2e}"),
             ("save, merge, reload, compare", f"{seconds:.1f} s"),
