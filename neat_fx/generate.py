@@ -36,7 +36,7 @@ _FOLD_LOCK = threading.Lock()
 def _state_key(module: NeatModule) -> tuple | None:
     """Identity and version counter of every tensor W0 + ΔW is computed from (None if one has no counter: an
     inference tensor): equal keys mean the same adapted weights."""
-    tensors = [module.weight_of(s) for s in module.site_infos]
+    tensors = [module.base_tensor(s) for s in module.site_infos]  # the held tensor (quantized: not a fresh copy)
     tensors += [t for ad in module.adapters.values() for t in ad.parameters()]
     tensors += list(module.trainable.parameters())
     key = tuple((id(t), t.data_ptr(), t.device, tensor_version(t)) for t in tensors)

@@ -509,3 +509,24 @@ def test_distributed_on_an_nf4_base_equals_one_process(mode, tmp_path):
     assert res["holder"] == ("DTensor" if mode == "fsdp_blocks" else "NF4Tensor")
     assert max(float((adapters[k] - ref[k]).abs().max()) for k in ref) < 1e-6
     assert max(float(ref[k].abs().max()) for k in ref if k.endswith(".B")) > 0
+
+
+def test_generate_folds_once_while_the_adapters_do_not_change(monkeypatch):
+    """The fold cache keys on the tensors W0 is held in: a quantized base (dequantized afresh at each read) still
+    folds once for many calls, and again after an optimizer step."""
+    import importlib
+
+    gen = importlib.import_module("neat_fx.generate")
+    _, model, inputs = build("torchao.nf4")
+    nm = neat_fx.transform(model, PATTERNS, inputs, rank=4, seed=0).eval()
+    folds = []
+    original = gen.adapted_weights
+    monkeypatch.setattr(gen, "adapted_weights", lambda m: folds.append(1) or original(m))
+    ids = inputs["input_ids"][:1, -3:]
+    for _ in range(3):
+        neat_fx.generate(nm, ids, max_new_tokens=2, pad_token_id=0)
+    assert len(folds) == 1
+    with torch.no_grad():
+        next(iter(nm.adapters.values())).B.add_(0.1)  # what an optimizer step does: a new version
+    neat_fx.generate(nm, ids, max_new_tokens=2, pad_token_id=0)
+    assert len(folds) == 2
