@@ -418,6 +418,15 @@ def machine(a) -> dict:
     return out
 
 
+def paired_ratios(res: dict, ref: str) -> dict:
+    """Per configuration, the quartiles of its timed steps over `ref`'s at the same position (same round)."""
+    out = {}
+    for c in res:
+        r = [x / y for x, y in zip(res[c]["steps_ms"], res[ref]["steps_ms"])]
+        out[c] = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return out
+
+
 def speed_lines(s: dict) -> list[str]:
     a, res, mem, b = s["args"], s["results"], s["memory"], s["bound"]
     mem_unit = "CUDA max allocated" if a["device"] == "cuda" else "RSS"
@@ -456,13 +465,33 @@ def speed_lines(s: dict) -> list[str]:
             f"{m.get('peak_training_over_imports_mb', float('nan')):.0f} | {res[c]['profile']['dequantize_calls']} |"
         )
     t = s["targets"]
+    paired = paired_ratios(res, "lora-nf4")
+    lines += [
+        "",
+        "Paired ratios (each timed step over the QLoRA step at the same position of the same round; median "
+        "[quartiles]): "
+        + ", ".join(f"{LABELS[c]} {q[1]:.2f} [{q[0]:.2f}, {q[2]:.2f}]" for c, q in paired.items() if c != "lora-nf4")
+        + ". Step times per configuration, min–max: "
+        + ", ".join(f"{LABELS[c]} {min(res[c]['steps_ms']):.0f}–{max(res[c]['steps_ms']):.0f} ms" for c in res)
+        + ".",
+    ]
     lines += [
         "",
         f"Memory columns: each configuration in its own fresh process; the {mem_unit} columns are over the process "
         "after its imports (model + adapters: after loading and building, every weight page touched, garbage "
         "collected and malloc_trim'med; peak "
         f"training: the peak over {a['mem_steps']} steps, peak reset after the build). Tensors: the exact bytes of "
-        "the model's and adapters' tensors (bitsandbytes' absmax and code included).",
+        "the model's and adapters' tensors (bitsandbytes' absmax and code included). RSS over the tensors after the "
+        "build: "
+        + ", ".join(
+            f"{LABELS[c]} {m['model_adapters_mb'] - (m['base_bytes'] + m['adapter_bytes']) / 2**20:+.0f} MB "
+            f"(file-backed / anonymous RSS of the process {m['rss_file_mb']:.0f} / {m['rss_anon_mb']:.0f} MB)"
+            for c, m in mem.items()
+            if "rss_file_mb" in m
+        )
+        + ". Peak during loading + building, over the imports: "
+        + ", ".join(f"{LABELS[c]} {m['peak_during_build_mb'] - m['after_imports_mb']:.0f} MB" for c, m in mem.items())
+        + " (NEAT's transform runs the model on the example batch to capture and check it).",
         "",
         "**Targets.**",
         f"- Model + adapters on NF4 ≤ 0.35× on bf16 (NEAT): tensors {t['memory_ratio_tensors']:.3f}, "
@@ -531,7 +560,13 @@ def quality_lines(q: dict) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["speed", "quality"], choices=["speed", "quality"])
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["speed", "quality"],
+        choices=["speed", "quality", "report"],
+        help="report: write the markdown again from the existing JSON",
+    )
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
