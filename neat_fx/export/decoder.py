@@ -422,9 +422,40 @@ def _proto(onnx, program, opts: ExportConfig, device: str, fuse: bool, meta: dic
     done.insert(0, "cache as inputs/outputs (past_key_values.* → present.*)")
     if not opts.quantize and oe.share_transposed_constants(onnx, proto):  # (quantizers need the head's MatMul)
         done.append("head tied to the embedding kept as one constant (FusedMatMul transB)")
+    dropped = drop_unused_norm_statistics(proto)
+    if dropped:
+        done.append(f"unused mean / inverse std-dev outputs of {dropped} normalisations left uncomputed")
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     return proto, done
+
+
+#: normalisation ops whose outputs 1 and 2 (mean, inverse standard deviation) are optional
+NORM_OPS = (
+    "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+)
+
+
+def drop_unused_norm_statistics(proto) -> int:
+    """onnxscript's RMSNorm fusions name the mean / inverse std-dev outputs of the fused ops though nothing reads
+    them; ONNX Runtime then computes and writes them at every call (measured: SkipSimplifiedLayerNormalization
+    3.7 ms per int4 decode step against 2.3 ms in the builder's file, which leaves them empty). Unnamed, they
+    are not computed. Returns how many nodes changed."""
+    read = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type not in NORM_OPS or node.domain not in ("", "ai.onnx", "com.microsoft"):
+            continue
+        hit = False
+        for k in (1, 2):
+            if k < len(node.output) and node.output[k] and node.output[k] not in read:
+                node.output[k] = ""
+                hit = True
+        changed += hit
+    return changed
 
 
 def _torch_export(wrapper: WithPast, example: tuple, layout: CacheLayout, opts: ExportConfig):
