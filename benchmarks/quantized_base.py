@@ -217,6 +217,18 @@ def settle() -> None:
         pass
 
 
+def mapped_file_rss_mb(suffix: str) -> float:
+    """RSS of this process's mappings of files ending in `suffix` (/proc/self/smaps), MB."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            current = len(head) >= 6 and head[-1].endswith(suffix)
+        elif current and line.startswith("Rss:"):
+            total += int(head[1])
+    return total / 1024
+
+
 def _status_mb(field: str) -> float:
     from common import proc_status_mb
 
@@ -252,6 +264,7 @@ def mem_child(config: str, folder: Path, a) -> dict:
     else:
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
         out["rss_file_mb"], out["rss_anon_mb"] = _status_mb("RssFile"), _status_mb("RssAnon")
+        out["rss_safetensors_mb"] = mapped_file_rss_mb(".safetensors")
     for _ in range(a.mem_steps):
         train_step(module, opt, batch)
     out["peak_training_mb"] = peak()
@@ -431,9 +444,19 @@ def speed_lines(s: dict) -> list[str]:
     a, res, mem, b = s["args"], s["results"], s["memory"], s["bound"]
     mem_unit = "CUDA max allocated" if a["device"] == "cuda" else "RSS"
     load = s["meta"]["load_average_before"], s["meta"]["load_average_after"]
+    run = s["meta"].get("memory_run")
     lines = [
         "## Speed and memory",
         "",
+        *(
+            [
+                f"Memory columns from `{run['command']}` ({run['date']}, load average before "
+                f"{', '.join(f'{x:.2f}' for x in run['load_average_before'])}); the rest from:",
+                "",
+            ]
+            if run
+            else []
+        ),
         f"Command: `{s['meta']['command']}` — {s['meta']['date']}, {s['meta'].get('cpu', s['meta'].get('gpu'))} "
         f"({s['meta']['machine']}, {s['meta']['cpus']} CPUs, {s['meta']['threads']} threads), torch "
         f"{s['meta']['torch']}, transformers {s['meta']['transformers']}, peft {s['meta']['peft']}, bitsandbytes "
@@ -485,7 +508,12 @@ def speed_lines(s: dict) -> list[str]:
         "build: "
         + ", ".join(
             f"{LABELS[c]} {m['model_adapters_mb'] - (m['base_bytes'] + m['adapter_bytes']) / 2**20:+.0f} MB "
-            f"(file-backed / anonymous RSS of the process {m['rss_file_mb']:.0f} / {m['rss_anon_mb']:.0f} MB)"
+            f"(the process's file-backed / anonymous RSS {m['rss_file_mb']:.0f} / {m['rss_anon_mb']:.0f} MB"
+            + (
+                f", of which the mapped safetensors file {m['rss_safetensors_mb']:.0f} MB)"
+                if "rss_safetensors_mb" in m
+                else ")"
+            )
             for c, m in mem.items()
             if "rss_file_mb" in m
         )
@@ -558,6 +586,31 @@ def quality_lines(q: dict) -> list[str]:
     return lines
 
 
+def measure_memory(folder: Path, a) -> dict:
+    memory = {}
+    for c in a.configs:
+        child = [sys.executable, __file__, "--mem-child", c, str(folder), "--batch", str(a.batch)]
+        child += ["--seq", str(a.seq), "--mem-steps", str(a.mem_steps), "--threads", str(a.threads)]
+        child += ["--device", a.device]
+        out = subprocess.run(child, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"memory child {c} failed\n{out.stderr[-4000:]}")
+        memory[c] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(c, memory[c], flush=True)
+    return memory
+
+
+def memory_targets(memory: dict) -> dict:
+    if not {"neat-nf4", "neat-bf16"} <= memory.keys():
+        return {}
+    nf4, bf = memory["neat-nf4"], memory["neat-bf16"]
+    t = {"memory_ratio_tensors": (nf4["base_bytes"] + nf4["adapter_bytes"]) / (bf["base_bytes"] + bf["adapter_bytes"])}
+    t["memory_ratio_rss"] = nf4["model_adapters_mb"] / bf["model_adapters_mb"]
+    t["memory_ratio_peak_training"] = nf4["peak_training_over_imports_mb"] / bf["peak_training_over_imports_mb"]
+    t["memory_met"] = max(t["memory_ratio_tensors"], t["memory_ratio_rss"]) <= 0.35
+    return t
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -593,36 +646,15 @@ def main(argv=None):
         meta = machine(a)
         meta["command"] = command
         meta["load_average_before"] = meta.pop("load_average")
-        warm = a.warmup
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "base"
             make_folder(folder, a.layers)
-            memory = {}
-            for c in a.configs:  # before the timing: the children never run beside the timed process
-                child = [sys.executable, __file__, "--mem-child", c, str(folder), "--batch", str(a.batch)]
-                child += ["--seq", str(a.seq), "--mem-steps", str(a.mem_steps), "--threads", str(a.threads)]
-                child += ["--device", a.device]
-                out = subprocess.run(child, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"memory child {c} failed\n{out.stderr[-4000:]}")
-                memory[c] = json.loads(out.stdout.strip().splitlines()[-1])
-                print(c, memory[c], flush=True)
-            a.warmup = warm
+            memory = measure_memory(folder, a)  # before the timing: the children never run beside the timed process
             results = speed(folder, a)
         meta["load_average_after"] = os.getloadavg()
         per_layer = results["neat-nf4"]["trainable_params"] // a.layers if "neat-nf4" in results else 0
         b = {"run": bound(a.layers, per_layer), "24": bound(24, per_layer)}
-        targets = {}
-        if {"neat-nf4", "neat-bf16"} <= memory.keys():
-            nf4, bf = memory["neat-nf4"], memory["neat-bf16"]
-            targets["memory_ratio_tensors"] = (nf4["base_bytes"] + nf4["adapter_bytes"]) / (
-                bf["base_bytes"] + bf["adapter_bytes"]
-            )
-            targets["memory_ratio_rss"] = nf4["model_adapters_mb"] / bf["model_adapters_mb"]
-            targets["memory_ratio_peak_training"] = (
-                nf4["peak_training_over_imports_mb"] / bf["peak_training_over_imports_mb"]
-            )
-            targets["memory_met"] = max(targets["memory_ratio_tensors"], targets["memory_ratio_rss"]) <= 0.35
+        targets = memory_targets(memory)
         if {"neat-nf4", "lora-nf4"} <= results.keys():
             targets["step_ratio"] = results["neat-nf4"]["median_step_ms"] / results["lora-nf4"]["median_step_ms"]
             targets["step_met"] = targets["step_ratio"] <= 1.10
@@ -633,6 +665,23 @@ def main(argv=None):
             "results": results,
             "bound": b,
             "targets": targets,
+        }
+    if "memory" in a.parts and "speed" not in a.parts:
+        old = data["speed"]["args"]
+        if (old["layers"], old["batch"], old["seq"], old["device"]) != (a.layers, a.batch, a.seq, a.device):
+            raise SystemExit(f"--parts memory: the shape must be the speed run's ({old})")
+        before = os.getloadavg()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "base"
+            make_folder(folder, a.layers)
+            data["speed"]["memory"] = measure_memory(folder, a)
+        data["speed"]["args"]["mem_steps"] = a.mem_steps
+        data["speed"]["targets"].update(memory_targets(data["speed"]["memory"]))
+        data["speed"]["meta"]["memory_run"] = {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_before": before,
+            "load_average_after": os.getloadavg(),
         }
     if "quality" in a.parts:
         meta = machine(a)
