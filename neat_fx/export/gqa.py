@@ -64,7 +64,7 @@ def group_query_attention(
     t = k.shape[2]
     rep = num_heads // kv_num_heads
     scores = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) * scale
-    causal = torch.arange(t)[None, :] <= (torch.arange(s) + t - s)[:, None]
+    causal = torch.arange(t, device=q.device)[None, :] <= (torch.arange(s, device=q.device) + t - s)[:, None]
     scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min) + attention_bias
     out = torch.softmax(scores, -1) @ v.repeat_interleave(rep, 1)
     return out.transpose(1, 2).reshape(b, s, num_heads * d), k, v
