@@ -46,8 +46,12 @@ def _export(args) -> int:
 
     import neat_fx
     from neat_fx.export import to_onnx
+    from neat_fx.export.config import TEXT_GENERATION_WITH_PAST
 
     transformers.logging.set_verbosity_error()
+    if args.task != TEXT_GENERATION_WITH_PAST and (args.logits != "last" or args.attention != "auto"):
+        print("neat-fx export: --logits and --attention apply to --task text-generation-with-past", file=sys.stderr)
+        return 2
     folders = list(args.adapters)
     checks = [("--model", args.model, "config.json")] + [("--adapters", f, None) for f in folders]
     for flag, folder, marker in checks:
@@ -84,6 +88,8 @@ def _export(args) -> int:
     options = dict(optimize=args.optimize, device=args.device, approximate=args.approximate)
     if args.task or args.quantize or args.via != "neat_fx":
         options.update(task=args.task, quantize=args.quantize, block_size=args.block_size, via=args.via)
+    if args.task == TEXT_GENERATION_WITH_PAST:
+        options.update(logits=args.logits, attention=args.attention)
     dtype = "fp16" if args.fp16 else "fp32"
     try:
         if len(folders) > 1:  # one model, one ONNX Runtime adapter file per folder (named after it) beside --out
@@ -119,8 +125,10 @@ def _example_inputs(model_dir, model, batch: int, seq: int):
 
 def main(argv=None) -> int:
     from neat_fx.export.config import (  # (no ONNX import: the options' one home)
+        ATTENTION,
         DEVICES,
         INT4_BLOCK_SIZES,
+        LOGITS,
         OPTIMIZE,
         QUANTIZE,
         ROUTES,
@@ -189,6 +197,20 @@ def main(argv=None) -> int:
     )
     ex.add_argument(
         "--block-size", type=int, default=32, choices=INT4_BLOCK_SIZES, help="int4 weights per scale (default 32)"
+    )
+    ex.add_argument(
+        "--logits",
+        default="last",
+        choices=LOGITS,
+        help="with --task text-generation-with-past: logits at the last position only (default: what generation "
+        "reads) or at every position (scoring)",
+    )
+    ex.add_argument(
+        "--attention",
+        default="auto",
+        choices=ATTENTION,
+        help="with --task text-generation-with-past: GroupQueryAttention where the layer is known (default; the report "
+        "lists each layer's path) or the model's own attention on every layer",
     )
     ex.add_argument(
         "--via",

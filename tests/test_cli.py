@@ -59,3 +59,30 @@ def test_missing_folders_are_named(tmp_path, capsys, monkeypatch):
     rc = main(["finetune", "--data", str(tmp_path / "nodata"), "--no-onnx", "--out", str(tmp_path / "run")])
     assert rc == 2 and "train.tsv" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_export_logits_and_attention_options(tmp_path, capsys, monkeypatch):
+    """--logits / --attention reach to_onnx with --task text-generation-with-past and are refused without it."""
+    from neat_fx import export as export_package
+
+    import decoders
+
+    model = decoders.build("llama")
+    nm = neat_fx.transform(model, "all-linear", decoders.example_inputs(), rank=2)
+    model.save_pretrained(tmp_path / "base")
+    neat_fx.save_adapters(nm, tmp_path / "adapters")
+    argv = ["export", "--model", str(tmp_path / "base"), "--adapters", str(tmp_path / "adapters")]
+    argv += ["--out", str(tmp_path / "m.onnx"), "--seq-len", "8"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv + ["--logits", "all"]) == 2
+    assert "--task text-generation-with-past" in capsys.readouterr().err
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise neat_fx.NeatError("recorded")  # stop before any export work
+
+    monkeypatch.setattr(export_package, "to_onnx", record)
+    main(argv + ["--task", "text-generation-with-past", "--logits", "all", "--attention", "model"])
+    assert seen["logits"] == "all" and seen["attention"] == "model"
