@@ -431,6 +431,10 @@ def machine(a) -> dict:
     return out
 
 
+def mm(res: dict, c: str) -> int:
+    return res[c]["profile"]["matmul_calls"].get("aten::mm", 0)
+
+
 def paired_ratios(res: dict, ref: str) -> dict:
     """Per configuration, the quartiles of its timed steps over `ref`'s at the same position (same round)."""
     out = {}
@@ -534,6 +538,16 @@ def speed_lines(s: dict) -> list[str]:
         f"**{'met' if t['step_met'] else 'not met'}**. "
         f"(NEAT bf16 / LoRA bf16: {med['neat-bf16'] / med['lora-bf16']:.2f}×; NF4 / bf16: NEAT "
         f"{med['neat-nf4'] / med['neat-bf16']:.2f}×, LoRA {med['lora-nf4'] / med['lora-bf16']:.2f}×.)",
+        f"- Why: both libraries dequantize each NF4 weight the same number of times per step "
+        f"({res['neat-nf4']['profile']['dequantize_calls']} = one per site in the forward + one in the backward "
+        "where the site's input needs a gradient): NEAT computes H = σ(W0ᵀA) from the W0 the forward dequantizes, "
+        "so the quantized base costs NEAT what it costs QLoRA (the NF4 / bf16 ratios above). What remains is NEAT's "
+        f"own cost over LoRA, the same on both bases: {mm(res, 'neat-nf4') - mm(res, 'lora-nf4')} more matmuls per "
+        f"step ({mm(res, 'neat-nf4')} vs {mm(res, 'lora-nf4')}: two per site, H and its gradient, each a pass over "
+        f"W0 at rank {RANK}).",
+        "- RSS on CPU: loading through BitsAndBytesConfig reads the bf16 checkpoint to quantize it, and the "
+        "mapped safetensors file stays resident (the column above), so the NF4 processes' RSS is not below the "
+        "bf16 ones'; the tensors column is what the model holds.",
         "",
         "Profile of one step each (torch.profiler, self CPU time; top ops):",
         "",
@@ -617,8 +631,9 @@ def main(argv=None):
         "--parts",
         nargs="+",
         default=["speed", "quality"],
-        choices=["speed", "quality", "report"],
-        help="report: write the markdown again from the existing JSON",
+        choices=["speed", "memory", "quality", "report"],
+        help="memory: the memory children again (the speed run's shape), the timing kept; report: write the "
+        "markdown again from the existing JSON",
     )
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--batch", type=int, default=4)
