@@ -1,4 +1,4 @@
-"""NEAT on a quantized base (QLoRA-style) vs NEAT on the bf16 base vs PEFT LoRA on the same two bases (issue 22,
+r"""NEAT on a quantized base (QLoRA-style) vs NEAT on the bf16 base vs PEFT LoRA on the same two bases (issue 22,
 item 6): memory, train-step time, and quality on the tiny pre-trained causal LM.
 
 Speed and memory. The base: Qwen/Qwen2.5-0.5B's shape (common.QWEN25_05B: hidden 896, intermediate 4864, 14 heads,
@@ -34,8 +34,17 @@ all-linear NEAT) on the float32 base and with `--quantize-base nf4` (bitsandbyte
 loads it); exact match on the 200 eval sums, means and spread over the seeds. (`--no-onnx` on both: the ONNX export
 after training does not change the figures.)
 
-    python benchmarks/quantized_base.py --layers 4 --batch 4 --seq 256     # the committed CPU run
-    python benchmarks/quantized_base.py --parts speed --layers 24           # the issue's full shape (on a GPU)
+The committed CPU runs (results/quantized_base.md, results/quantized_base_12layers.md; ≈ 15 + 13 min on 2 cores):
+
+    python benchmarks/quantized_base.py --layers 4 --batch 4 --seq 256 --rounds 4 --steps-per-round 2 --warmup 1 \
+        --mem-steps 2
+    python benchmarks/quantized_base.py --parts memory --layers 4 --batch 4 --seq 256 --mem-steps 2
+    python benchmarks/quantized_base.py --parts speed --layers 12 --batch 2 --seq 128 --rounds 5 --steps-per-round 2 \
+        --warmup 1 --mem-steps 2 --out quantized_base_12layers
+    python benchmarks/quantized_base.py --parts memory --layers 12 --batch 2 --seq 128 --mem-steps 2 \
+        --out quantized_base_12layers
+
+The issue's full shape, on a GPU: python benchmarks/quantized_base.py --parts speed --layers 24 --device cuda
 
 --parts speed / quality runs one part and keeps the other part's results from the existing results/quantized_base.json.
 On CUDA, memory is torch.cuda.max_memory_allocated instead of RSS (same phases).
