@@ -30,7 +30,9 @@ def _common(**over):
 def llama():
     import transformers as T
 
-    return T.LlamaForCausalLM(T.LlamaConfig(**_common()))
+    # heads of 16 (hidden 32, 4 heads): GroupQueryAttention rotates q/k itself only for multiples of 16, so LLaMA
+    # takes that path in the with-past export and Qwen2/Mistral (heads of 8) the Split + RotaryEmbedding one
+    return T.LlamaForCausalLM(T.LlamaConfig(**_common(head_dim=16)))
 
 
 def qwen2():

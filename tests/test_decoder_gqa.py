@@ -43,20 +43,28 @@ def test_fast_layers_compute_the_models_own_numbers_in_torch(name):
     if name == "mistral":
         assert [la.window for la in the_plan.layers] == [12, 12]
     ids, mask = decoders.left_padded((9, 5))
-    past_fast = past_ref = layout.empty_past(2, 0)
+    # the positions the export's parity check feeds both sides: each token's column where the op rotates q/k
+    # itself (LLaMA's heads of 16; then the cached keys are the reference's too), else the real-token count
+    where = dec._reference_positions(wrapper)
+    assert (where is dec.positions) == (name != "llama")
+    past_fast = past_ref = past_own = layout.empty_past(2, 0)
     step_ids = ids
     with torch.no_grad():
         for _ in range(15):
-            args = [step_ids, mask, dec.positions(mask, step_ids.shape[1])]
+            args = [step_ids, mask, where(mask, step_ids.shape[1])]
             fast = wrapper(*args, *past_fast)
             with wrapper.reference():
                 ref = wrapper(*args, *past_ref)
+                # the model's own code at the runner's positions, on its own cache: the same logits (rotary
+                # attention sees distances only; a left-padded row's real tokens are contiguous)
+                own = wrapper(step_ids, mask, dec.positions(mask, step_ids.shape[1]), *past_own)
             assert fast[0].shape == (2, 1, decoders.VOCAB)
             torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(fast[0], own[0], rtol=1e-4, atol=1e-5)
             for f, r in zip(fast[1:], ref[1:]):  # the cache at the real positions
                 real = mask.bool()
                 torch.testing.assert_close(f.transpose(1, 2)[real], r.transpose(1, 2)[real], rtol=1e-4, atol=1e-5)
-            past_fast, past_ref = fast[1:], ref[1:]
+            past_fast, past_ref, past_own = fast[1:], ref[1:], own[1:]
             step_ids = ref[0][:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
 
@@ -93,7 +101,7 @@ def test_logits_all_and_attention_model(tmp_path):
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": dec.positions(mask, 9).numpy()}
     for i in range(2):
         for kv in ("key", "value"):
-            feed[f"past_key_values.{i}.{kv}"] = np.zeros((2, 2, 0, 8), np.float32)
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((2, 2, 0, model.config.head_dim), np.float32)
     got = torch.from_numpy(sess.run(["logits"], feed)[0])
     merged = neat_fx.merge_into(copy.deepcopy(model), nm)
     with torch.no_grad():

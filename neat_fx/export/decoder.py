@@ -566,13 +566,14 @@ def verify(
     ids, mask = _prompts(input_ids.cpu(), pad)
     parity = []
     # prefill: the whole left-padded prompt, empty cache; then one decode step on the torch cache
-    args = [ids, mask] + ([positions(mask, ids.shape[1])] if layout.position_ids else [])
+    where = _reference_positions(wrapper)
+    args = [ids, mask] + ([where(mask, ids.shape[1])] if layout.position_ids else [])
     past = layout.empty_past(2, 0)
     with torch.no_grad(), wrapper.reference():
         ref = wrapper(*(t.to(model_device) for t in args), *(p.to(model_device) for p in past))
     nxt = ref[0][:, -1:].argmax(-1).cpu()
     mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-    args2 = [nxt, mask2] + ([positions(mask2, 1)] if layout.position_ids else [])
+    args2 = [nxt, mask2] + ([where(mask2, 1)] if layout.position_ids else [])
     with torch.no_grad(), wrapper.reference():
         ref2 = wrapper(*(t.to(model_device) for t in args2), *ref[1:])
     names = layout.input_names()
@@ -610,6 +611,15 @@ def verify(
             )
     summary = _verify_generation(sess, device, module, wrapper, ids, mask, pad, precision)
     return parity, summary
+
+
+def _reference_positions(wrapper: WithPast):
+    """The position ids the logits/cache parity feeds both sides: the runner's (real tokens counted), or each
+    token's column where GroupQueryAttention rotates q/k itself (gqa.py, "Positions") — then the reference's
+    cached keys are the file's, and its cache can be fed to the file's decode step."""
+    if wrapper.plan is not None and any(la.fast and la.rotary_in_op for la in wrapper.plan.layers):
+        return lambda mask, length: torch.arange(mask.shape[1] - length, mask.shape[1]).expand(mask.shape[0], -1)
+    return positions
 
 
 def _real(outputs, query: torch.Tensor, total: torch.Tensor) -> list[torch.Tensor]:

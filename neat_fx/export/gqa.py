@@ -1,14 +1,22 @@
 """The fast with-past graph for LLaMA-shaped decoders (LLaMA, Qwen2, Mistral): what onnxruntime-genai's model
 builder emits, from the model's own modules. Each supported layer's attention runs as
 
-    packed q/k/v MatMul → Split → RotaryEmbedding(q), RotaryEmbedding(k) → GroupQueryAttention → o_proj
+    packed q/k/v MatMul → GroupQueryAttention(packed, do_rotary) → o_proj
 
-(ONNX Runtime contrib ops, CPU and CUDA): key/value heads are read as they are (no Expand), the op appends the new
-keys and values to the cache itself (past/present in the [batch, kv heads, length, head size] layout the builder
-uses), rotary tables are cos/sin caches gathered by position, and the MLP's gate and up projections are one MatMul.
-Left-padded batches keep their layout: every row counts as `total_sequence_length` tokens (`seqlens_k` and the
-total derived from the attention mask inside the graph) and the padding is an additive `attention_bias`, which also
-carries sliding windows, so the file computes what the model's own masks do.
+(ONNX Runtime contrib ops, CPU and CUDA): key/value heads are read as they are (no Expand), the op rotates q and k
+with cos/sin tables taken from the model's own rotary module and appends the new keys and values to the cache
+itself (past/present in the [batch, kv heads, length, head size] layout the builder uses; the runner may bind one
+buffer as both, see generation.py), and the MLP's gate and up projections are one MatMul. Head sizes that are not
+a multiple of 16 (the CPU kernel's rotary needs it) keep a Split and two `RotaryEmbedding` nodes before the op.
+
+Positions: left-padded batches keep their layout — every row counts as `total_sequence_length` tokens (`seqlens_k`
+and the total derived from the attention mask inside the graph), the padding is an additive `attention_bias` (which
+also carries sliding windows), and a token is rotated at its column in the row, not at its count of real tokens
+before it. Rotary attention depends only on the distance between positions, and the real tokens of a left-padded
+row are contiguous, so the logits are the model's own (to rounding); the cached keys of a padded row are rotated
+by its padding more than Hugging Face's (a cache from the model's own forward cannot be fed to the file, and the
+file's `position_ids` input is unused by these layers). ONNX Runtime takes q/k/v of more than one token with a
+past only at batch 1 (chunked prefill), as for the builder's files.
 
 Not covered (those layers stay on the model's own code, `MultiHeadAttention` after onnxscript's fusions, and the
 export report says which and why): other attention classes (GPT-2, Phi-3's fused qkv, Gemma-2's soft-capping,
@@ -42,25 +50,36 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 @torch.library.custom_op("neat_fx::group_query_attention", mutates_args=())
 def group_query_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
     past_key: torch.Tensor,
     past_value: torch.Tensor,
     seqlens_k: torch.Tensor,
     total_sequence_length: torch.Tensor,
+    cos_cache: torch.Tensor | None,
+    sin_cache: torch.Tensor | None,
     attention_bias: torch.Tensor,
     num_heads: int,
     kv_num_heads: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONNX Runtime's GroupQueryAttention where every row holds `total_sequence_length` tokens: query [B, S,
-    heads·d], key/value [B, S, kv_heads·d] (rotated), past [B, kv_heads, P, d], attention_bias [B, 1, S, P + S]
-    (additive); causal. Returns (output [B, S, heads·d], present key, present value [B, kv_heads, P + S, d])."""
+    heads·d] (or q/k/v packed in it when `key` is None), key/value [B, S, kv_heads·d], past [B, kv_heads, P, d],
+    attention_bias [B, 1, S, P + S] (additive); causal. With cos/sin tables (`do_rotary`) q and k are rotated
+    at positions P…P+S-1, the column of each token in its row. Returns (output [B, S, heads·d], present key,
+    present value [B, kv_heads, P + S, d])."""
     b, s, _ = query.shape
     d = past_key.shape[-1]
-    q = query.view(b, s, num_heads, d).transpose(1, 2)
-    k = torch.cat([past_key, key.view(b, s, kv_num_heads, d).transpose(1, 2)], 2)
-    v = torch.cat([past_value, value.view(b, s, kv_num_heads, d).transpose(1, 2)], 2)
+    if key is None or value is None:
+        query, key, value = query.split([num_heads * d, kv_num_heads * d, kv_num_heads * d], -1)
+    if cos_cache is not None and sin_cache is not None:
+        p = past_key.shape[2]
+        columns = torch.arange(p, p + s, device=query.device).expand(b, s)
+        query = _rotate(query, columns, cos_cache, sin_cache, num_heads)
+        key = _rotate(key, columns, cos_cache, sin_cache, kv_num_heads)
+    q = query.reshape(b, s, num_heads, d).transpose(1, 2)
+    k = torch.cat([past_key, key.reshape(b, s, kv_num_heads, d).transpose(1, 2)], 2)
+    v = torch.cat([past_value, value.reshape(b, s, kv_num_heads, d).transpose(1, 2)], 2)
     t = k.shape[2]
     rep = num_heads // kv_num_heads
     scores = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) * scale
@@ -79,6 +98,8 @@ def _(
     past_value,
     seqlens_k,
     total_sequence_length,
+    cos_cache,
+    sin_cache,
     attention_bias,
     num_heads,
     kv_num_heads,
@@ -93,8 +114,7 @@ def _(
     )
 
 
-@torch.library.custom_op("neat_fx::rotary_embedding", mutates_args=())
-def rotary_embedding(
+def _rotate(
     x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
     """ONNX Runtime's RotaryEmbedding (not interleaved) on x [B, S, heads·d]: the first 2·cos_cache.shape[1]
@@ -105,6 +125,9 @@ def rotary_embedding(
     cos, sin = cos_cache[position_ids][:, :, None], sin_cache[position_ids][:, :, None]
     x1, x2, rest = h[..., :half], h[..., half : 2 * half], h[..., 2 * half :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1).reshape(b, s, -1)
+
+
+rotary_embedding = torch.library.custom_op("neat_fx::rotary_embedding", _rotate, mutates_args=())
 
 
 @rotary_embedding.register_fake
@@ -161,7 +184,7 @@ def translations() -> dict:
                 ("attention_bias", "T", True),
             ],
             [("output", "T", False), ("present_key", "T", False), ("present_value", "T", False)],
-            [("num_heads", "INT"), ("kv_num_heads", "INT"), ("scale", "FLOAT")],
+            [("num_heads", "INT"), ("kv_num_heads", "INT"), ("scale", "FLOAT"), ("do_rotary", "INT")],
         ),
     )
     rotary_op = Op(
@@ -176,7 +199,19 @@ def translations() -> dict:
     )
 
     def gqa(
-        query, key, value, past_key, past_value, seqlens_k, total, bias, num_heads: int, kv_num_heads: int, scale: float
+        query,
+        key,
+        value,
+        past_key,
+        past_value,
+        seqlens_k,
+        total,
+        cos_cache,
+        sin_cache,
+        bias,
+        num_heads: int,
+        kv_num_heads: int,
+        scale: float,
     ):
         return gqa_op(
             query,
@@ -186,13 +221,14 @@ def translations() -> dict:
             past_value,
             seqlens_k,
             total,
-            None,
-            None,
+            cos_cache,
+            sin_cache,
             None,
             bias,
             num_heads=num_heads,
             kv_num_heads=kv_num_heads,
             scale=scale,
+            do_rotary=int(cos_cache is not None),
         )
 
     def rotary(x, position_ids, cos_cache, sin_cache, num_heads: int):
@@ -218,6 +254,7 @@ class LayerPlan:
     fast: bool
     why: str = ""
     window: int | None = None
+    rotary_in_op: bool = False  # GroupQueryAttention's do_rotary (else Split + RotaryEmbedding before it)
 
 
 @dataclass
@@ -237,13 +274,18 @@ class Plan:
         lines, start = [], 0
         for i in range(1, len(self.layers) + 1):
             a = self.layers[start]
-            if i < len(self.layers) and (self.layers[i].fast, self.layers[i].why) == (a.fast, a.why):
+            if i < len(self.layers) and (self.layers[i].fast, self.layers[i].why, self.layers[i].rotary_in_op) == (
+                a.fast,
+                a.why,
+                a.rotary_in_op,
+            ):
                 continue
             span = f"layer {a.index}" if i - 1 == start else f"layers {a.index}–{self.layers[i - 1].index}"
             if a.fast:
+                rotary = "q/k rotated by the op" if a.rotary_in_op else "RotaryEmbedding before it"
                 lines.append(
-                    f"attention: {span} GroupQueryAttention (kv heads unrepeated, cache appended by the op) with "
-                    f"RotaryEmbedding, q/k/v and gate/up packed"
+                    f"attention: {span} GroupQueryAttention (kv heads unrepeated, cache appended by the op, {rotary}), "
+                    f"q/k/v and gate/up packed"
                 )
             else:
                 lines.append(f"attention: {span} the model's own code ({a.why})")
@@ -300,6 +342,8 @@ def plan(model: nn.Module, position_ids: bool) -> Plan:
             la.why = "in training mode"
         else:
             la.fast = True
+            # ONNX Runtime's CPU kernel rotates inside the op for head sizes that are multiples of 16 only
+            la.rotary_in_op = int(getattr(m, "head_dim", 0)) % 16 == 0
             window = getattr(m, "sliding_window", None)
             if window is None and name == "MistralAttention":
                 window = getattr(config, "sliding_window", None)
@@ -354,15 +398,19 @@ class Context:
 
 
 def _attention_forward(module, ctx: Context, layer: LayerPlan, qkv_w, qkv_b, hidden_states, *args, **kwargs):
-    b, s, _ = hidden_states.shape
     d = module.head_dim
     heads = module.config.num_attention_heads
     kv_heads = module.config.num_key_value_heads
     qkv = F.linear(hidden_states, qkv_w, qkv_b)
-    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
-    q = torch.ops.neat_fx.rotary_embedding(q, ctx.position_ids, ctx.cos, ctx.sin, heads)
-    k = torch.ops.neat_fx.rotary_embedding(k, ctx.position_ids, ctx.cos, ctx.sin, kv_heads)
     i = module.layer_idx
+    if layer.rotary_in_op and 2 * ctx.cos.shape[-1] == d:
+        # q/k/v packed into the op, rotated inside it at each token's column (module docstring: positions)
+        q, k, v, cos, sin = qkv, None, None, ctx.cos, ctx.sin
+    else:
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
+        q = torch.ops.neat_fx.rotary_embedding(q, ctx.position_ids, ctx.cos, ctx.sin, heads)
+        k = torch.ops.neat_fx.rotary_embedding(k, ctx.position_ids, ctx.cos, ctx.sin, kv_heads)
+        cos = sin = None
     out, present_k, present_v = torch.ops.neat_fx.group_query_attention(
         q,
         k,
@@ -371,7 +419,9 @@ def _attention_forward(module, ctx: Context, layer: LayerPlan, qkv_w, qkv_b, hid
         ctx.past[2 * i + 1],
         ctx.seqlens_k,
         ctx.total,
-        ctx.bias(s, layer.window),
+        cos,
+        sin,
+        ctx.bias(hidden_states.shape[1], layer.window),
         heads,
         kv_heads,
         float(module.scaling),
