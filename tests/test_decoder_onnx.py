@@ -7,6 +7,7 @@ written."""
 from __future__ import annotations
 
 import copy
+import types
 
 import numpy as np
 import onnx
@@ -166,33 +167,52 @@ def test_runner_numpy_in_numpy_out_and_session_input(llama_file):
     np.testing.assert_array_equal(one.numpy(), neat_fx.generate(nm, ids[:1], max_new_tokens=5).numpy())
 
 
-def test_runner_feeds_one_token_per_step_with_the_growing_cache(llama_file, monkeypatch):
-    """The cache is used: after the prompt, every call sees one new token and the past grows by one."""
-    _, _, path, _ = llama_file
+def test_runner_feeds_one_token_per_step_into_a_cache_written_in_place(llama_file, monkeypatch):
+    """The cache is used: after the prompt, every call sees one new token and a mask one longer; the file's
+    attention is all GroupQueryAttention, so one buffer per layer (prompt + new tokens long) is bound once as both
+    past and present, and the op writes each step's keys into it."""
+    _, _, path, report = llama_file
     sess = session(path, "cpu")
-    seen = []
-    real_bind = type(sess.io_binding()).bind_cpu_input
-    real_value = type(sess.io_binding()).bind_ortvalue_input
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    assert meta["neat_fx.generation.cache_in_place"] == "1"
+    seen, past, present = [], [], []
+    kind = type(sess.io_binding())
+    real_bind, real_in, real_out = kind.bind_cpu_input, kind.bind_ortvalue_input, kind.bind_ortvalue_output
 
     def bind_cpu(self, name, array):
-        if name == "input_ids":
-            seen.append(["ids", array.shape])
+        if name in ("input_ids", "attention_mask"):
+            seen.append((name, array.shape))
         return real_bind(self, name, array)
 
-    def bind_value(self, name, value):
+    def bind_in(self, name, value):
         if name == "past_key_values.0.key":
-            seen[-1].append(value.shape()[2])
-        return real_value(self, name, value)
+            past.append(value)
+        return real_in(self, name, value)
 
-    monkeypatch.setattr(type(sess.io_binding()), "bind_cpu_input", bind_cpu)
-    monkeypatch.setattr(type(sess.io_binding()), "bind_ortvalue_input", bind_value)
+    def bind_out(self, name, value):
+        if name == "present.0.key":
+            present.append(value)
+        return real_out(self, name, value)
+
+    monkeypatch.setattr(kind, "bind_cpu_input", bind_cpu)
+    monkeypatch.setattr(kind, "bind_ortvalue_input", bind_in)
+    monkeypatch.setattr(kind, "bind_ortvalue_output", bind_out)
     ids, mask = decoders.left_padded((9, 5))
     timings = {}
-    generate(sess, ids, mask, max_new_tokens=6, eos_token_id=[], timings=timings)
-    assert seen[0] == ["ids", (2, 9), 0]
-    assert [s[1] for s in seen[1:]] == [(2, 1)] * 5
-    assert [s[2] for s in seen[1:]] == [9, 10, 11, 12, 13]
+    out = generate(sess, ids, mask, max_new_tokens=6, eos_token_id=[], timings=timings)
+    assert seen[::2] == [("input_ids", (2, 9))] + [("input_ids", (2, 1))] * 5
+    assert seen[1::2] == [("attention_mask", (2, n)) for n in (9, 10, 11, 12, 13, 14)]
+    assert len(past) == len(present) == 1 and past[0].data_ptr() == present[0].data_ptr()
+    keys = past[0].numpy()  # [2, kv heads, 9 + 6, head size]: 14 tokens fed, the last slot never written
+    assert keys.shape[2] == 15
+    real = np.concatenate([mask.numpy(), np.ones((2, 5), np.int64)], 1).astype(bool)  # the prompt's and 5 fed
+    assert (np.abs(keys[:, :, :14]).sum(-1) > 0).all(1)[real].all() and not keys[:, :, 14].any()
     assert timings["decode_steps"] == 5 and timings["prefill_s"] > 0 and timings["decode_s"] > 0
+    # the same tokens as the runner with a fresh cache per step (as for a file that does not offer in place)
+    monkeypatch.undo()
+    del meta["neat_fx.generation.cache_in_place"]
+    monkeypatch.setattr(sess, "get_modelmeta", lambda: types.SimpleNamespace(custom_metadata_map=meta))
+    assert torch.equal(out, generate(sess, ids, mask, max_new_tokens=6, eos_token_id=[]))
 
 
 def test_runner_stops_on_eos_and_pads_finished_rows(llama_file):

@@ -318,6 +318,10 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
     clock.lap("torch.export + ONNX translation + exporter optimiser")
     meta = dict(oe._metadata(opts), **_generation_metadata(model, layout))
     meta["neat_fx.export.task"] = TASK
+    if wrapper.plan is not None and all(la.fast for la in wrapper.plan.layers):
+        # every present.* comes from GroupQueryAttention, which appends in place when the runner binds one buffer
+        # as both past and present (generation.py); other graphs concatenate and need a fresh output each step
+        meta[META_PREFIX + "cache_in_place"] = "1"
     fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
     proto, done = _proto(onnx, program, opts, device, fuse, meta)
     clock.lap("fusions + serialisation")

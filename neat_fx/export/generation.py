@@ -1,9 +1,10 @@
 """`neat_fx.export.generate`: text generation from a with-past ONNX decoder (`to_onnx(...,
 task="text-generation-with-past")`, or any file with Optimum's input/output names) in ONNX Runtime.
 
-The key/value cache stays in ONNX Runtime values between steps: each step's `present.*` outputs are bound
-as the next step's `past_key_values.*` inputs (IOBinding), so on CUDA the cache never leaves the device; only
-the last position's logits come to the host to pick the next token.
+The key/value cache stays in ONNX Runtime values between steps (IOBinding): on CPU, files whose attention is all
+GroupQueryAttention get one buffer per layer bound as both past and present, written in place (`_Cache`); other
+files get each step's `present.*` outputs bound as the next step's `past_key_values.*` inputs, so on CUDA the
+cache never leaves the device. Only the logits come to the host to pick the next token.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ class _Layout:
         self.dtype = _NUMPY.get(inputs[self.past[0]].type, np.float32)
         self.ids_dtype = np.int32 if inputs["input_ids"].type == "tensor(int32)" else np.int64
         self.logits_index = outputs.index("logits")
-        self.present_index = [outputs.index(n) for n in self.present]
 
 
 def _session_device(sess) -> str:
@@ -127,10 +127,7 @@ def generate(
     fed = _fed_prompt(ids, mask, vocab, filler)
     batch = ids.shape[0]
     where = _session_device(sess)
-    past = {
-        n: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, 0, d), layout.dtype), where, 0)
-        for n, (h, d) in layout.shapes.items()
-    }
+    cache = _Cache(sess, layout, meta, batch, ids.shape[1] + max_new_tokens, where)
     step_ids = fed
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)
     new = []
@@ -138,20 +135,13 @@ def generate(
     clock = time.perf_counter()
     spent = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
     for step in range(max_new_tokens):
-        binding = sess.io_binding()
+        binding = cache.binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(step_ids, dtype=layout.ids_dtype))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=layout.ids_dtype))
         if layout.position_ids:
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=layout.ids_dtype))
-        for n, value in past.items():
-            binding.bind_ortvalue_input(n, value)
-        binding.bind_output("logits", "cpu")
-        for n in layout.present:
-            binding.bind_output(n, where, 0)
         sess.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[layout.logits_index].numpy()[:, -1].astype(np.float32)
-        past = {p: outputs[i] for p, i in zip(layout.past, layout.present_index)}
+        logits = cache.advance(binding)[:, -1]
         token = _sample(logits, rng, temperature, top_k, top_p) if do_sample else logits.argmax(-1)
         token = np.where(done, pad, token).astype(np.int64)
         new.append(token)
@@ -172,6 +162,53 @@ def generate(
         timings.update(spent)
     out = np.concatenate([ids, np.stack(new, 1)], 1)
     return torch.from_numpy(out) if as_torch else out
+
+
+class _Cache:
+    """The key/value cache between steps, held by ONNX Runtime.
+
+    In place (files whose every present.* comes from GroupQueryAttention — the export records
+    `cache_in_place` — on CPU): one zeroed buffer per past input, [batch, heads, prompt + new tokens, head size],
+    bound as that input and as its present output, once; the op writes each step's keys and values into it at
+    their position, so nothing is copied or allocated per step. Otherwise: each step's present outputs, allocated
+    by ONNX Runtime on the session's device, are bound as the next step's past inputs."""
+
+    def __init__(self, sess, layout: _Layout, meta: dict, batch: int, length: int, where: str):
+        ort = runtime._ort()
+        self.sess, self.layout, self.where = sess, layout, where
+        # CUDA: GroupQueryAttention's in-place path with an attention bias is not checked on a GPU here
+        self.in_place = meta.get(META_PREFIX + "cache_in_place") == "1" and where == "cpu"
+        size = length if self.in_place else 0
+        self.past = {
+            n: ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, size, d), layout.dtype), where, 0)
+            for n, (h, d) in layout.shapes.items()
+        }
+        self._bound = None
+
+    def binding(self):
+        """The step's IOBinding with the cache and the logits bound (the caller binds ids, mask, positions)."""
+        if self.in_place and self._bound is not None:
+            return self._bound
+        binding = self.sess.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
+        for past, present in zip(self.layout.past, self.layout.present):
+            binding.bind_ortvalue_input(past, self.past[past])
+            if self.in_place:
+                binding.bind_ortvalue_output(present, self.past[past])
+            else:
+                binding.bind_output(present, self.where, 0)
+        if self.in_place:
+            self._bound = binding
+        return binding
+
+    def advance(self, binding) -> np.ndarray:
+        """After a run: the logits [batch, positions, vocab] as float32 on the host; the presents become the
+        next step's past."""
+        outputs = binding.get_outputs()
+        if not self.in_place:
+            self.past = dict(zip(self.layout.past, outputs[1:]))
+        logits = outputs[0].numpy()
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
 
 def _vocab_size(sess, meta: dict, layout: _Layout) -> int | None:
