@@ -1,23 +1,21 @@
-"""Many NEAT adapters on one onnxruntime-genai builder model (issue 23, item 7): what genai 0.18 can do, measured.
+"""Many NEAT adapters on one onnxruntime-genai builder model (issue 23, item 7): switch time and decode speed.
 
-What the builder and the runtime take (onnxruntime-genai 0.18, read from its source and checked here):
-- the builder's `adapter_path` extra option takes ONE PEFT LoRA folder and writes its A/B matrices into the graph
-  as constant MatMul pairs beside each base MatMul (`…/lora_A/MatMul`, `…/lora_B/MatMul` scaled by alpha/r, an
-  Add); with LoRA it turns off the packed q/k/v MatMul ("Packed MatMul with LoRA/QLoRA is not currently
-  supported"); it writes no adapter files and leaves the LoRA weights as initializers, not graph inputs;
-- the runtime's `og.Adapters(model).load(file, name)` + `Generator.set_active_adapter(adapters, name)` feed the
-  tensors of an ONNX Runtime adapter file (`.onnx_adapter`, `onnxruntime.AdapterFormat`) as the graph inputs of
-  the same names.
+The export is the library's: `to_onnx(model, None, folder, via="genai", adapters={"a0": nm_0, …})` saves each NEAT
+adapter in its exact LoRA form (lora_A = Hᵀ, lora_B = B), runs onnxruntime-genai's builder once per adapter (its
+`adapter_path` option: LoRA MatMul pairs beside each base MatMul, the LoRA matrices as initializers), keeps the first
+build as the base with its LoRA initializers turned into graph inputs (zero defaults: no adapter active = the base
+model), writes `adapters/<name>.onnx_adapter` per adapter and verifies each adapter's greedy tokens in
+onnxruntime-genai against its merged model (neat_fx/export/genai_adapters.py). The runtime switches adapters with
+`og.Adapters(model).load(file, name)` + `Generator.set_active_adapter(adapters, name)` (what
+`neat_fx.export.GenaiAdapters` holds).
 
-So this script: saves N NEAT adapters in their exact LoRA form (`neat_fx.save_adapters(nm, dir, format="lora")`:
-lora_A = Hᵀ, lora_B = B), runs the builder once per adapter (fp32, CPU) to get each adapter's LoRA tensors as the
-builder lays them out, keeps the first build as the base and turns its LoRA initializers into graph inputs (the
-initializers stay as their defaults), writes one `.onnx_adapter` per adapter, then in onnxruntime-genai: greedy
-tokens of each adapter vs `neat_fx.generate(nm_i)` (the same prompt), the time to switch adapters, and decode
-speed with an adapter active vs the single merged model built by the builder (`to_onnx(..., via="genai")`).
+This script measures, in onnxruntime-genai: greedy tokens of each adapter vs `neat_fx.generate(nm_i)` (the same
+prompt), the time to switch adapters, prefill and decode speed with an adapter active vs the single merged model
+built by the builder (`to_onnx(fold(nm_0), None, dir, via="genai")`).
 
     python benchmarks/genai_multi_lora.py                  # Qwen2.5-0.5B shape, 4 layers, 3 adapters (≈ 3 min)
     python benchmarks/genai_multi_lora.py --layers 24      # the full depth
+    python benchmarks/genai_multi_lora.py --small          # hidden 64: a check of the mechanism (seconds)
 """
 
 from __future__ import annotations
@@ -55,54 +53,6 @@ def build_model(layers: int, small: bool):
     shape = dict(QWEN25_05B, num_hidden_layers=layers, **(SMALL if small else {}))
     cfg = T.Qwen2Config(**shape, use_cache=False)
     return T.Qwen2ForCausalLM(cfg).eval()
-
-
-def run_builder(hf_dir: Path, out: Path, cache: Path, adapter: Path | None):
-    import contextlib
-    import io
-
-    from onnxruntime_genai.models import builder
-
-    items = [f"adapter_path={adapter}"] if adapter else []
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        extra = builder.parse_extra_options(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), items)
-        builder.create_model(None, str(hf_dir), str(out), "fp32", "cpu", str(cache), **extra)
-
-
-def lora_tensors(model_path: Path) -> dict:
-    """The builder's LoRA initializers of a built model: name → NumPy array."""
-    import onnx
-    from onnx import numpy_helper
-
-    m = onnx.load(str(model_path))
-    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if ".lora_" in t.name}
-
-
-def lift_to_inputs(model_path: Path, names: set[str]) -> int:
-    """Make the initializers `names` graph inputs too (their values stay as defaults): ONNX Runtime then takes
-    them from a feed, which is what an adapter file gives."""
-    import onnx
-
-    m = onnx.load(str(model_path))
-    have = {i.name for i in m.graph.input}
-    added = 0
-    for t in m.graph.initializer:
-        if t.name in names and t.name not in have:
-            m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-            added += 1
-    data = model_path.with_name(model_path.name + ".data")
-    onnx.save_model(m, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-    return added
-
-
-def write_adapter(path: Path, tensors: dict):
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
-    fmt.export_adapter(str(path))
 
 
 def generate_genai(model, ids, new: int, adapters=None, name=None, threads: int = 2):
@@ -149,7 +99,7 @@ def main():
     import torch
 
     import neat_fx
-    from neat_fx.export import genai_route, to_onnx
+    from neat_fx.export import GenaiAdapters, to_onnx
 
     torch.set_num_threads(args.threads)
     model = build_model(args.layers, args.small)
@@ -165,37 +115,25 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="genai-lora-"))
     try:
-        hf_dir = work / "hf"
-        model.save_pretrained(hf_dir)
-        genai_route._placeholder_tokenizer(model.config).save_pretrained(hf_dir)
-        per_adapter, build_s = [], []
-        for i, nm in enumerate(nms):
-            lora = work / f"lora{i}"
-            neat_fx.save_adapters(nm, lora, format="lora")
-            t = time.perf_counter()
-            run_builder(hf_dir, work / f"built{i}", work / "cache", lora)
-            build_s.append(time.perf_counter() - t)
-            per_adapter.append(lora_tensors(work / f"built{i}" / "model.onnx"))
-            if i:
-                shutil.rmtree(work / f"built{i}")
-        base = work / "built0"
-        names = set(per_adapter[0])
-        lifted = lift_to_inputs(base / "model.onnx", names)
+        base = work / "base"
+        t = time.perf_counter()
+        report = to_onnx(model, None, base, via="genai", adapters={f"a{i}": nm for i, nm in enumerate(nms)})
+        export_s = time.perf_counter() - t
         set_threads(base, args.threads)
-        for i, tensors in enumerate(per_adapter):
-            write_adapter(work / f"adapter{i}.onnx_adapter", tensors)
         merged_dir = work / "merged"
         t = time.perf_counter()
         to_onnx(neat_fx.fold(nms[0]), None, merged_dir, via="genai")
         merged_s = time.perf_counter() - t
         set_threads(merged_dir, args.threads)
 
-        og_model = og.Model(str(base))
-        adapters = og.Adapters(og_model)
+        served = GenaiAdapters(base)  # og.Model + og.Adapters with every adapter loaded
+        og_model, adapters = served.model, served.adapters
+        timing = og.Adapters(og_model)  # the load time of one adapter file, measured on a second holder
         t = time.perf_counter()
-        for i in range(args.adapters):
-            adapters.load(str(work / f"adapter{i}.onnx_adapter"), f"a{i}")
+        for name, path in report.adapters.items():
+            timing.load(str(path), name)
         load_s = (time.perf_counter() - t) / args.adapters
+        del timing
         merged = og.Model(str(merged_dir))
 
         rows = {f"a{i}": [] for i in range(args.adapters)}
@@ -212,7 +150,9 @@ def main():
             for i in range(args.adapters):
                 rows[f"a{i}"].append(generate_genai(og_model, ids.numpy(), args.new, adapters, f"a{i}")[1:])
             rows["merged a0"].append((0.0,) + generate_genai(merged, ids.numpy(), args.new)[2:])
-        ops = genai_route._graph_facts(base / "model.onnx")[0]
+        ops = report.op_counts
+        lifted = len(report.adapter_inputs)
+        del served, og_model, adapters, merged
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -227,10 +167,10 @@ def main():
         f"# {args.adapters} NEAT adapters in LoRA form on one onnxruntime-genai builder model — Qwen2.5-0.5B shape, "
         f"{args.layers} layers, random weights, all-linear rank {args.rank}, fp32 CPU, {args.threads} threads",
         "",
-        f"Base: the builder with `adapter_path` (adapter a0), its {lifted} LoRA initializers made graph inputs; one "
-        f".onnx_adapter per adapter (the builder's own layout of each adapter, loaded in {1e3 * load_s:.0f} ms each); "
-        f"merged: `to_onnx(fold(nm_a0), None, dir, via='genai')`. Prompt {args.prompt}, {args.new} new tokens, greedy, "
-        f"medians of {args.rounds} interleaved rounds.",
+        f"Base: `to_onnx(model, None, dir, via='genai', adapters={{'a0': nm_0, …}})` — the builder with "
+        f"`adapter_path`, its {lifted} LoRA initializers made graph inputs (zero defaults); one .onnx_adapter per "
+        f"adapter (loaded in {1e3 * load_s:.0f} ms each); merged: `to_onnx(fold(nm_a0), None, dir, via='genai')`. "
+        f"Prompt {args.prompt}, {args.new} new tokens, greedy, medians of {args.rounds} interleaved rounds.",
         "",
         "| row | set_active_adapter ms | prefill ms | decode ms/token | greedy tokens = neat_fx.generate |",
         "|---|---:|---:|---:|---:|",
@@ -242,10 +182,12 @@ def main():
         )
     lines += [
         "",
-        f"Base graph ops: {', '.join(f'{k} ×{v}' for k, v in sorted(ops.items()) if v > 1)}. Builder runs per adapter: "
-        f"{', '.join(f'{s:.0f} s' for s in build_s)}; merged build {merged_s:.0f} s. The adapters' greedy "
+        f"Base graph ops: {', '.join(f'{k} ×{v}' for k, v in sorted(ops.items()) if v > 1)}. The export (a "
+        f"builder run per adapter, verification of each) took {export_s:.0f} s; merged build {merged_s:.0f} s. The "
+        f"adapters' greedy "
         f"continuations are {len(set(outputs))} distinct sequences of {args.adapters}. "
-        f"`python benchmarks/genai_multi_lora.py --layers {args.layers} --adapters {args.adapters}`.",
+        f"`python benchmarks/genai_multi_lora.py --layers {args.layers} --adapters {args.adapters}"
+        f"{' --small' if args.small else ''}`.",
     ]
     data = dict(
         vars(args),
@@ -254,6 +196,8 @@ def main():
         distinct_outputs=len(set(outputs)),
         lifted_inputs=lifted,
         adapter_load_s=load_s,
+        export_s=export_s,
+        export_verification={k: v["tokens_equal"] for k, v in report.verification.items()},
         ops=ops,
     )
     save_results(STEM + ("_small" if args.small else ""), data, lines)

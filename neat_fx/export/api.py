@@ -83,7 +83,11 @@ def to_onnx(
               inputs with zero defaults (the bare file is the base model), and `<path stem>.<name>.onnx_adapter`
               beside `path` holds each adapter's values for ONNX Runtime's LoRA mechanism (run with
               `neat_fx.export.AdapterSession`, which refuses a file another export wrote). fp32 only; see
-              neat_fx/export/multi.py.
+              neat_fx/export/multi.py. With via="genai": {name: NeatModule or saved folder} on the base `module`
+              (a NeatModule's base is used): one base folder for onnxruntime-genai (fp32, or int4/int8 base weights
+              with quantize=; the adapters stay fp32) + `adapters/<name>.onnx_adapter`, each verified by greedy
+              tokens against its merged model; serve with `neat_fx.export.GenaiAdapters(path)`; see
+              neat_fx/export/genai_adapters.py.
     """
     t_start = time.perf_counter()
     opts = ExportConfig(

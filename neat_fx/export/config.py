@@ -44,7 +44,7 @@ class ExportConfig:
     via: str = "neat_fx"
     optimum_level: str | None = "O2"
     task: str | None = None
-    adapters: object = None  # None, or saved adapter folders: {name: folder} or a list of folders
+    adapters: object = None  # None, or saved adapter folders: {name: folder} or a list (via="genai": NeatModules too)
     logits: str = "last"  # task="text-generation-with-past" only
     attention: str = "auto"  # task="text-generation-with-past" only
 
@@ -114,16 +114,22 @@ class ExportConfig:
         if self.adapters is not None:
             if isinstance(self.adapters, (str, bytes)) or not isinstance(self.adapters, (dict, list, tuple)):
                 raise ConfigError(
-                    "adapters= takes saved adapter folders as a list (named after the folders) or a dict "
-                    f"{{name: folder}}, got {type(self.adapters).__name__}"
+                    "adapters= takes saved adapter folders as a list (named after the folders) or a dict {name: "
+                    f"folder}} (via='genai': {{name: NeatModule or folder}}), got {type(self.adapters).__name__}"
                 )
             if not self.adapters:
-                raise ConfigError("adapters= needs at least one adapter folder")
-            if self.dtype != "fp32" or self.quantize or self.via != "neat_fx" or self.task is not None:
+                raise ConfigError("adapters= is empty; pass at least one adapter: {name: folder}")
+            if self.via == "genai":  # NeatModules or folders; int4/int8 base weights (neat_fx/export/genai_adapters.py)
+                if self.dtype != "fp32":
+                    raise ConfigError(
+                        "adapters= with via='genai' builds an fp32 base (or int4/int8 with quantize=; the adapters "
+                        "stay fp32): leave dtype='fp32'"
+                    )
+            elif self.dtype != "fp32" or self.quantize or self.via != "neat_fx" or self.task is not None:
                 raise ConfigError(
                     "adapters= (one model, one ONNX Runtime adapter file per adapter) exports fp32 by the "
-                    "neat_fx route only, without a cache: leave dtype='fp32', quantize=None, via='neat_fx' and "
-                    "task=None"
+                    "neat_fx route, without a cache: leave dtype='fp32', quantize=None, via='neat_fx' and "
+                    "task=None (or via='genai' for a decoder with its cache, on onnxruntime-genai)"
                 )
 
     @property

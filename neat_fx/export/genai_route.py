@@ -230,22 +230,8 @@ def export(
     ok, why = available()
     if not ok:
         raise ExportError(why)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
-    if execution_provider not in PROVIDERS:
-        raise ConfigError(f"execution_provider must be 'cpu' or 'cuda'; got {execution_provider!r}")
-    if (precision, execution_provider) not in VALID:
-        raise ConfigError(
-            f"the builder makes no {precision} model for {execution_provider} (valid: "
-            f"{', '.join(f'{p}/{e}' for p, e in sorted(VALID))}); on CPU use fp32, int8 or int4"
-        )
+    check_options(precision, execution_provider, block_size, accuracy_level, builder_options)
     quantized = precision in ("int4", "int8")
-    if quantized and block_size not in BLOCK_SIZES:
-        raise ConfigError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
-    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
-        raise ConfigError(f"accuracy_level must be 0–4 (4: int8 activations on CPU); got {accuracy_level!r}")
-    if builder_options is not None and not isinstance(builder_options, dict):
-        raise ConfigError(f"builder_options must be a dict of KEY: VALUE strings, got {type(builder_options).__name__}")
     folder = Path(folder)
     _check_destination(folder)
     architecture = _check_family(module)
@@ -299,6 +285,26 @@ def export(
         seconds=time.perf_counter() - t_start,
         notes=notes,
     )
+
+
+def check_options(precision: str, provider: str, block_size: int, accuracy_level, builder_options) -> None:
+    """Refuse a precision / provider / quantization option the builder does not take (before any work)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}; got {precision!r}")
+    if provider not in PROVIDERS:
+        raise ConfigError(f"execution_provider must be 'cpu' or 'cuda'; got {provider!r}")
+    if (precision, provider) not in VALID:
+        raise ConfigError(
+            f"the builder makes no {precision} model for {provider} (valid: "
+            f"{', '.join(f'{p}/{e}' for p, e in sorted(VALID))}); on CPU use fp32, int8 or int4"
+        )
+    quantized = precision in ("int4", "int8")
+    if quantized and block_size not in BLOCK_SIZES:
+        raise ConfigError(f"block_size must be one of {BLOCK_SIZES}; got {block_size!r}")
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level must be 0–4 (4: int8 activations on CPU); got {accuracy_level!r}")
+    if builder_options is not None and not isinstance(builder_options, dict):
+        raise ConfigError(f"builder_options must be a dict of KEY: VALUE strings, got {type(builder_options).__name__}")
 
 
 def _build(
@@ -548,7 +554,23 @@ def _ids(value) -> set[int]:
 
 
 @torch.no_grad()
-def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes) -> dict:
+def _verify(
+    hf_dir,
+    out,
+    prompts,
+    precision,
+    provider,
+    new_tokens,
+    dtype,
+    notes,
+    *,
+    reference=None,
+    adapter=None,
+    who="the merged model",
+) -> dict:
+    """Greedy tokens and prefill logits of `out` in onnxruntime-genai against `reference`'s own generate (default:
+    the model saved in `hf_dir`). adapter: (an .onnx_adapter file, its name) to make active in onnxruntime-genai
+    (genai_adapters.py); who: the reference, as the errors name it."""
     import onnxruntime_genai as og
     from transformers import AutoModelForCausalLM
 
@@ -561,7 +583,8 @@ def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes)
         meta.get("pad_token_id", 0) if not isinstance(meta.get("pad_token_id"), list) else meta["pad_token_id"][0]
     )
     eos = _ids(meta.get("eos_token_id"))
-    reference = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    if reference is None:
+        reference = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
     gen = reference.generation_config
     hf_eos = _ids(gen.eos_token_id) or eos
     limit = max(2, int(meta.get("context_length") or 2048) - new_tokens)
@@ -596,6 +619,11 @@ def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes)
     # reads the pad id as "no token"); one prompt at a time where a prompt holds that id
     batched = 0 <= pad < int(meta["vocab_size"]) and all(pad not in r for r in rows)
     model = og.Model(str(out))
+    adapters = None
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter[0]), adapter[1])
+    label = f" with adapter {adapter[1]!r} active" if adapter is not None else ""
     try:
         groups = [list(range(len(rows)))] if batched else [[i] for i in range(len(rows))]
         og_tokens: list[list[int]] = [[] for _ in rows]
@@ -608,6 +636,8 @@ def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes)
             params = og.GeneratorParams(model)
             params.set_search_options(max_length=w + new_tokens, batch_size=len(group), do_sample=False)
             generator = og.Generator(model, params)
+            if adapters is not None:
+                generator.set_active_adapter(adapters, adapter[1])
             generator.append_tokens(batch.numpy())
             logits = torch.from_numpy(generator.get_logits().copy()).float().reshape(len(group), -1)
             while not generator.is_done():
@@ -617,7 +647,7 @@ def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes)
                 og_tokens[i] = _until_eos(generator.get_sequence(j).tolist()[w:], eos)[:new_tokens]
             del generator, params
     finally:
-        del model
+        del adapters, model
     matches = total = 0
     first_divergence = None
     for a, b in zip(hf_tokens, og_tokens):
@@ -645,11 +675,13 @@ def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes)
         "genai_tokens": og_tokens,
     }
     if not torch.isfinite(og_logits).all():
-        raise ExportError(f"onnxruntime-genai gave non-finite logits for the {precision} model; nothing was written")
+        raise ExportError(
+            f"onnxruntime-genai gave non-finite logits for the {precision} model{label}; nothing was written"
+        )
     if precision in EXACT:
         if not result["tokens_equal"] or result["logits_max_rel"] > EXACT[precision]:
             raise ExportError(
-                f"verification failed: the {precision} genai model's greedy tokens differ from the merged model's "
+                f"verification failed: the {precision} genai model{label}: greedy tokens differ from {who}'s "
                 f"own generate (first at step {first_divergence}; prefill logits max abs "
                 f"{result['logits_max_abs']:.2e}, "
                 f"{result['logits_max_rel']:.2e} of their scale); nothing was written. HF: {hf_tokens}, "
@@ -657,7 +689,7 @@ def _verify(hf_dir, out, prompts, precision, provider, new_tokens, dtype, notes)
             )
     elif not result["logits_min_corr"] >= GROSS:
         raise ExportError(
-            f"verification failed: the {precision} genai model's prefill logits correlate with the merged model's "
+            f"verification failed: the {precision} genai model{label}: prefill logits correlate with {who}'s "
             f"by only {result['logits_min_corr']:.2f} (less than {GROSS}: a gross error, not quantization noise); "
             f"nothing was written"
         )
@@ -675,6 +707,12 @@ def to_folder(module: nn.Module, example_inputs, path, opts, t_start: float) -> 
         import onnxruntime_genai as og
 
         device = "cuda" if og.is_cuda_available() else "cpu"
+    if opts.adapters is not None:  # one base + an adapter file per adapter (neat_fx/export/genai_adapters.py)
+        from . import genai_adapters
+
+        report = genai_adapters.to_folder(module, example_inputs, path, opts, precision, device)
+        report.seconds = time.perf_counter() - t_start
+        return report
     report = export(
         module,
         path,
