@@ -209,6 +209,13 @@ def test_bad_adapters_are_refused_naming_them_with_nothing_written(genai, tmp_pa
         tmp_path, ConfigError, "'t' also trains parameters in full.*model.norm.weight", model,
         {"t": adapter(model, 5, trainable=["model.norm.weight"])},
     )  # fmt: skip
+    _refused(
+        tmp_path,
+        ConfigError,
+        "'h' adapts the output head \\(lm_head\\)",
+        model,
+        {"h": adapter(model, 6, targets=["*"])},
+    )
     for name in ("a/b", "..", "", ".hidden", "x" * 65):
         _refused(tmp_path, ConfigError, "cannot name a file", model, {name: good})
     _refused(tmp_path, ConfigError, "differ only in case", model, {"A": good, "a": good})

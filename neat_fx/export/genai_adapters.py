@@ -25,6 +25,12 @@ adapters (QLoRA's split).
 Verified before anything is renamed into place, as the single genai export: greedy tokens of two prompts in
 onnxruntime-genai with each adapter active against the merged model's (W0 + ΔW) own `generate`, and with none
 active against the base model's; fp32 must be identical, int4/int8 only free of gross errors (genai_route._verify).
+Refused (before the builder runs, nothing written): adapters computed on another base (the LoRA form's base
+fingerprints), sites the LoRA form cannot express (save_adapters(format="lora") lists them), adapters that also train
+parameters in full (an adapter file holds LoRA matrices only), adapters on the output head (the builder's LoRA graph
+for the head is invalid), adapters of different sites (one base graph; ranks may differ), names that cannot be file
+names.
+
 The adapter names go in `neat_adapters.json`, not in genai_config.json: onnxruntime-genai refuses a genai_config.json
 with a field it does not know ('JSON Error: Unknown value "…"'), at the top level and in "model" alike.
 """
@@ -196,6 +202,16 @@ def _lora_form(nm: NeatModule, name: str, base: nn.Module, folder: Path) -> Path
         raise AdapterMismatchError(
             f"adapter {name!r} cannot be served on this base in LoRA form: {exc}".replace(str(folder), "its LoRA form")
         ) from exc
+    head = next((n for n, m in base.named_modules() if m is base.get_output_embeddings()), None)
+    targets = json.loads((folder / "adapter_config.json").read_text()).get("target_modules") or []
+    if head and head in targets:
+        # onnxruntime-genai 0.18's builder writes an invalid graph for LoRA on the head ("Node input
+        # '/lm_head/MatMul/output_0' is not … output of a previous node"), tied to the embedding or not
+        raise ConfigError(
+            f"adapter {name!r} adapts the output head ({head}), which onnxruntime-genai's builder cannot take in LoRA "
+            f"form. Transform without it (targets 'all-linear' leave the head out), or export this adapter on its "
+            f"own, merged: to_onnx(nm, None, folder, via='genai')"
+        )
     return folder
 
 
