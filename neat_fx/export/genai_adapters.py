@@ -25,11 +25,11 @@ adapters (QLoRA's split).
 Verified before anything is renamed into place, as the single genai export: greedy tokens of two prompts in
 onnxruntime-genai with each adapter active against the merged model's (W0 + ΔW) own `generate`, and with none
 active against the base model's; fp32 must be identical, int4/int8 only free of gross errors (genai_route._verify).
-Refused (before the builder runs, nothing written): adapters computed on another base (the LoRA form's base
-fingerprints), sites the LoRA form cannot express (save_adapters(format="lora") lists them), adapters that also train
-parameters in full (an adapter file holds LoRA matrices only), adapters on the output head (the builder's LoRA graph
-for the head is invalid), adapters of different sites (one base graph; ranks may differ), names that cannot be file
-names.
+Refused with nothing written: names that cannot be file names, adapters computed on another base (the LoRA form's
+base fingerprints), sites the LoRA form cannot express (save_adapters(format="lora") lists them), adapters that also
+train parameters in full (an adapter file holds LoRA matrices only), adapters on the output head (the builder's LoRA
+graph for the head is invalid) — all before the builder runs — and adapters of different sites (one base graph;
+ranks may differ), found in the builds.
 
 The adapter names go in `neat_adapters.json`, not in genai_config.json: onnxruntime-genai refuses a genai_config.json
 with a field it does not know ('JSON Error: Unknown value "…"'), at the top level and in "model" alike.
