@@ -184,13 +184,24 @@ class _Cache:
             for n, (h, d) in layout.shapes.items()
         }
         self._bound = None
+        # a [batch, 1, vocab] logits file (logits="last"): in place, one host array receives every step's logits
+        shape = sess.get_outputs()[layout.logits_index].shape
+        self.logits = None
+        if self.in_place and len(shape) == 3 and shape[1] == 1 and isinstance(shape[2], int):
+            dtype = _NUMPY.get(sess.get_outputs()[layout.logits_index].type, np.float32)
+            self.logits = np.zeros((batch, 1, shape[2]), dtype)
 
     def binding(self):
         """The step's IOBinding with the cache and the logits bound (the caller binds ids, mask, positions)."""
-        if self.in_place and self._bound is not None:
+        if self._bound is not None:
             return self._bound
+        ort = runtime._ort()
         binding = self.sess.io_binding()
-        binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
+        if self.logits is not None:
+            self._logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)  # ONNX Runtime writes into the array
+            binding.bind_ortvalue_output("logits", self._logits_value)
+        else:
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists the outputs in binding order
         for past, present in zip(self.layout.past, self.layout.present):
             binding.bind_ortvalue_input(past, self.past[past])
             if self.in_place:
@@ -202,12 +213,15 @@ class _Cache:
         return binding
 
     def advance(self, binding) -> np.ndarray:
-        """After a run: the logits [batch, positions, vocab] as float32 on the host; the presents become the
-        next step's past."""
-        outputs = binding.get_outputs()
-        if not self.in_place:
-            self.past = dict(zip(self.layout.past, outputs[1:]))
-        logits = outputs[0].numpy()
+        """After a run: the logits [batch, positions, vocab] as float32 on the host (valid until the next run);
+        the presents become the next step's past."""
+        if self.logits is not None:
+            logits = self.logits
+        else:
+            outputs = binding.get_outputs()
+            if not self.in_place:
+                self.past = dict(zip(self.layout.past, outputs[1:]))
+            logits = outputs[0].numpy()
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
 
