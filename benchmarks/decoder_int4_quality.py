@@ -8,7 +8,8 @@ equal; and per generated token, positions after either row's end counted as disa
 EOS itself left out, as onnxruntime-genai leaves it out of its sequences).
 Ours runs through `neat_fx.export.generate` in left-padded batches of 100; genai one prompt at a time
 (onnxruntime-genai's Generator, greedy). int4: block 32 (the Qwen benchmark's) and 16 (hidden 64 has only two
-blocks of 32 per row), symmetric, accuracy level 4 on both routes.
+blocks of 32 per row), symmetric, accuracy level 4 on both routes; ours also with `quantize_embedding=False` (the
+embedding table left float, as the builder leaves this untied table), which isolates what quantizing the table costs.
 
     python benchmarks/decoder_int4_quality.py               # ≈ 3-6 min on the 2-core machine
 """
@@ -128,12 +129,14 @@ def main():
         for b in blocks:
             routes += [
                 (f"ours int4 (block {b})", "neat_fx", "int4", b),
+                (f"ours int4 (block {b}), quantize_embedding=False", "neat_fx_float_table", "int4", b),
                 (f"genai int4 (block {b})", "genai", "int4", b),
             ]
         for label, via, quantize, block in routes:
-            out = root / label.replace(" ", "_").replace("(", "").replace(")", "")
+            out = root / label.split(",")[0].replace(" ", "_").replace("(", "").replace(")", "")
+            out = out.with_name(out.name + ("_float_table" if via == "neat_fx_float_table" else ""))
             t = time.perf_counter()
-            if via == "neat_fx":
+            if via.startswith("neat_fx"):
                 report = to_onnx(
                     model,
                     example,
@@ -141,6 +144,7 @@ def main():
                     task="text-generation-with-past",
                     quantize=quantize,
                     block_size=block,
+                    quantize_embedding=via != "neat_fx_float_table",
                 )
                 seconds = time.perf_counter() - t
                 got = completions_ours(out.with_suffix(".onnx"), tok, prompts)

@@ -88,6 +88,8 @@ def _export(args) -> int:
     options = dict(optimize=args.optimize, device=args.device, approximate=args.approximate)
     if args.task or args.quantize or args.via != "neat_fx":
         options.update(task=args.task, quantize=args.quantize, block_size=args.block_size, via=args.via)
+    if args.float_embedding:
+        options.update(quantize_embedding=False)
     if args.task == TEXT_GENERATION_WITH_PAST:
         options.update(logits=args.logits, attention=args.attention)
     dtype = "fp16" if args.fp16 else "fp32"
@@ -197,6 +199,11 @@ def main(argv=None) -> int:
     )
     ex.add_argument(
         "--block-size", type=int, default=32, choices=INT4_BLOCK_SIZES, help="int4 weights per scale (default 32)"
+    )
+    ex.add_argument(
+        "--float-embedding",
+        action="store_true",
+        help="with --quantize int4: leave the token embedding table float (a larger file, nearer fp32; no speed cost)",
     )
     ex.add_argument(
         "--logits",

@@ -404,6 +404,32 @@ def test_int4_quantizes_every_linear_the_tied_head_and_the_table(tied_llama, tie
     assert out.shape[0] == 2 and out.shape[1] <= 17
 
 
+def test_int4_with_the_embedding_table_left_float(tied_llama, tmp_path):
+    """quantize_embedding=False: every MatMul (the tied head's transposed copy too) int4, the table a float Gather
+    read once per token; the same tokens path, a larger file than with the table in int4."""
+    model, nm = tied_llama
+    path = tmp_path / "lm.onnx"
+    report = to_onnx(
+        neat_fx.fold(nm), decoders.example_inputs(), path, task=TASK, quantize="int4", quantize_embedding=False
+    )
+    counts = report.op_counts
+    assert counts.get("MatMulNBits") == 2 * 4 + 1 and not counts.get("GatherBlockQuantized"), counts
+    proto = onnx.load(str(path))
+    tables = {t.name for t in proto.graph.initializer if list(t.dims) == [4000, 128] and t.data_type == 1}
+    assert [n.op_type for n in proto.graph.node if n.input and n.input[0] in tables] == ["Gather"]
+    assert report.size_bytes > 4000 * 128 * 4 and min(p["min_cosine"] for p in report.parity) > 0.95
+    with pytest.raises(neat_fx.ConfigError, match="quantize_embedding=False"):
+        to_onnx(
+            neat_fx.fold(nm),
+            decoders.example_inputs(),
+            tmp_path / "x.onnx",
+            task=TASK,
+            quantize="int8",
+            quantize_embedding=False,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.onnx"]
+
+
 def test_fp32_file_holds_a_tied_table_once(tied_llama, tmp_path):
     model, nm = tied_llama
     report = to_onnx(neat_fx.fold(nm), decoders.example_inputs(), tmp_path / "lm.onnx", task=TASK)

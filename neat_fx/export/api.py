@@ -32,6 +32,7 @@ def to_onnx(
     verify_inputs=None,
     quantize: str | None = None,
     block_size: int = 32,
+    quantize_embedding: bool = True,
     via: str = "neat_fx",
     optimum_level: str | None = "O2",
     task: str | None = None,
@@ -53,6 +54,10 @@ def to_onnx(
               4-bit MatMul weights (ONNX Runtime's MatMulNBits quantizer, symmetric, one scale per `block_size`
               weights along the input dimension: 32 or 128 are usual; CPU and CUDA). The drift is reported and
               only checked against gross errors (0.5 of each output's scale): judge it by task accuracy.
+    quantize_embedding: with quantize="int4" (neat_fx route): the token embedding table too (GatherBlockQuantized,
+              the default: the smallest file) or left float — one row read per token, so no speed cost, a larger
+              file, and nearer fp32 (on the trained tiny LM of benchmarks/decoder_int4_quality.py: the builder's
+              quality exactly, which keeps an untied table float).
     task:     None (the captured forward), or "text-generation-with-past" for a decoder LM: one file for prefill
               and cached decoding, inputs input_ids, attention_mask, position_ids (where the model takes them),
               past_key_values.{i}.key/.value, outputs logits, present.{i}.key/.value (Optimum's names); decoder
@@ -63,8 +68,9 @@ def to_onnx(
               generation reads; the prompt's other positions are not projected onto the vocabulary — or "all"
               (every position, for scoring).
     attention: with-past only: "auto" (default) runs LLaMA / Qwen2 / Mistral attention layers as ONNX Runtime's
-              GroupQueryAttention with RotaryEmbedding and packed q/k/v and gate/up projections (other layers keep
-              the model's own code; the report says which); "model" keeps the model's own code on every layer.
+              GroupQueryAttention (rotary inside the op, tokens at their column: docs/decoders.md) with packed
+              q/k/v and gate/up projections (other layers keep the model's own code; the report says which);
+              "model" keeps the model's own code on every layer.
     via:      "neat_fx" (torch.onnx dynamo exporter + our passes), or "optimum" for Hugging Face models where
               optimum-onnx is installed (then `optimum_level` "O1"–"O4" or None, and `task`).
               Or "genai" for Hugging Face decoders of the families onnxruntime-genai's model builder knows
@@ -101,6 +107,7 @@ def to_onnx(
         verify_inputs=verify_inputs,
         quantize=quantize,
         block_size=block_size,
+        quantize_embedding=quantize_embedding,
         via=via,
         optimum_level=optimum_level,
         task=task,

@@ -41,6 +41,7 @@ class ExportConfig:
     verify_inputs: object = None  # None or a list of example inputs
     quantize: str | None = None
     block_size: int = 32  # int4 only
+    quantize_embedding: bool = True  # int4, neat_fx route only
     via: str = "neat_fx"
     optimum_level: str | None = "O2"
     task: str | None = None
@@ -64,7 +65,7 @@ class ExportConfig:
                 f"logits= and attention= shape the with-past decoder file (task={TEXT_GENERATION_WITH_PAST!r}, "
                 f"via='neat_fx'); here task={self.task!r}, via={self.via!r}: leave them at their defaults"
             )
-        for name in ("verify", "approximate"):
+        for name in ("verify", "approximate", "quantize_embedding"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.opset is not None and (
@@ -89,6 +90,12 @@ class ExportConfig:
             )
         if self.quantize and self.dtype != "fp32":
             raise ConfigError(f"quantize={self.quantize!r} applies to fp32 models; leave dtype='fp32'")
+        if not self.quantize_embedding and (self.quantize != "int4" or self.via != "neat_fx"):
+            raise ConfigError(
+                f"quantize_embedding=False leaves the token embedding table float under quantize='int4' on the "
+                f"neat_fx route; here quantize={self.quantize!r}, via={self.via!r}, where no table is quantized by "
+                f"us: leave quantize_embedding=True"
+            )
         if self.block_size not in INT4_BLOCK_SIZES or isinstance(self.block_size, bool):
             raise ConfigError(
                 f"block_size must be one of {INT4_BLOCK_SIZES} (int4 weights per scale), got {self.block_size!r}"

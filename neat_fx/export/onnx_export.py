@@ -439,7 +439,8 @@ def _post_process(
 
 def _int4(onnx, tmp: Path, tmp_data: Path, opts: ExportConfig, device: str, meta: dict) -> str:
     """Weight-only int4 of every MatMul with a constant weight (ONNX Runtime's MatMulNBits quantizer), and of the
-    token embedding table (GatherBlockQuantized, blocks along the hidden size, as onnxruntime-genai's builder)."""
+    token embedding table (GatherBlockQuantized, blocks along the hidden size, as onnxruntime-genai's builder) unless
+    `quantize_embedding=False`."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -474,7 +475,7 @@ def _int4(onnx, tmp: Path, tmp_data: Path, opts: ExportConfig, device: str, meta
         is_symmetric=True,
         accuracy_level=4,
         nodes_to_exclude=small + [n.name for n in proto.graph.node if n.op_type == "Gather" and not _table(n)],
-        op_types_to_quantize=("MatMul", "Gather"),
+        op_types_to_quantize=("MatMul", "Gather") if opts.quantize_embedding else ("MatMul",),
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     with _quiet("onnxruntime.quantization"):
