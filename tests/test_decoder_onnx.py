@@ -534,6 +534,10 @@ def test_runner_bad_input(llama_file, tmp_path):
         generate(path, ids, right, max_new_tokens=4)
     with pytest.raises(GenerationError, match="temperature"):
         generate(path, ids, mask, max_new_tokens=4, do_sample=True, temperature=0)
+    # past the rotary table (max_position_embeddings 128): refused before the prompt runs, not mid-generation
+    with pytest.raises(GenerationError, match=r"needs 129 positions; this file's rotary table holds 128"):
+        generate(path, ids, mask, max_new_tokens=120)
+    assert generate(path, ids, mask, max_new_tokens=119, eos_token_id=[]).shape == (2, 128)
     # an ONNX file without a cache: what it lacks, and how to export one
     plain = tmp_path / "plain.onnx"
     h = onnx.helper

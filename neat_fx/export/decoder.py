@@ -322,6 +322,8 @@ def export(module: nn.Module, example_inputs, path: Path, opts: ExportConfig, de
         # every present.* comes from GroupQueryAttention, which appends in place when the runner binds one buffer
         # as both past and present (generation.py); other graphs concatenate and need a fresh output each step
         meta[META_PREFIX + "cache_in_place"] = "1"
+    if wrapper.plan is not None:  # GroupQueryAttention reads the cos/sin table by position: no row past its end
+        meta[META_PREFIX + "max_positions"] = str(int(wrapper.rotary_cos.shape[0]))
     fuse = opts.optimize in ("auto", "fusions")  # decoder fusions pay on CPU too (RMSNorm, rotary, attention)
     proto, done = _proto(onnx, program, opts, device, fuse, meta)
     clock.lap("fusions + serialisation")

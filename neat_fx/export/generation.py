@@ -113,6 +113,13 @@ def generate(
     check_prompts(ids_t, mask_t, max_new_tokens, owner="the ONNX model")
     check_sampling(do_sample, temperature, top_p, top_k)
     meta = sess.get_modelmeta().custom_metadata_map
+    limit = meta.get(META_PREFIX + "max_positions", "")
+    if limit and ids_t.shape[1] + max_new_tokens > int(limit):
+        raise GenerationError(
+            f"a prompt of {ids_t.shape[1]} tokens (padding included) + max_new_tokens={max_new_tokens} needs "
+            f"{ids_t.shape[1] + max_new_tokens} positions; this file's rotary table holds {limit} (the model's "
+            f"max_position_embeddings): shorten the prompt or max_new_tokens"
+        )
     eos = _eos(eos_token_id, meta)
     pad = _pad(pad_token_id, meta, eos)
     rng = np.random.default_rng(seed)
