@@ -215,6 +215,21 @@ def test_runner_feeds_one_token_per_step_into_a_cache_written_in_place(llama_fil
     assert torch.equal(out, generate(sess, ids, mask, max_new_tokens=6, eos_token_id=[]))
 
 
+def test_runner_threads_share_one_session(llama_file):
+    """Threads calling generate on one session at once (each call holds its own in-place buffers and binding) get
+    what each call gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, path, _ = llama_file
+    sess = session(path, "cpu")
+    prompts = [decoders.left_padded(lengths, seed=seed) for seed, lengths in enumerate([(9, 5), (3,), (7, 7, 2)])]
+    alone = [generate(sess, ids, mask, max_new_tokens=12, eos_token_id=[]) for ids, mask in prompts]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(2):
+            together = list(pool.map(lambda p: generate(sess, *p, max_new_tokens=12, eos_token_id=[]), prompts))
+            assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
 def test_runner_stops_on_eos_and_pads_finished_rows(llama_file):
     _, _, path, _ = llama_file
     ids, mask = decoders.left_padded((9, 5))
