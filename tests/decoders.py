@@ -27,12 +27,16 @@ def _common(**over):
     return base
 
 
-def llama():
+def llama(**over):
     import transformers as T
 
-    # heads of 16 (hidden 32, 4 heads): GroupQueryAttention rotates q/k itself only for multiples of 16, so LLaMA
-    # takes that path in the with-past export and Qwen2/Mistral (heads of 8) the Split + RotaryEmbedding one
-    return T.LlamaForCausalLM(T.LlamaConfig(**_common(head_dim=16)))
+    return T.LlamaForCausalLM(T.LlamaConfig(**_common(**over)))
+
+
+#: LLaMA with heads of 16 (hidden 32, 4 heads): ONNX Runtime's GroupQueryAttention rotates q/k itself only for head
+#: sizes that are multiples of 16, so the with-past tests build LLaMA so (that path) and keep Qwen2/Mistral at heads
+#: of 8 (the Split + RotaryEmbedding one): `build("llama", **GQA_ROTARY)`
+GQA_ROTARY = dict(head_dim=16)
 
 
 def qwen2():
@@ -83,9 +87,10 @@ def gemma2():
 DECODERS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2, "phi3": phi3, "gemma2": gemma2}
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, seed: int = 0, **config):
+    """The family's small model; `config` overrides its config (LLaMA only)."""
     torch.manual_seed(seed)
-    return DECODERS[name]().eval()
+    return (DECODERS[name](**config) if config else DECODERS[name]()).eval()
 
 
 def left_padded(lengths=(9, 5), seed: int = 1, pad: int = 0):

@@ -22,8 +22,8 @@ from helpers import randomize_adapters
 TASK = "text-generation-with-past"
 
 
-def _wrapper(name: str, **over):
-    model = decoders.build(name)
+def _wrapper(name: str):
+    model = decoders.build(name, **(decoders.GQA_ROTARY if name == "llama" else {}))
     nm = neat_fx.transform(model, "all-linear", decoders.example_inputs(), rank=4, seed=0)
     randomize_adapters(nm, std=0.3, seed=5)
     src, weights, _ = dec.source(neat_fx.fold(nm))

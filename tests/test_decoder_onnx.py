@@ -47,7 +47,8 @@ SLOW_FAMILIES = ("qwen2", "mistral")
 
 
 def _transformed(name: str):
-    model = decoders.build(name)
+    # LLaMA with heads of 16: GroupQueryAttention's own rotary; Qwen2/Mistral (heads of 8): Split + RotaryEmbedding
+    model = decoders.build(name, **(decoders.GQA_ROTARY if name == "llama" else {}))
     nm = neat_fx.transform(model, "all-linear", decoders.example_inputs(), rank=4, seed=0)
     randomize_adapters(nm, std=0.3, seed=5)
     return model, nm

@@ -122,7 +122,14 @@ def to_onnx(
     if via == "genai":  # `path` is the output folder (neat_fx/export/genai_route.py)
         from . import genai_route
 
-        return genai_route.to_folder(module, example_inputs, path, opts, t_start)
+        if opts.adapters is None:
+            return genai_route.to_folder(module, example_inputs, path, opts, t_start)
+        # one base + an adapter file per adapter (neat_fx/export/genai_adapters.py)
+        from . import genai_adapters
+
+        report = genai_adapters.to_folder(module, example_inputs, path, opts, *genai_route.precision_and_device(opts))
+        report.seconds = time.perf_counter() - t_start
+        return report
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder {path.parent} does not exist; create it or choose another path")

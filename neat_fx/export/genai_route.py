@@ -699,20 +699,20 @@ def _verify(
 # ---------------------------------------------------------------------------------------------------- to_onnx
 
 
-def to_folder(module: nn.Module, example_inputs, path, opts, t_start: float) -> GenaiReport:
-    """`to_onnx(..., via="genai")`: `path` is the output folder; precision from dtype/quantize, provider from device."""
-    precision = opts.quantize or opts.dtype
+def precision_and_device(opts) -> tuple[str, str]:
+    """The builder's precision (from dtype/quantize) and execution provider (from device) for `opts`."""
     device = opts.device
     if device == "auto":
         import onnxruntime_genai as og
 
         device = "cuda" if og.is_cuda_available() else "cpu"
-    if opts.adapters is not None:  # one base + an adapter file per adapter (neat_fx/export/genai_adapters.py)
-        from . import genai_adapters
+    return opts.quantize or opts.dtype, device
 
-        report = genai_adapters.to_folder(module, example_inputs, path, opts, precision, device)
-        report.seconds = time.perf_counter() - t_start
-        return report
+
+def to_folder(module: nn.Module, example_inputs, path, opts, t_start: float) -> GenaiReport:
+    """`to_onnx(..., via="genai")` without adapters (with them: genai_adapters.to_folder): `path` is the output
+    folder; precision from dtype/quantize, provider from device."""
+    precision, device = precision_and_device(opts)
     report = export(
         module,
         path,
