@@ -52,6 +52,9 @@ def _export(args) -> int:
     if args.task != TEXT_GENERATION_WITH_PAST and (args.logits != "last" or args.attention != "auto"):
         print("neat-fx export: --logits and --attention apply to --task text-generation-with-past", file=sys.stderr)
         return 2
+    if args.float_embedding and (args.quantize != "int4" or args.via != "neat_fx"):
+        print("neat-fx export: --float-embedding applies to --quantize int4 (--via neat_fx)", file=sys.stderr)
+        return 2
     folders = list(args.adapters)
     checks = [("--model", args.model, "config.json")] + [("--adapters", f, None) for f in folders]
     for flag, folder, marker in checks:

@@ -585,6 +585,10 @@ def test_cli_with_past_on_an_encoder_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no generation head" in err and "task=None" in err
     assert not out.exists()
+    # --float-embedding without int4: refused before loading anything
+    rc = main(argv + ["--quantize", "int8", "--float-embedding"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--float-embedding applies to --quantize int4" in err and not out.exists()
 
 
 @pytest.mark.slow  # two exports of the wider model
